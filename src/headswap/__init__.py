@@ -1,0 +1,4 @@
+"""headswap
+"""
+
+__version__ = "0.1"

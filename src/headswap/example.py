@@ -1,0 +1,149 @@
+"""The embedded example: a real transfer task on Fashion-MNIST.
+
+The source task (classes 0-4) trains a compact CNN that plays the part of a pretrained base;
+the target task (classes 5-9, few labels) is written out as an ordinary image folder so that
+fine-tuning reads it exactly as it reads a user's folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+from pathlib import Path
+
+import keras
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+CLASS_NAMES = (
+    "T-shirt_top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_PREFIX = "fmnist_"
+
+
+def find_fashion_mnist(candidates: list[str]) -> Path:
+    """Return the first folder in ``candidates`` that holds the four Fashion-MNIST IDX files."""
+    for candidate in candidates:
+        folder = Path(candidate)
+        if all(_idx_file(folder, name) is not None for pair in _FILES.values() for name in pair):
+            return folder
+    raise FileNotFoundError(
+        "Fashion-MNIST was not found in any of: "
+        + ", ".join(str(c) for c in candidates)
+        + ". Install it with `sudo apt-get install dataset-fashion-mnist` (files land in "
+        "/usr/share/datasets/fashion-mnist), or copy the four files train-images-idx3-ubyte.gz, "
+        "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz "
+        "into data/01_raw/fashion-mnist/."
+    )
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) into a uint8 array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file.")
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) uint8 and labels (N,) of the ``train`` or ``test`` split."""
+    images_stem, labels_stem = _FILES[split]
+    return read_idx(_idx_file(folder, images_stem)), read_idx(_idx_file(folder, labels_stem))
+
+
+def select_classes(
+    labels: np.ndarray, classes: list[int], per_class: int | None, seed: int
+) -> np.ndarray:
+    """Indices of a seeded sample of ``per_class`` images of each class (all if None)."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for cls in classes:
+        idx = np.flatnonzero(labels == cls)
+        if per_class is not None:
+            if per_class > len(idx):
+                raise ValueError(
+                    f"Class {cls} has {len(idx)} images; {per_class} per class were asked for."
+                )
+            idx = np.sort(rng.choice(idx, size=per_class, replace=False))
+        chosen.append(idx)
+    return np.concatenate(chosen)
+
+
+def write_image_folder(
+    out_dir: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    split: str,
+) -> dict[str, int]:
+    """Write ``images[indices]`` as ``out_dir/split/<class name>/fmnist_<index>.png``.
+
+    Files that already exist are kept, so running it again writes nothing new; example files
+    of this split that are no longer selected (an earlier, larger sample) are removed.
+    Returns the number of images per class.
+    """
+    wanted: set[Path] = set()
+    counts: dict[str, int] = {}
+    for i in indices:
+        name = CLASS_NAMES[int(labels[i])]
+        path = out_dir / split / name / f"{_PREFIX}{int(i):05d}.png"
+        wanted.add(path)
+        counts[name] = counts.get(name, 0) + 1
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(path)
+    for stale in (out_dir / split).glob(f"*/{_PREFIX}*.png"):
+        if stale not in wanted:
+            stale.unlink()
+    return counts
+
+
+def compact_cnn(
+    input_shape: tuple[int, int, int], num_classes: int, filters: tuple[int, ...] = (32, 64, 128)
+) -> keras.Model:
+    """A small CNN with BatchNormalization, taking raw pixels (0-255).
+
+    One conv-BN-ReLU block per entry of ``filters``, max-pooling between blocks. Its last
+    feature map is the layer ``features``; ``predictions`` is the classifier to cut off.
+    """
+    layers = keras.layers
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    for i, width in enumerate(filters, start=1):
+        if i > 1:
+            x = layers.MaxPooling2D(name=f"block{i - 1}_pool")(x)
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{i}_conv")(x)
+        x = layers.BatchNormalization(name=f"block{i}_bn")(x)
+        x = layers.ReLU(name=f"block{i}_relu")(x)
+    x = layers.Activation("linear", name="features")(x)
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = layers.Dropout(0.3, name="dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="fashion_cnn")
