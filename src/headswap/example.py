@@ -147,3 +147,38 @@ def compact_cnn(
     x = layers.Dropout(0.3, name="dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="predictions")(x)
     return keras.Model(inputs, outputs, name="fashion_cnn")
+
+
+def pretrain_compact_cnn(
+    images: np.ndarray,
+    labels: np.ndarray,
+    filters: tuple[int, ...],
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    val_fraction: float,
+    seed: int,
+) -> tuple[keras.Model, dict]:
+    """Train :func:`compact_cnn` on in-memory images (N, H, W) uint8; return it and its history."""
+    from headswap.training import compile_model, run_phase  # noqa: PLC0415 - avoids a cycle
+
+    import tensorflow as tf  # noqa: PLC0415
+
+    keras.utils.set_random_seed(seed)
+    classes = np.unique(labels)
+    y = np.searchsorted(classes, labels).astype("int32")
+    x = images[..., None].astype("float32")
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val = int(len(x) * val_fraction)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    train = (
+        tf.data.Dataset.from_tensor_slices((x[train_idx], y[train_idx]))
+        .shuffle(len(train_idx), seed=seed)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    val = tf.data.Dataset.from_tensor_slices((x[val_idx], y[val_idx])).batch(batch_size)
+    model = compact_cnn(x.shape[1:], len(classes), tuple(filters))
+    compile_model(model, "adam", learning_rate)
+    history = run_phase(model, train, val, epochs)
+    return model, history

@@ -1,16 +1,24 @@
 """Project pipelines."""
+
 from __future__ import annotations
 
-from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
+
+from headswap.pipelines import data, finetune, pretrain
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    """Register the project's pipelines.
+    """``data``, ``pretrain`` and ``finetune``; the default runs all three as the example.
 
-    Returns:
-        A mapping from pipeline names to ``Pipeline`` objects.
+    In the default pipeline the finetune nodes also wait for the example's image folder and
+    pretrained base, so that one ``kedro run`` prepares, pretrains and then fine-tunes.
     """
-    pipelines = find_pipelines(raise_errors=True)
-    pipelines["__default__"] = sum(pipelines.values())
-    return pipelines
+    example = data.create_pipeline() + pretrain.create_pipeline() + finetune.create_pipeline(
+        after={"ingest_images": ["example_folder"], "load_base": ["pretrain_history"]}
+    )
+    return {
+        "data": data.create_pipeline(),
+        "pretrain": pretrain.create_pipeline(),
+        "finetune": finetune.create_pipeline(),
+        "__default__": example,
+    }

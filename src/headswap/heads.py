@@ -1,0 +1,49 @@
+"""The new head: pooling, dense layers with dropout, and a softmax classifier."""
+
+from __future__ import annotations
+
+import keras
+
+from headswap.bases import BASE_NAME, input_spec
+
+OUTPUT_NAME = "predictions"
+
+
+def attach_head(
+    base: keras.Model,
+    num_classes: int,
+    pooling: str = "avg",
+    dense: list[int] | tuple[int, ...] = (128,),
+    dropout: float = 0.5,
+    name: str = "headswapped",
+) -> keras.Model:
+    """Put a new, randomly initialised head on ``base`` (kept as one nested layer).
+
+    The head is pooling (``avg``, ``max`` or ``flatten``, skipped if the base already gives
+    vectors), then ``Dense(units, relu) -> Dropout(dropout)`` for each entry of ``dense``,
+    then ``Dense(num_classes, softmax)``. Train it with a loss on probabilities
+    (``from_logits=False``), as :func:`headswap.training.compile_model` does.
+    """
+    if num_classes < 2:
+        raise ValueError(f"A classifier needs at least 2 classes; got {num_classes}.")
+    if base.name != BASE_NAME:
+        base = keras.Model(base.inputs, base.outputs, name=BASE_NAME)
+    height, width, channels = input_spec(base)
+    layers = keras.layers
+    inputs = keras.Input(shape=(height, width, channels), name="image")
+    x = base(inputs)
+    if len(x.shape) == 4:
+        pool = {
+            "avg": layers.GlobalAveragePooling2D,
+            "max": layers.GlobalMaxPooling2D,
+            "flatten": layers.Flatten,
+        }[pooling]
+        x = pool(name="head_pool")(x)
+    for i, units in enumerate(dense, start=1):
+        x = layers.Dense(units, activation="relu", name=f"head_dense{i}")(x)
+        if dropout:
+            x = layers.Dropout(dropout, name=f"head_dropout{i}")(x)
+    if not dense and dropout:
+        x = layers.Dropout(dropout, name="head_dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name=OUTPUT_NAME)(x)
+    return keras.Model(inputs, outputs, name=name)

@@ -1,0 +1,14 @@
+"""The ``data`` pipeline: the example's source task and target image folder."""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import extract_source_task, write_target_folder
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(extract_source_task, "params:example", "source_task", name="extract_source_task"),
+            Node(write_target_folder, "params:example", "example_folder", name="write_target_folder"),
+        ]
+    )

@@ -1,0 +1,67 @@
+"""Shared fixtures: small real image folders and small real models, made by the tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+CLASSES = ("circle", "square", "stripes")
+
+
+def draw(kind: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A noisy grayscale picture of a filled circle, a filled square or horizontal stripes."""
+    image = rng.normal(40, 15, (size, size))
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.integers(size // 3, 2 * size // 3, 2)
+    r = rng.integers(size // 6, size // 4)
+    if kind == "circle":
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = 220
+    elif kind == "square":
+        image[cy - r : cy + r, cx - r : cx + r] = 220
+    else:
+        image[(yy // 3) % 2 == 0] = 220
+    return np.clip(image, 0, 255).astype("uint8")
+
+
+def make_image_folder(
+    root: Path, per_class: int = 20, classes=CLASSES, seed: int = 0, size: int = 32
+) -> Path:
+    """``root/<class>/img_<i>.png`` with ``per_class`` images of each class."""
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(draw(name, rng, size)).save(folder / f"img_{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+def small_cnn(input_shape=(32, 32, 1), num_classes: int = 4) -> keras.Model:
+    """A small Functional CNN with BatchNormalization, like a user's own pretrained model."""
+    layers = keras.layers
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Rescaling(1 / 255, name="rescale")(inputs)
+    x = layers.Conv2D(8, 3, padding="same", name="conv1")(x)
+    x = layers.BatchNormalization(name="bn1")(x)
+    x = layers.ReLU(name="relu1")(x)
+    x = layers.MaxPooling2D(name="pool1")(x)
+    x = layers.Conv2D(16, 3, padding="same", name="conv2")(x)
+    x = layers.BatchNormalization(name="bn2")(x)
+    x = layers.ReLU(name="features")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dense(32, activation="relu", name="fc")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="output")(x)
+    return keras.Model(inputs, outputs, name="user_cnn")

@@ -1,0 +1,110 @@
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from headswap import bases, data, evaluation, heads, training
+from tests.conftest import small_cnn
+
+
+@pytest.fixture
+def setup(image_folder: Path):
+    keras.utils.set_random_seed(0)
+    manifest = data.scan_image_folder(image_folder, seed=0)
+    model = heads.attach_head(bases.cut_model(small_cnn()), 3, dense=[16], dropout=0.2)
+    train = data.make_dataset(manifest, "train", (32, 32), 1, 8, shuffle=True)
+    val = data.make_dataset(manifest, "val", (32, 32), 1, 8)
+    return model, manifest, train, val
+
+
+def _weights(layers):
+    return [w.copy() for layer in layers for w in layer.get_weights()]
+
+
+def _same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_phase1_trains_only_the_head(setup):
+    model, _, train, val = setup
+    training.set_base_trainable(model, False)
+    training.compile_model(model, "rmsprop", 1e-3)
+    base = model.get_layer("base")
+    before_base, before_head = _weights([base]), _weights([model.get_layer("head_dense1")])
+    history = training.run_phase(model, train, val, epochs=2, verbose=0)
+    assert history["epoch"] == [0, 1] and len(history["val_accuracy"]) == 2
+    assert history["learning_rate"] == pytest.approx([1e-3, 1e-3])
+    assert _same(before_base, _weights([base]))
+    assert not _same(before_head, _weights([model.get_layer("head_dense1")]))
+
+
+def test_phase2_trains_the_base_but_keeps_batchnorm_statistics(setup):
+    model, _, train, val = setup
+    training.set_base_trainable(model, False)
+    training.compile_model(model, "rmsprop", 1e-3)
+    frozen = training.parameter_counts(model)
+    training.set_base_trainable(model, True)
+    training.compile_model(model, "adam", 1e-4)
+    unfrozen = training.parameter_counts(model)
+    assert unfrozen["trainable_params"] > frozen["trainable_params"]
+    base = model.get_layer("base")
+    bns = [layer for layer in training.iter_layers(base)
+           if isinstance(layer, keras.layers.BatchNormalization)]
+    convs = [base.get_layer("conv1"), base.get_layer("conv2")]
+    stats, kernels = _weights(bns), _weights(convs)
+    history = training.run_phase(model, train, val, epochs=2, initial_epoch=3, verbose=0)
+    assert history["epoch"] == [3, 4]
+    assert _same(stats, _weights(bns)), "BatchNormalization weights or statistics moved"
+    assert not _same(kernels, _weights(convs)), "the unfrozen base did not train"
+
+
+def test_batchnorm_may_train_when_asked(setup):
+    model, _, train, val = setup
+    training.set_base_trainable(model, True, train_batchnorm=True)
+    training.compile_model(model, "sgd", 1e-2)
+    bn = model.get_layer("base").get_layer("bn1")
+    moving_mean = bn.moving_mean.numpy().copy()
+    training.run_phase(model, train, val, epochs=1, verbose=0)
+    assert not np.allclose(moving_mean, bn.moving_mean.numpy())
+
+
+def test_history_metrics_put_both_phases_on_one_step_axis():
+    p1 = {"epoch": [0, 1], "loss": [2.0, 1.0], "parameter_counts": {"trainable_params": 3}}
+    p2 = {"epoch": [2, 3], "loss": [0.5, 0.4]}
+    metrics = training.history_metrics([p1, p2])
+    assert [m["step"] for m in metrics["loss"]] == [0, 1, 2, 3]
+    assert [m["value"] for m in metrics["loss"]] == [2.0, 1.0, 0.5, 0.4]
+    assert set(metrics) == {"loss"}
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ValueError, match="adam, adamw, rmsprop, sgd"):
+        training.make_optimizer("adagrad-ish", 1e-3)
+
+
+def test_report_confusion_matrix_and_curves():
+    names = ["a", "b c", "d"]
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 1, 1, 1, 2, 0])
+    report = evaluation.report(y_true, y_pred, names)
+    assert set(names) <= set(report) and report["accuracy"] == pytest.approx(4 / 6)
+    assert report["b c"]["precision"] == pytest.approx(2 / 3)
+    text = evaluation.report_text(y_true, y_pred, names)
+    assert "macro avg" in text and "b c" in text
+    metrics = evaluation.test_metrics(report, names)
+    assert metrics["test_accuracy"] == pytest.approx(4 / 6)
+    assert "test_f1.b c" in metrics
+    fig = evaluation.confusion_matrix_figure(y_true, y_pred, names)
+    assert isinstance(fig, Figure)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["1", "1", "0", "0", "2", "0", "1", "0", "1"]
+    curves = evaluation.learning_curves_figure(
+        [("phase 1", {"epoch": [0, 1], "loss": [1, 0.5], "val_loss": [1, 0.7],
+                      "accuracy": [0.5, 0.6], "val_accuracy": [0.4, 0.5]}),
+         ("phase 2", {"epoch": [2], "loss": [0.3], "val_loss": [0.6],
+                      "accuracy": [0.8], "val_accuracy": [0.7]})])
+    loss_axis = curves.axes[0]
+    assert [tuple(line.get_xdata()) for line in loss_axis.lines[:2]] == [(1, 2, 3), (1, 2, 3)]
+    assert any("phase 2 starts" in t.get_text() for t in loss_axis.texts)
