@@ -94,8 +94,9 @@ def test_report_confusion_matrix_and_curves():
     text = evaluation.report_text(y_true, y_pred, names)
     assert "macro avg" in text and "b c" in text
     metrics = evaluation.test_metrics(report, names)
-    assert metrics["test_accuracy"] == pytest.approx(4 / 6)
-    assert "test_f1.b c" in metrics
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert "f1.b c" in metrics
+    assert "test_macro_f1" in evaluation.test_metrics(report, names, prefix="test_")
     fig = evaluation.confusion_matrix_figure(y_true, y_pred, names)
     assert isinstance(fig, Figure)
     texts = [t.get_text() for t in fig.axes[0].texts]

@@ -49,7 +49,7 @@ def metric_key(name: str) -> str:
 
 
 def test_metrics(
-    report_dict: dict[str, Any], class_names: list[str], prefix: str = "test_"
+    report_dict: dict[str, Any], class_names: list[str], prefix: str = ""
 ) -> dict[str, float]:
     """The headline metrics of a report: accuracy, macro F1, weighted F1 and per-class F1."""
     metrics = {

@@ -140,10 +140,10 @@ def evaluate_head_only(
     """The phase-1 model on the test split, to show what phase 2 adds."""
     y_true, y_pred, names = _predict_test(model, manifest, params)
     report = evaluation.report(y_true, y_pred, names)
-    metrics = evaluation.test_metrics(report, names, prefix="phase1.test_")
+    metrics = evaluation.test_metrics(report, names)
     logger.info(
         "Phase 1 (head only): test accuracy %.4f, macro F1 %.4f",
-        metrics["phase1.test_accuracy"], metrics["phase1.test_macro_f1"],
+        metrics["accuracy"], metrics["macro_f1"],
     )
     return report, {k: {"value": v, "step": 0} for k, v in metrics.items()}
 
