@@ -140,7 +140,7 @@ def compact_cnn(
         if i > 1:
             x = layers.MaxPooling2D(name=f"block{i - 1}_pool")(x)
         x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{i}_conv")(x)
-        x = layers.BatchNormalization(name=f"block{i}_bn")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"block{i}_bn")(x)
         x = layers.ReLU(name=f"block{i}_relu")(x)
     x = layers.Activation("linear", name="features")(x)
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)

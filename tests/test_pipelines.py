@@ -1,0 +1,169 @@
+"""The pipelines end to end, on the Fashion-MNIST example at test size (conf/test).
+
+A copy of the project (conf/, src/, pyproject.toml) in a temporary folder runs the whole
+example through a real KedroSession, with a real MLflow SQLite backend; later tests run the
+CLI in that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_CLASSES = ["Ankle boot", "Bag", "Sandal", "Shirt", "Sneaker"]
+FINETUNE_NODES = [
+    "ingest_images", "load_base", "swap_head", "train_head", "evaluate_head_only",
+    "fine_tune", "evaluate", "summarise_training", "package_model",
+]
+VERSIONED = [
+    "data/02_intermediate/manifest.csv",
+    "data/06_models/pretrained_base.keras",
+    "data/06_models/base_model.keras",
+    "data/06_models/headswapped_model.keras",
+    "data/06_models/phase1_model.keras",
+    "data/06_models/phase2_model.keras",
+    "data/07_model_output/phase1_history.json",
+    "data/07_model_output/phase2_history.json",
+    "data/08_reporting/classification_report.json",
+    "data/08_reporting/classification_report.txt",
+    "data/08_reporting/phase1_classification_report.json",
+    "data/08_reporting/confusion_matrix.png",
+    "data/08_reporting/learning_curves.png",
+]
+
+
+def _kedro(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(
+        [sys.executable, "-m", "kedro", *args], cwd=project, env=env, text=True,
+        capture_output=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A copy of the project in which the whole example ran once (`kedro run`, env test)."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    path = tmp_path_factory.mktemp("project")
+    for name in ("conf", "src"):
+        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("local", "__pycache__"))
+    (path / "conf" / "local").mkdir()
+    shutil.copy(ROOT / "pyproject.toml", path)
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        bootstrap_project(path)
+        with KedroSession.create(project_path=path, env="test") as session:
+            session.run()
+    finally:
+        os.chdir(cwd)
+    return path
+
+
+def _versions(project: Path, relative: str) -> list[str]:
+    folder = project / relative
+    return sorted(v.name for v in folder.iterdir() if (v / folder.name).is_file())
+
+
+def _run(project: Path):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("headswap")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    return client, runs
+
+
+def test_every_stage_artifact_is_versioned_under_the_run_id(project: Path):
+    client, runs = _run(project)
+    run_id_tag = runs[0].data.tags["run_id"]
+    for relative in VERSIONED:
+        assert _versions(project, relative) == [run_id_tag], relative
+    folder = project / "data/01_raw/fashion-mnist-target"
+    assert {p.name for p in (folder / "train").iterdir()} == set(TARGET_CLASSES)
+    assert len(list((folder / "train").rglob("*.png"))) == 5 * 40
+    assert len(list((folder / "test").rglob("*.png"))) == 5 * 1000
+
+
+def test_report_names_every_class_and_is_consistent(project: Path):
+    version = _versions(project, "data/08_reporting/classification_report.json")[-1]
+    folder = project / "data/08_reporting/classification_report.json" / version
+    report = json.loads((folder / "classification_report.json").read_text())
+    for name in TARGET_CLASSES:
+        assert report[name]["support"] == 1000
+        assert 0.0 <= report[name]["f1-score"] <= 1.0
+    assert {"accuracy", "macro avg", "weighted avg"} <= set(report)
+    text = (project / "data/08_reporting/classification_report.txt" / version /
+            "classification_report.txt").read_text()
+    assert all(name in text for name in TARGET_CLASSES)
+    manifest_dir = project / "data/02_intermediate/manifest.csv" / version
+    manifest = (manifest_dir / "manifest.csv").read_text().splitlines()
+    assert manifest[0] == "path,label,split" and len(manifest) == 1 + 200 + 5000
+    # The head trains on top of what the base learnt: better than chance (0.2) even here.
+    assert report["accuracy"] > 0.4
+
+
+def test_mlflow_run_holds_params_metrics_of_both_phases_artifacts_and_model(project: Path):
+    client, runs = _run(project)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["finetune.phase1.epochs"] == "3" and params["finetune.base.source"] == "file"
+    history = client.get_metric_history(run.info.run_id, "epoch.val_accuracy")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
+    assert len(client.get_metric_history(run.info.run_id, "epoch.learning_rate")) == 5
+    metrics = run.data.metrics
+    for key in ("test.accuracy", "test.macro_f1", "phase1.test.accuracy",
+                "epoch.phase2.trainable_params"):
+        assert key in metrics, key
+    assert all(f"test.f1.{name}" in metrics for name in TARGET_CLASSES)
+    assert metrics["epoch.phase2.trainable_params"] > metrics["epoch.phase1.trainable_params"]
+    artifacts = {a.path for folder in ("reports", "training", "data")
+                 for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"reports/confusion_matrix_plot.png", "reports/learning_curves_plot.png",
+            "reports/classification_report.json", "data/manifest.csv"} <= artifacts
+
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    files = sorted((project / "data/01_raw/fashion-mnist-target/test/Bag").glob("*.png"))[:4]
+    raw = np.stack([np.asarray(Image.open(f), dtype="float32")[..., None] for f in files])
+    probabilities = np.asarray(model.predict(raw))
+    assert probabilities.shape == (4, 5)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_cli_runs_finetune_with_both_pipeline_flags(project: Path):
+    for flag in ("--pipeline", "--pipelines"):
+        result = _kedro(project, "run", flag, "finetune", "--env", "test")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert "Completed node: evaluate" in result.stdout + result.stderr
+    assert len(_versions(project, "data/06_models/phase2_model.keras")) == 3
+    assert len(_versions(project, "data/06_models/pretrained_base.keras")) == 1
+
+
+def test_invalid_parameters_stop_before_any_node(project: Path):
+    before = _versions(project, "data/02_intermediate/manifest.csv")
+    result = _kedro(project, "run", "--pipeline", "finetune", "--env", "test",
+                    "--params", "finetune.phase1.epochs=-1")
+    assert result.returncode != 0
+    assert "finetune.phase1.epochs: got -1" in result.stdout + result.stderr
+    assert _versions(project, "data/02_intermediate/manifest.csv") == before
+
+
+def test_kedro_viz_build_shows_every_finetune_node(project: Path):
+    result = _kedro(project, "viz", "build")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    graph = json.loads((project / "build/api/pipelines/finetune").read_text())
+    names = [n["name"] for n in graph["nodes"] if n["type"] == "task"]
+    assert sorted(names) == sorted(FINETUNE_NODES)
