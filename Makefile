@@ -1,0 +1,26 @@
+# Fresh machine: `make example` (install, then run the whole example) or `make test`.
+PYTHON ?= python3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export KEDRO_DISABLE_TELEMETRY := true
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: install install-test data example test
+
+$(FASHION_MNIST):
+	$(SUDO) apt-get install -y dataset-fashion-mnist \
+	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist)
+
+data: $(FASHION_MNIST)
+
+install: data
+	$(PYTHON) -m pip install -e .
+
+install-test: data
+	$(PYTHON) -m pip install -e ".[test]"
+
+example: install
+	kedro run
+
+test: install-test
+	$(PYTHON) -m pytest
