@@ -109,3 +109,9 @@ def test_report_confusion_matrix_and_curves():
     loss_axis = curves.axes[0]
     assert [tuple(line.get_xdata()) for line in loss_axis.lines[:2]] == [(1, 2, 3), (1, 2, 3)]
     assert any("phase 2 starts" in t.get_text() for t in loss_axis.texts)
+
+
+def test_history_metrics_skip_what_is_not_one_number_per_epoch():
+    history = {"epoch": [0, 1], "loss": [1.0, 0.5], "stage_starts": [0],
+               "trainable_layers": [["a"], ["a", "b"]]}
+    assert set(training.history_metrics([history])) == {"loss"}

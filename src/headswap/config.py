@@ -7,9 +7,17 @@ and every error names the key, the value that was given and what is allowed.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 
@@ -38,6 +46,15 @@ class DataConfig(_Strict):
             raise ValueError("both sides must be at least 1 pixel")
         return value
 
+    @model_validator(mode="after")
+    def _room_to_train(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction is {self.val_fraction} + {self.test_fraction}; "
+                "it must be below 1 to leave images to train on"
+            )
+        return self
+
 
 class BaseConfig(_Strict):
     source: Literal["file", "keras_applications"] = "file"
@@ -61,11 +78,143 @@ class HeadConfig(_Strict):
         return [value] if isinstance(value, int) else value
 
 
-class PhaseConfig(_Strict):
+class LayerSelection(_Strict):
+    """Which layers of the base: exactly one of the fields (see headswap.training.select_layers).
+
+    ``all: true``; ``names: [a, b]``; ``regex: "block[45]_.*"``; ``index: "5:-1"`` (a Python
+    slice over the base's layers); ``top: 10`` (the last 10 layers); ``from_layer: block4_conv``
+    (that layer and every layer above it).
+    """
+
+    all: bool | None = None
+    names: list[str] | None = None
+    regex: str | None = None
+    index: str | None = None
+    top: int | None = Field(None, ge=0)
+    from_layer: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "LayerSelection":
+        given = [k for k, v in self.model_dump().items() if v is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of all, names, regex, index, top, from_layer; got "
+                + (", ".join(given) or "none")
+            )
+        if self.index is not None and not re.fullmatch(r"\s*-?\d*\s*:\s*-?\d*\s*", self.index):
+            raise ValueError(f"index must be a slice such as '5:-1' or ':10'; got {self.index!r}")
+        return self
+
+
+def _selection(value: Any) -> Any:
+    """``all``/``none`` and bare lists as shorthands of a :class:`LayerSelection`."""
+    if value in ("all", True):
+        return {"all": True}
+    if value in ("none", False, None):
+        return None
+    if isinstance(value, list):
+        return {"names": value}
+    return value
+
+
+class LayerRate(_Strict):
+    """A group of base layers trained at its own learning rate."""
+
+    layers: LayerSelection
+    learning_rate: float = Field(ge=0)
+
+
+class Discriminative(_Strict):
+    """Base layers split into ``groups`` blocks, bottom to top, with learning rates spaced
+    geometrically from ``min_learning_rate`` up to the phase's (the head's) rate."""
+
+    min_learning_rate: float = Field(gt=0)
+    groups: int = Field(3, ge=1)
+
+
+class TrainingSettings(_Strict):
+    """Optimizer, rates, schedule and which base layers train, for a phase or a stage."""
+
     epochs: int = Field(5, ge=0)
     learning_rate: float = Field(1e-3, gt=0)
     optimizer: Literal["adam", "adamw", "rmsprop", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    train: LayerSelection | None = None
     train_batchnorm: bool = False
+    layer_rates: list[LayerRate] = Field(default_factory=list)
+    discriminative: Discriminative | None = None
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train(cls, value: Any) -> Any:
+        return _selection(value)
+
+    @model_validator(mode="after")
+    def _rates(self) -> "TrainingSettings":
+        if self.layer_rates and self.discriminative:
+            raise ValueError("give layer_rates or discriminative, not both")
+        if self.warmup_epochs and self.warmup_epochs >= max(self.epochs, 1):
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs})"
+            )
+        return self
+
+
+class PhaseConfig(TrainingSettings):
+    """A phase; phase 2 may instead be a list of ``stages`` run in order (gradual unfreezing)."""
+
+    stages: list[TrainingSettings] = Field(default_factory=list)
+
+
+class EarlyStoppingConfig(_Strict):
+    monitor: str = "val_loss"
+    patience: int = Field(5, ge=0)
+    min_delta: float = Field(0.0, ge=0)
+    restore_best_weights: bool = True
+
+
+class ReduceLROnPlateauConfig(_Strict):
+    monitor: str = "val_loss"
+    factor: float = Field(0.5, gt=0, lt=1)
+    patience: int = Field(3, ge=0)
+    min_delta: float = Field(1e-4, ge=0)
+    min_learning_rate: float = Field(1e-7, ge=0)
+
+
+class CallbacksConfig(_Strict):
+    early_stopping: EarlyStoppingConfig | None = None
+    reduce_lr_on_plateau: ReduceLROnPlateauConfig | None = None
+    checkpoint: bool = False
+    terminate_on_nan: bool = True
+    checkpoint_dir: str = "data/06_models/checkpoints"
+
+
+class AugmentationConfig(_Strict):
+    """Random Keras preprocessing layers, active in training only (0 or null turns one off)."""
+
+    flip: Literal["horizontal", "vertical", "horizontal_and_vertical"] | None = None
+    rotation: float = Field(0.0, ge=0, le=1)
+    zoom: float = Field(0.0, ge=0, lt=1)
+    contrast: float = Field(0.0, ge=0, le=1)
+    translation: float = Field(0.0, ge=0, lt=1)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.flip or self.rotation or self.zoom or self.contrast or self.translation)
+
+
+class TrainingConfig(_Strict):
+    """Settings shared by both phases."""
+
+    class_weight: Literal["balanced"] | dict[str, float] | None = None
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+    callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)
+    resume: bool = False
+    resume_dir: str = "data/05_model_input/resume"
 
 
 class FinetuneConfig(_Strict):
@@ -73,12 +222,37 @@ class FinetuneConfig(_Strict):
     data: DataConfig
     base: BaseConfig
     head: HeadConfig = Field(default_factory=HeadConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
     phase1: PhaseConfig = Field(
         default_factory=lambda: PhaseConfig(epochs=5, learning_rate=1e-3, optimizer="rmsprop")
     )
     phase2: PhaseConfig = Field(
-        default_factory=lambda: PhaseConfig(epochs=5, learning_rate=1e-4, optimizer="adam")
+        default_factory=lambda: PhaseConfig(
+            epochs=5, learning_rate=1e-4, optimizer="adam", train={"all": True}
+        )
     )
+
+    @model_validator(mode="after")
+    def _phase_defaults(self) -> "FinetuneConfig":
+        # Phase 2 opens the whole base unless it says otherwise; phase 1 keeps it frozen.
+        if "train" not in self.phase2.model_fields_set:
+            self.phase2.train = LayerSelection(all=True)
+        if self.training.callbacks.reduce_lr_on_plateau:
+            for phase in ("phase1", "phase2"):
+                settings = getattr(self, phase)
+                for stage in settings.stages or [settings]:
+                    if stage.schedule != "constant" or stage.warmup_epochs:
+                        raise ValueError(
+                            f"{phase} uses a {stage.schedule} schedule with warmup "
+                            f"{stage.warmup_epochs}, which reduce_lr_on_plateau cannot change; "
+                            "use one or the other"
+                        )
+                    if stage.layer_rates or stage.discriminative:
+                        raise ValueError(
+                            f"{phase} has per-layer learning rates, which "
+                            "reduce_lr_on_plateau cannot scale; use schedule: cosine instead"
+                        )
+        return self
 
 
 class ParameterError(ValueError):
@@ -96,6 +270,14 @@ def parse_finetune(params: dict[str, Any], prefix: str = "finetune") -> Finetune
             f"{prefix}.base.name is required when {prefix}.base.source is keras_applications "
             "(e.g. MobileNetV2)."
         )
+    if config.base.source == "keras_applications":
+        from headswap.bases import ARCHITECTURES  # imports Keras: only when needed
+
+        if config.base.name not in ARCHITECTURES:
+            raise ParameterError(
+                f"Invalid parameters:\n  {prefix}.base.name: got {config.base.name!r}; not a "
+                "known keras.applications architecture. Allowed: " + ", ".join(ARCHITECTURES)
+            )
     if config.base.source == "file" and not config.base.path:
         raise ParameterError(
             f"{prefix}.base.path is required when {prefix}.base.source is file "
@@ -105,13 +287,44 @@ def parse_finetune(params: dict[str, Any], prefix: str = "finetune") -> Finetune
 
 
 def _describe(err: ValidationError, prefix: str) -> str:
+    """One message with a line per problem: the key, the value given and what is allowed."""
     lines = []
     for problem in err.errors():
         key = ".".join([prefix, *(str(p) for p in problem["loc"])])
+        value = problem.get("input")
+        message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key (check its spelling; see conf/base/parameters_*.yml)")
+            allowed = _allowed_keys(problem["loc"])
+            lines.append(
+                f"{key}: unknown key (given {value!r}); "
+                + (f"allowed keys here: {', '.join(allowed)}" if allowed else "check its spelling")
+                + " (see conf/base/parameters_finetune.yml)"
+            )
         elif problem["type"] == "missing":
             lines.append(f"{key}: missing (it has no default; set it in the parameters)")
+        elif isinstance(value, dict):
+            lines.append(f"{key}: {message}")
         else:
-            lines.append(f"{key}: got {problem.get('input')!r}; {problem['msg']}")
+            lines.append(f"{key}: got {value!r}; {message}")
     return "Invalid parameters:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the section holding ``loc[-1]`` accepts (empty when it cannot be told)."""
+    model: type[BaseModel] | None = FinetuneConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part)) if model else None
+        model = _model_of(field.annotation) if field else None
+    return list(model.model_fields) if model else []
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as ``X``, ``X | None`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if (model := _model_of(arg)) is not None:
+            return model
+    return None

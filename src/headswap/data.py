@@ -3,11 +3,18 @@
 A *manifest* is a table with one row per image: ``path`` (as it can be opened from the working
 directory), ``label`` (the class name) and ``split`` (``train``, ``val`` or ``test``). The
 split is decided once, at file level and seeded, so validation and test images never mix.
+
+Every image is decoded once at ingest, with the decoder ``tf.data`` uses later
+(:func:`decode_image`): empty, corrupt, truncated or unsupported files are left out of the
+manifest and listed with the reason in a *skipped* table (``path``, ``reason``), so they cannot
+stop a training run hours in.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +24,80 @@ from sklearn.model_selection import train_test_split
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+#: Image formats ``tf.io.decode_image`` cannot read: listed as skipped, never silently dropped.
+UNSUPPORTED_EXTENSIONS = frozenset({".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".ico"})
 SPLITS = ("train", "val", "test")
+SKIPPED_COLUMNS = ["path", "reason"]
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+_SHOWN = 20  # skipped files named one by one in the log
+
+
+class DataError(ValueError):
+    """An image folder or manifest that cannot be used as given; the message says how to fix it."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """An image folder, manifest or image file that does not exist."""
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def list_images(folder: Path) -> list[Path]:
     """Image files below ``folder`` (any depth), sorted, skipping hidden files and folders."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    return [p for p in _visible_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be used as an image (empty, unreadable, corrupt, truncated), or None.
+
+    The file is decoded once with :func:`tf.io.decode_image`, as :func:`decode_image` does.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        return f"cannot be read: {err.strerror or err}"
+    if not raw:
+        return "empty file (0 bytes)"
+    try:
+        tf.io.decode_image(raw, channels=0, expand_animations=False)
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as err:
+        message = err.message.split("}}")[-1].replace("[Op:DecodeImage]", "").strip()
+        return f"cannot be decoded (corrupt or truncated?): {message}"
+    return None
+
+
+def find_unreadable(paths: list[str]) -> dict[str, str]:
+    """``{path: reason}`` for each of ``paths`` that :func:`image_problem` rejects (in parallel)."""
+    workers = max(1, min(16, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = pool.map(image_problem, paths, chunksize=64)
+        return {path: problem for path, problem in zip(paths, problems) if problem}
+
+
+def _unsupported(path: Path) -> str:
+    return (
+        f"unsupported format {path.suffix.lower()!r}: tf.io.decode_image reads JPEG, PNG, GIF, "
+        "BMP and WebP; convert the file (e.g. to PNG) to use it"
+    )
+
+
+def log_skipped(skipped: pd.DataFrame, total: int) -> None:
+    """Log how many files were skipped and why (the first few by name)."""
+    if skipped.empty:
+        logger.info("All %s image files decoded; none skipped.", total)
+        return
+    shown = "\n".join(f"  {row.path}: {row.reason}" for row in skipped.head(_SHOWN).itertuples())
+    more = f"\n  ... and {len(skipped) - _SHOWN} more" if len(skipped) > _SHOWN else ""
+    logger.warning(
+        "Skipped %s of %s image files (listed with reasons in the skipped_images table):\n%s%s",
+        len(skipped), total, shown, more,
     )
 
 
@@ -40,7 +108,14 @@ def _class_folders(folder: Path) -> list[Path]:
 def scan_image_folder(
     path: str | Path, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 42
 ) -> pd.DataFrame:
-    """Scan an image folder into a manifest with a seeded, stratified split.
+    """The manifest of :func:`ingest_image_folder` (skipped files are only logged)."""
+    return ingest_image_folder(path, val_fraction, test_fraction, seed)[0]
+
+
+def ingest_image_folder(
+    path: str | Path, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 42
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Scan an image folder into a manifest with a seeded, stratified split, and a skipped table.
 
     Two layouts are understood:
 
@@ -48,19 +123,24 @@ def scan_image_folder(
     * ``path/train/<class>/…`` and ``path/test/<class>/…`` (and optionally ``path/val/…``):
       the given splits are kept; without ``val/``, validation images are carved out of
       ``train/``, stratified.
+
+    Files that cannot be decoded are left out before splitting and returned as the skipped
+    table (``path``, ``reason``); the split depends only on the readable files and ``seed``.
+    Hidden files and folders and files that are no images (e.g. ``notes.txt``) are ignored.
     """
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"Image folder {root} does not exist. Set finetune.data.path to a folder holding one "
             "sub-folder per class (or train/ and test/ folders of class sub-folders)."
         )
     subfolders = _class_folders(root)
     names = {p.name.lower() for p in subfolders}
+    skipped: list[tuple[str, str]] = []
     if subfolders and names <= set(_SPLIT_ALIASES) and "train" in names:
-        frames = {_SPLIT_ALIASES[p.name.lower()]: _scan_classes(p) for p in subfolders}
+        frames = {_SPLIT_ALIASES[p.name.lower()]: _scan_classes(p, skipped) for p in subfolders}
         if "test" not in frames:
-            raise ValueError(
+            raise DataError(
                 f"{root} has a train/ folder but no test/ folder. Add test/<class>/ images, or "
                 "put the class folders directly under the folder to have them split."
             )
@@ -71,7 +151,7 @@ def scan_image_folder(
             [frame.assign(split=split) for split, frame in frames.items()], ignore_index=True
         )
     else:
-        table = _scan_classes(root)
+        table = _scan_classes(root, skipped)
         rest, test = _stratified(table, test_fraction, seed, "test")
         train, val = _stratified(rest, val_fraction / (1 - test_fraction), seed, "validation")
         manifest = pd.concat(
@@ -82,24 +162,42 @@ def scan_image_folder(
     manifest["split"] = pd.Categorical(manifest["split"], categories=SPLITS)
     manifest = manifest.sort_values(["split", "label", "path"]).reset_index(drop=True)
     manifest["split"] = manifest["split"].astype(str)
+    _log_manifest(manifest, str(root))
+    table = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
+    log_skipped(table, len(manifest) + len(table))
+    return manifest, table
+
+
+def _log_manifest(manifest: pd.DataFrame, source: str) -> None:
     logger.info(
         "Manifest of %s: %s images, %s classes; %s",
-        root,
+        source,
         len(manifest),
         manifest["label"].nunique(),
         ", ".join(f"{s} {int((manifest['split'] == s).sum())}" for s in SPLITS),
     )
-    return manifest
 
 
-def _scan_classes(folder: Path) -> pd.DataFrame:
+def _scan_classes(folder: Path, skipped: list[tuple[str, str]]) -> pd.DataFrame:
+    """``path, label`` of the readable images of each class folder; appends the rest to
+    ``skipped`` as ``(path, reason)``."""
     rows = []
     for class_dir in _class_folders(folder):
-        rows.extend((str(p), class_dir.name) for p in list_images(class_dir))
+        for p in _visible_files(class_dir):
+            suffix = p.suffix.lower()
+            if suffix in IMAGE_EXTENSIONS:
+                rows.append((str(p), class_dir.name))
+            elif suffix in UNSUPPORTED_EXTENSIONS:
+                skipped.append((str(p), _unsupported(p)))
+    unreadable = find_unreadable([path for path, _ in rows])
+    skipped.extend(unreadable.items())
+    rows = [row for row in rows if row[0] not in unreadable]
     if not rows:
-        raise ValueError(
-            f"No images found under {folder}. Expected one sub-folder per class holding image "
-            f"files ({', '.join(sorted(IMAGE_EXTENSIONS))})."
+        raise DataError(
+            f"No images found under {folder}"
+            + (f" that can be read ({len(skipped)} files skipped: {skipped[0][1]}, ...)" if skipped else "")
+            + ". Expected one sub-folder per class holding image files "
+            f"({', '.join(sorted(IMAGE_EXTENSIONS))})."
         )
     return pd.DataFrame(rows, columns=["path", "label"])
 
@@ -111,11 +209,11 @@ def _stratified(
     too_few = counts[counts * fraction < 1]
     if len(too_few) or counts.size < 2:
         if counts.size < 2:
-            raise ValueError(
+            raise DataError(
                 f"Only one class ({counts.index[0]!r}) was found; a classifier needs at least two "
                 "class folders."
             )
-        raise ValueError(
+        raise DataError(
             f"Too few images to carve a {what} split of {fraction:.0%} from class(es) "
             + ", ".join(f"{name!r} ({n} images)" for name, n in too_few.items())
             + ". Add images to those classes or raise the split fraction."
@@ -127,19 +225,67 @@ def _stratified(
 
 
 def check_manifest(manifest: pd.DataFrame) -> None:
-    """Raise if a manifest lacks columns, splits, or classes in some split."""
+    """Raise :class:`DataError` if a manifest lacks columns, splits, or classes in some split."""
     missing = {"path", "label", "split"} - set(manifest.columns)
     if missing:
-        raise ValueError(f"The manifest lacks the column(s) {sorted(missing)}.")
+        raise DataError(
+            f"The manifest lacks the column(s) {sorted(missing)}; it needs path, label and split."
+        )
+    unknown = set(manifest["split"]) - set(SPLITS)
+    if unknown:
+        raise DataError(
+            f"The manifest's split column holds {sorted(map(str, unknown))}; allowed: "
+            + ", ".join(SPLITS) + "."
+        )
     classes = set(manifest["label"])
+    if len(classes) < 2:
+        raise DataError(
+            f"The manifest has {len(classes)} class(es); a classifier needs at least two."
+        )
     for split in SPLITS:
         present = set(manifest.loc[manifest["split"] == split, "label"])
         if not present:
-            raise ValueError(f"The manifest has no images in the {split!r} split.")
+            raise DataError(f"The manifest has no images in the {split!r} split.")
         if split != "test" and present != classes:
-            raise ValueError(
+            raise DataError(
                 f"The {split!r} split has no images of class(es) {sorted(classes - present)}."
             )
+
+
+def load_manifest(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """An earlier run's manifest, to reuse its split, and the table of images skipped now.
+
+    Stops with :class:`MissingDataError` if the manifest or any image it lists is gone (the split
+    would no longer be the same); images that exist but no longer decode are skipped and listed.
+    """
+    file = Path(path)
+    if not file.is_file():
+        versions = sorted(file.glob(f"*/{file.name}")) if file.is_dir() else []
+        hint = f" It is a versioned folder; give one version's file, e.g. {versions[-1]}." if versions else ""
+        raise MissingDataError(
+            f"The manifest {file} (finetune.data.manifest) does not exist.{hint} Give the "
+            "manifest.csv of an earlier run, e.g. "
+            "data/02_intermediate/manifest.csv/<version>/manifest.csv, or set "
+            "finetune.data.manifest to null to scan finetune.data.path."
+        )
+    manifest = pd.read_csv(file, dtype=str, keep_default_na=False)
+    check_manifest(manifest)
+    gone = [p for p in manifest["path"] if not Path(p).is_file()]
+    if gone:
+        raise MissingDataError(
+            f"{len(gone)} of {len(manifest)} images listed in the manifest {file} no longer "
+            f"exist (relative paths are read from {Path.cwd()}), e.g. "
+            + ", ".join(gone[:3])
+            + ". Restore them, or set finetune.data.manifest to null to scan "
+            "finetune.data.path into a new split."
+        )
+    unreadable = find_unreadable(manifest["path"].tolist())
+    skipped = pd.DataFrame(list(unreadable.items()), columns=SKIPPED_COLUMNS)
+    manifest = manifest[~manifest["path"].isin(unreadable)].reset_index(drop=True)
+    check_manifest(manifest)
+    _log_manifest(manifest, str(file))
+    log_skipped(skipped, len(manifest) + len(skipped))
+    return manifest, skipped
 
 
 def class_names(manifest: pd.DataFrame) -> list[str]:
@@ -156,11 +302,32 @@ def split_arrays(manifest: pd.DataFrame, split: str) -> tuple[np.ndarray, np.nda
 
 
 def decode_image(path: tf.Tensor, image_size: tuple[int, int], channels: int) -> tf.Tensor:
-    """Read, decode and resize one image file to float32 pixels in [0, 255]."""
+    """Read, decode and resize one image file to float32 pixels in [0, 255].
+
+    Every format and colour mode ``tf.io.decode_image`` reads gives ``channels`` (1 or 3)
+    channels: grayscale is repeated or colour converted to grayscale, alpha is dropped,
+    palettes are expanded and an animated GIF gives its first frame.
+    """
     raw = tf.io.read_file(path)
-    image = tf.io.decode_image(raw, channels=channels, expand_animations=False)
+    image = tf.io.decode_image(raw, channels=0, expand_animations=False)
+    image = _with_channels(image, channels)
     image.set_shape([None, None, channels])
     return tf.image.resize(image, image_size)
+
+
+def _with_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
+    """``image`` (1: gray, 2: gray + alpha, 3: RGB or 4: RGBA channels) with ``channels``."""
+    if channels not in (1, 3):
+        raise ValueError(f"Images are read with 1 or 3 channels, not {channels}.")
+
+    def from_gray() -> tf.Tensor:
+        return tf.tile(image[..., :1], [1, 1, channels])
+
+    def from_colour() -> tf.Tensor:
+        rgb = tf.ensure_shape(image[..., :3], [None, None, 3])
+        return rgb if channels == 3 else tf.image.rgb_to_grayscale(rgb)
+
+    return tf.cond(tf.shape(image)[-1] < 3, from_gray, from_colour)
 
 
 def make_dataset(

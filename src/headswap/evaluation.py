@@ -90,7 +90,8 @@ def confusion_matrix_figure(
 def learning_curves_figure(phases: list[tuple[str, dict[str, Any]]]) -> Figure:
     """Loss and accuracy, train and validation, over consecutive phases on one epoch axis.
 
-    A dashed line marks where each phase after the first begins.
+    A dotted line marks where each phase after the first begins, and each stage of a phase
+    after its first (``stage_starts`` in its history).
     """
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2)
@@ -101,11 +102,13 @@ def learning_curves_figure(phases: list[tuple[str, dict[str, Any]]]) -> Figure:
             if values:
                 ax.plot(epochs, values, style, marker="o", markersize=3,
                         label="train" if key == metric else "validation")
-        for name, history in phases[1:]:
-            if history.get("epoch"):
-                start = history["epoch"][0] + 0.5
-                ax.axvline(start, color="grey", linestyle=":")
-                ax.annotate(f"{name} starts", (start, 0.98), xycoords=("data", "axes fraction"),
+        for index, (name, history) in enumerate(phases):
+            starts = history.get("stage_starts") or history.get("epoch", [])[:1]
+            marks = [(s, f"{name} starts") for s in starts[:1] if index > 0]
+            marks += [(s, f"stage {k}") for k, s in enumerate(starts[1:], start=2)]
+            for start, text in marks:
+                ax.axvline(start + 0.5, color="grey", linestyle=":")
+                ax.annotate(text, (start + 0.5, 0.98), xycoords=("data", "axes fraction"),
                             ha="left", va="top", fontsize=8, color="grey")
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)

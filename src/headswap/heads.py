@@ -16,12 +16,14 @@ def attach_head(
     dense: list[int] | tuple[int, ...] = (128,),
     dropout: float = 0.5,
     name: str = "headswapped",
+    augmentation: list[keras.layers.Layer] | None = None,
 ) -> keras.Model:
     """Put a new, randomly initialised head on ``base`` (kept as one nested layer).
 
     The head is pooling (``avg``, ``max`` or ``flatten``, skipped if the base already gives
     vectors), then ``Dense(units, relu) -> Dropout(dropout)`` for each entry of ``dense``,
-    then ``Dense(num_classes, softmax)``. Train it with a loss on probabilities
+    then ``Dense(num_classes, softmax)``. ``augmentation`` layers (see
+    :func:`augmentation_layers`) go between the input and the base. Train it with a loss on probabilities
     (``from_logits=False``), as :func:`headswap.training.compile_model` does.
     """
     if num_classes < 2:
@@ -31,7 +33,10 @@ def attach_head(
     height, width, channels = input_spec(base)
     layers = keras.layers
     inputs = keras.Input(shape=(height, width, channels), name="image")
-    x = base(inputs)
+    x = inputs
+    for layer in augmentation or []:
+        x = layer(x)
+    x = base(x)
     if len(x.shape) == 4:
         pool = {
             "avg": layers.GlobalAveragePooling2D,
@@ -47,3 +52,33 @@ def attach_head(
         x = layers.Dropout(dropout, name="head_dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name=OUTPUT_NAME)(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def augmentation_layers(
+    flip: str | None = None,
+    rotation: float = 0.0,
+    zoom: float = 0.0,
+    contrast: float = 0.0,
+    translation: float = 0.0,
+    seed: int | None = None,
+) -> list[keras.layers.Layer]:
+    """Random Keras preprocessing layers; they act in training only and pass images through
+    unchanged at inference. Factors are fractions (rotation of a full turn, zoom and
+    translation of the image size, contrast of the pixel range)."""
+    layers = keras.layers
+    chosen: list[keras.layers.Layer] = []
+    if flip:
+        chosen.append(layers.RandomFlip(flip, seed=seed, name="augment_flip"))
+    if rotation:
+        chosen.append(layers.RandomRotation(rotation, seed=seed, name="augment_rotation"))
+    if zoom:
+        chosen.append(layers.RandomZoom(zoom, seed=seed, name="augment_zoom"))
+    if translation:
+        chosen.append(
+            layers.RandomTranslation(translation, translation, seed=seed, name="augment_translation")
+        )
+    if contrast:
+        chosen.append(
+            layers.RandomContrast(contrast, value_range=(0, 255), seed=seed, name="augment_contrast")
+        )
+    return chosen

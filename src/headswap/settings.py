@@ -2,10 +2,23 @@
 from the Kedro defaults. For further information, including these default values, see
 https://docs.kedro.org/en/stable/configure/configuration_basics/#configuration"""
 
-from headswap.hooks import MlflowArtifactHook, ValidateParametersHook
+from headswap.hooks import (
+    MlflowArtifactHook,
+    MlflowServerCheckHook,
+    RunSummaryHook,
+    UserErrorHook,
+    ValidateParametersHook,
+)
 
-# Hooks are executed in a Last-In-First-Out (LIFO) order.
-HOOKS = (ValidateParametersHook(), MlflowArtifactHook())
+# Hooks are executed in a Last-In-First-Out (LIFO) order; the checks that must come before
+# kedro-mlflow's own hooks are marked tryfirst.
+HOOKS = (
+    MlflowServerCheckHook(),
+    ValidateParametersHook(),
+    UserErrorHook(),
+    MlflowArtifactHook(),
+    RunSummaryHook(),
+)
 
 # Installed plugins for which to disable hook auto-registration.
 # DISABLE_HOOKS_FOR_PLUGINS = ("kedro-viz",)

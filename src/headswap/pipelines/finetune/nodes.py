@@ -14,22 +14,29 @@ import keras
 import pandas as pd
 from matplotlib.figure import Figure
 
-from headswap import bases, data, evaluation, heads, training
-from headswap.config import FinetuneConfig, PhaseConfig, parse_finetune
+from headswap import bases, data, evaluation, heads, phases, training
+from headswap.config import parse_finetune
 
 logger = logging.getLogger(__name__)
 
 
-def ingest_images(params: dict[str, Any], *upstream: Any) -> pd.DataFrame:
-    """Scan the image folder into a manifest (path, label, split), or reuse a given one."""
+def ingest_images(
+    params: dict[str, Any], *upstream: Any
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
+    """Scan the image folder into a manifest (path, label, split), or reuse a given one.
+
+    Every image is decoded once here; files that cannot be are left out and returned as the
+    skipped table (path, reason), with ``images`` and ``skipped_images`` counts as metrics.
+    """
     cfg = parse_finetune(params)
     if cfg.data.manifest:
-        manifest = pd.read_csv(cfg.data.manifest)
-        data.check_manifest(manifest)
-        return manifest
-    return data.scan_image_folder(
-        cfg.data.path, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed
-    )
+        manifest, skipped = data.load_manifest(cfg.data.manifest)
+    else:
+        manifest, skipped = data.ingest_image_folder(
+            cfg.data.path, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed
+        )
+    counts = {"images": len(manifest), "skipped_images": len(skipped)}
+    return manifest, skipped, {k: {"value": float(v), "step": 0} for k, v in counts.items()}
 
 
 def load_base(params: dict[str, Any], *upstream: Any) -> keras.Model:
@@ -49,50 +56,24 @@ def swap_head(base: keras.Model, manifest: pd.DataFrame, params: dict[str, Any])
     cfg = parse_finetune(params)
     keras.utils.set_random_seed(cfg.seed)
     names = data.class_names(manifest)
+    augment = cfg.training.augmentation
     model = heads.attach_head(
-        base, len(names), cfg.head.pooling, cfg.head.dense, cfg.head.dropout
+        base, len(names), cfg.head.pooling, cfg.head.dense, cfg.head.dropout,
+        augmentation=heads.augmentation_layers(
+            augment.flip, augment.rotation, augment.zoom, augment.contrast, augment.translation,
+            seed=cfg.seed,
+        ),
     )
     logger.info("New head for %s classes: %s", len(names), ", ".join(names))
     return model
 
 
-def _datasets(manifest: pd.DataFrame, model: keras.Model, cfg: FinetuneConfig):
-    channels = bases.input_spec(model)[2]
-    make = lambda split, shuffle: data.make_dataset(  # noqa: E731
-        manifest, split, cfg.data.image_size, channels, cfg.data.batch_size, shuffle, cfg.seed
-    )
-    return make("train", True), make("val", False)
-
-
-def _train(
-    model: keras.Model,
-    manifest: pd.DataFrame,
-    cfg: FinetuneConfig,
-    phase: PhaseConfig,
-    name: str,
-    initial_epoch: int,
-) -> tuple[keras.Model, dict[str, Any]]:
-    training.compile_model(model, phase.optimizer, phase.learning_rate)
-    counts = training.parameter_counts(model)
-    logger.info(
-        "%s: %s trainable and %s non-trainable parameters; %s epochs at learning rate %g",
-        name, f"{counts['trainable_params']:,}", f"{counts['non_trainable_params']:,}",
-        phase.epochs, phase.learning_rate,
-    )
-    keras.utils.set_random_seed(cfg.seed + initial_epoch)
-    train, val = _datasets(manifest, model, cfg)
-    history = training.run_phase(model, train, val, phase.epochs, initial_epoch)
-    history["parameter_counts"] = counts
-    return model, history
-
-
 def train_head(
     model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]
 ) -> tuple[keras.Model, dict[str, Any]]:
-    """Phase 1: the base frozen, only the new head trains."""
+    """Phase 1: the base frozen (unless phase1.train opens part of it), the new head trains."""
     cfg = parse_finetune(params)
-    training.set_base_trainable(model, False)
-    return _train(model, manifest, cfg, cfg.phase1, "phase 1 (head only)", 0)
+    return model, phases.run_training_phase(model, manifest, cfg, "phase1")
 
 
 def fine_tune(
@@ -101,11 +82,10 @@ def fine_tune(
     params: dict[str, Any],
     phase1_history: dict[str, Any],
 ) -> tuple[keras.Model, dict[str, Any]]:
-    """Phase 2: the base unfrozen (BatchNormalization kept in inference mode), lower rate."""
+    """Phase 2: (part of) the base unfrozen, BatchNormalization kept in inference mode."""
     cfg = parse_finetune(params)
-    training.set_base_trainable(model, True, cfg.phase2.train_batchnorm)
     start = (phase1_history["epoch"][-1] + 1) if phase1_history.get("epoch") else 0
-    return _train(model, manifest, cfg, cfg.phase2, "phase 2 (fine-tuning)", start)
+    return model, phases.run_training_phase(model, manifest, cfg, "phase2", start)
 
 
 def _predict_test(model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]):

@@ -26,8 +26,8 @@ def create_pipeline(after: dict[str, list[str]] | None = None, **kwargs) -> Pipe
     after = after or {}
     return Pipeline(
         [
-            Node(ingest_images, [P, *after.get("ingest_images", [])], "manifest",
-                 name="ingest_images"),
+            Node(ingest_images, [P, *after.get("ingest_images", [])],
+                 ["manifest", "skipped_images", "data_metrics"], name="ingest_images"),
             Node(load_base, [P, *after.get("load_base", [])], "base_model", name="load_base"),
             Node(swap_head, ["base_model", "manifest", P], "headswapped_model", name="swap_head"),
             Node(train_head, ["headswapped_model", "manifest", P],
