@@ -24,3 +24,37 @@ def test_defaults_and_square_image_size():
 def test_bad_parameters_name_key_and_value(override, message):
     with pytest.raises(ParameterError, match=message):
         parse_finetune({**BASE, **override})
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"base": {"source": "keras_applications", "name": "MobileNetV9"}},
+         r"finetune.base.name: got 'MobileNetV9'; not a known keras.applications architecture\. "
+         r"Allowed: MobileNetV2, .*EfficientNetB0"),
+        ({"head": {"dropuot": 0.1}},
+         r"finetune.head.dropuot: unknown key \(given 0.1\); allowed keys here: pooling, dense, "
+         r"dropout"),
+        ({"epochs": 3}, r"finetune.epochs: unknown key \(given 3\); allowed keys here: seed, data"),
+        ({"data": {"path": "x", "val_fraction": 0.5, "test_fraction": 0.5}},
+         r"finetune.data: val_fraction \+ test_fraction is 0.5 \+ 0.5; it must be below 1"),
+    ],
+)
+def test_errors_say_what_is_allowed(override, message):
+    with pytest.raises(ParameterError, match=message):
+        parse_finetune({**BASE, **override})
+
+
+def test_every_problem_is_in_one_message():
+    with pytest.raises(ParameterError) as caught:
+        parse_finetune({**BASE, "phase1": {"epochs": -1, "optimizer": "adagrad"}, "sed": 1})
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "Invalid parameters:" and len(lines) == 4
+    assert {line.split(":")[0].strip() for line in lines[1:]} == {
+        "finetune.phase1.epochs", "finetune.phase1.optimizer", "finetune.sed"
+    }
+
+
+def test_a_known_architecture_passes():
+    cfg = parse_finetune({**BASE, "base": {"source": "keras_applications", "name": "ResNet50"}})
+    assert cfg.base.name == "ResNet50"

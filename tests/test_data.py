@@ -3,10 +3,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from headswap import data
 from tests.conftest import CLASSES, make_image_folder
+from tests.test_faults import MESSY_CLASSES, PER_CLASS, make_messy_folder
 
 
 def test_class_folder_is_split_stratified_and_seeded(image_folder: Path):
@@ -84,3 +86,110 @@ def test_shuffled_order_depends_only_on_the_seed(image_folder: Path):
 
     np.testing.assert_array_equal(first_epoch(3), first_epoch(3))
     assert sorted(first_epoch(3)) == sorted(first_epoch(4))
+
+
+# --- image folders as users have them ----------------------------------------------------
+
+
+def test_every_format_and_colour_mode_is_read_and_faulty_files_are_listed(tmp_path: Path):
+    folder, faulty = make_messy_folder(tmp_path / "images")
+    manifest, skipped = data.ingest_image_folder(folder, seed=0)
+    assert set(manifest["label"]) == set(MESSY_CLASSES)
+    assert len(manifest) == len(MESSY_CLASSES) * PER_CLASS
+    assert not manifest["path"].str.contains(r"/\.|notes\.txt").any()
+    reasons = dict(zip(skipped["path"], skipped["reason"]))
+    assert {Path(p).name for p in reasons} == set(faulty)
+    for path, reason in reasons.items():
+        assert faulty[Path(path).name] in reason, (path, reason)
+    # Every image the manifest keeps streams through tf.data with either channel count.
+    for channels in (1, 3):
+        for split in data.SPLITS:
+            images = np.concatenate(
+                [x.numpy() for x, _ in data.make_dataset(manifest, split, (20, 24), channels, 7)]
+            )
+            assert images.shape == ((manifest["split"] == split).sum(), 20, 24, channels)
+            assert 0.0 <= images.min() and images.max() <= 255.0
+
+
+def test_decoding_converts_channels_the_same_way_for_every_mode(tmp_path: Path):
+    gray = np.arange(48, dtype="uint8").reshape(6, 8) * 5
+    rgb = np.stack([gray, gray // 2, 255 - gray], axis=-1)
+    paths = {}
+    for name, image in {
+        "gray.png": Image.fromarray(gray),
+        "gray_alpha.png": Image.fromarray(gray).convert("LA"),
+        "rgb.bmp": Image.fromarray(rgb),
+        "rgba.png": Image.fromarray(rgb).convert("RGBA"),
+    }.items():
+        paths[name] = str(tmp_path / name)
+        image.save(paths[name])
+
+    def read(name: str, channels: int) -> np.ndarray:
+        return data.decode_image(tf.constant(paths[name]), (6, 8), channels).numpy()
+
+    for name in ("gray.png", "gray_alpha.png"):
+        np.testing.assert_array_equal(read(name, 1)[..., 0], gray)
+        np.testing.assert_array_equal(read(name, 3), np.repeat(gray[..., None], 3, axis=-1))
+    np.testing.assert_array_equal(read("rgba.png", 3), rgb)
+    np.testing.assert_array_equal(read("rgb.bmp", 1), read("rgba.png", 1))
+    expected_gray = rgb @ np.array([0.2989, 0.587, 0.114])
+    np.testing.assert_allclose(read("rgb.bmp", 1)[..., 0], expected_gray, atol=1.0)
+
+
+def test_a_class_left_too_small_by_faulty_files_stops_before_training(tmp_path: Path):
+    folder = make_image_folder(tmp_path / "images", per_class=6)
+    for i in range(2):
+        (folder / "circle" / f"img_{i:03d}.png").write_bytes(b"")
+    with pytest.raises(data.DataError, match=r"Too few images.*'circle' \(4 images\)"):
+        data.ingest_image_folder(folder)
+
+
+def test_only_faulty_files_stop_with_the_reason(tmp_path: Path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.png").write_bytes(b"not a png")
+    with pytest.raises(data.DataError, match="No images found .* that can be read"):
+        data.ingest_image_folder(tmp_path)
+
+
+# --- reusing a manifest ------------------------------------------------------------------
+
+
+def test_a_saved_manifest_is_reused_as_it_is(image_folder: Path, tmp_path: Path):
+    manifest = data.scan_image_folder(image_folder, seed=3)
+    file = tmp_path / "manifest.csv"
+    manifest.to_csv(file, index=False)
+    again, skipped = data.load_manifest(file)
+    pd.testing.assert_frame_equal(again, manifest)
+    assert skipped.empty and list(skipped.columns) == data.SKIPPED_COLUMNS
+
+
+def test_a_reused_manifest_skips_images_that_no_longer_decode(image_folder: Path, tmp_path):
+    manifest = data.scan_image_folder(image_folder, seed=3)
+    broken = manifest.loc[manifest["split"] == "test", "path"].iloc[0]
+    Path(broken).write_bytes(Path(broken).read_bytes()[:30])
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    again, skipped = data.load_manifest(tmp_path / "manifest.csv")
+    assert skipped["path"].tolist() == [broken] and "cannot be decoded" in skipped["reason"][0]
+    assert len(again) == len(manifest) - 1 and broken not in set(again["path"])
+
+
+def test_a_missing_manifest_or_missing_images_stop_with_the_fix(image_folder: Path, tmp_path):
+    with pytest.raises(data.MissingDataError, match="does not exist.*finetune.data.manifest"):
+        data.load_manifest(tmp_path / "nowhere.csv")
+    versioned = tmp_path / "manifest.csv"
+    file = versioned / "2024-01-01T00.00.00.000Z" / "manifest.csv"
+    file.parent.mkdir(parents=True)
+    data.scan_image_folder(image_folder).to_csv(file, index=False)
+    with pytest.raises(data.MissingDataError, match="versioned folder.*2024-01-01"):
+        data.load_manifest(versioned)
+    (image_folder / "square" / "img_000.png").unlink()
+    with pytest.raises(data.MissingDataError, match=r"1 of 60 images .* no longer exist"):
+        data.load_manifest(file)
+
+
+def test_manifest_labels_that_look_like_numbers_stay_text(tmp_path: Path):
+    folder = make_image_folder(tmp_path / "images", classes=("007", "NA", "1.5"), per_class=5)
+    data.scan_image_folder(folder).to_csv(tmp_path / "manifest.csv", index=False)
+    manifest, _ = data.load_manifest(tmp_path / "manifest.csv")
+    assert data.class_names(manifest) == ["007", "1.5", "NA"]

@@ -20,6 +20,7 @@ def _model(augment=None) -> keras.Model:
 
 
 def _cfg(folder: Path, **sections):
+    sections.setdefault("training", {}).setdefault("resume_dir", str(folder.parent / "resume"))
     params = {"data": {"path": str(folder), "image_size": 32, "batch_size": 8},
               "base": {"path": "unused.keras"}, **sections}
     return parse_finetune(params)

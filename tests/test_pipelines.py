@@ -167,3 +167,63 @@ def test_kedro_viz_build_shows_every_finetune_node(project: Path):
     graph = json.loads((project / "build/api/pipelines/finetune").read_text())
     names = [n["name"] for n in graph["nodes"] if n["type"] == "task"]
     assert sorted(names) == sorted(FINETUNE_NODES)
+
+
+def _weights_of(project: Path, version: str) -> list[np.ndarray]:
+    import keras
+
+    path = project / "data/06_models/phase2_model.keras" / version / "phase2_model.keras"
+    return keras.saving.load_model(path, compile=False).get_weights()
+
+
+def test_a_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrupted_one(
+    project: Path,
+):
+    import signal
+    import time
+
+    common = ("finetune.data.batch_size=1,finetune.phase1.epochs=2,finetune.phase2.epochs=4,"
+              "finetune.training.resume=true")
+    state = project / "data/05_model_input/resume_kill"
+    params = f"{common},finetune.training.resume_dir={state.relative_to(project)}"
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    command = [sys.executable, "-m", "kedro", "run", "--pipeline", "finetune", "--env", "test",
+               "--params", params]
+    _, runs_before = _run(project)
+    versions_before = _versions(project, "data/06_models/phase2_model.keras")
+
+    process = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        logs = list(state.glob("*/phase2/stage1/epochs.jsonl"))
+        if logs and len(logs[0].read_text().splitlines()) >= 1:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert _versions(project, "data/06_models/phase2_model.keras") == versions_before
+
+    resumed = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True,
+                             timeout=600)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-3000:]
+    assert "phase1 finished before the interruption" in output
+    assert "Resuming: logging into the interrupted MLflow run" in output
+    client, runs = _run(project)
+    assert len(runs) == len(runs_before) + 1, "the resumed run started a new MLflow run"
+    run = client.get_run(runs[-1].info.run_id)
+    assert run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch.loss"))
+    assert steps == list(range(6))
+    assert not list(state.iterdir()), "resume state is left behind after success"
+    resumed_version = sorted(set(_versions(project, "data/06_models/phase2_model.keras"))
+                             - set(versions_before))[-1]
+
+    fresh = _kedro(project, "run", "--pipeline", "finetune", "--env", "test", "--params",
+                   f"{common},finetune.training.resume_dir=data/05_model_input/resume_fresh")
+    assert fresh.returncode == 0, (fresh.stdout + fresh.stderr)[-3000:]
+    fresh_version = _versions(project, "data/06_models/phase2_model.keras")[-1]
+    for a, b in zip(_weights_of(project, resumed_version), _weights_of(project, fresh_version),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -57,11 +57,18 @@ class DataConfig(_Strict):
 
 
 class BaseConfig(_Strict):
+    """Where the pretrained base comes from (see conf/base/parameters_finetune.yml)."""
+
     source: Literal["file", "keras_applications"] = "file"
-    path: str | None = None
-    name: str | None = None
+    path: str | None = None  # model file, for source file
+    name: str | None = None  # architecture, for source keras_applications
+    # keras_applications: "imagenet", None (random) or the path of the no-top .h5 file Keras
+    # downloads for that architecture (loaded by Keras itself).
     weights: str | None = "imagenet"
     cut_at: str | int = "auto"
+    # A .keras, .weights.h5 or legacy .h5 file whose weights are loaded into the base by layer
+    # name and shape after it is built (both sources); reported as base_weights_report.
+    weights_file: str | None = None
     allow_unsafe: bool = False
 
 

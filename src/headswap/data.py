@@ -67,7 +67,7 @@ def image_problem(path: str | Path) -> str | None:
         return "empty file (0 bytes)"
     try:
         tf.io.decode_image(raw, channels=0, expand_animations=False)
-    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as err:
+    except tf.errors.OpError as err:
         message = err.message.split("}}")[-1].replace("[Op:DecodeImage]", "").strip()
         return f"cannot be decoded (corrupt or truncated?): {message}"
     return None
@@ -193,9 +193,9 @@ def _scan_classes(folder: Path, skipped: list[tuple[str, str]]) -> pd.DataFrame:
     skipped.extend(unreadable.items())
     rows = [row for row in rows if row[0] not in unreadable]
     if not rows:
+        why = f" that can be read ({len(skipped)} skipped: {skipped[0][1]}, ...)" if skipped else ""
         raise DataError(
-            f"No images found under {folder}"
-            + (f" that can be read ({len(skipped)} files skipped: {skipped[0][1]}, ...)" if skipped else "")
+            f"No images found under {folder}{why}"
             + ". Expected one sub-folder per class holding image files "
             f"({', '.join(sorted(IMAGE_EXTENSIONS))})."
         )
@@ -261,7 +261,10 @@ def load_manifest(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     file = Path(path)
     if not file.is_file():
         versions = sorted(file.glob(f"*/{file.name}")) if file.is_dir() else []
-        hint = f" It is a versioned folder; give one version's file, e.g. {versions[-1]}." if versions else ""
+        hint = (
+            f" It is a versioned folder; give one version's file, e.g. {versions[-1]}."
+            if versions else ""
+        )
         raise MissingDataError(
             f"The manifest {file} (finetune.data.manifest) does not exist.{hint} Give the "
             "manifest.csv of an earlier run, e.g. "
@@ -338,15 +341,28 @@ def make_dataset(
     batch_size: int,
     shuffle: bool = False,
     seed: int = 42,
+    epoch: tf.Variable | None = None,
 ) -> tf.data.Dataset:
     """Stream one split of a manifest as batches of (images, labels).
 
     Files are read and decoded in parallel, in a deterministic order; shuffling (for training)
-    is seeded and reshuffles each epoch. Nothing is loaded whole into memory.
+    is seeded and reshuffles each epoch. Nothing is loaded whole into memory. With ``epoch``
+    (an integer variable that training sets at the start of each epoch), each epoch's order is
+    a stateless function of ``(seed, epoch)``, so a run resumed at epoch k sees the same order
+    as an uninterrupted one.
     """
     paths, labels = split_arrays(manifest, split)
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
-    if shuffle:
+    if shuffle and epoch is not None and len(paths):
+        all_paths, all_labels, last = tf.constant(paths), tf.constant(labels), len(paths) - 1
+
+        def pick(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+            j = tf.random.experimental.index_shuffle(i, seed=key, max_index=last)
+            return all_paths[j], all_labels[j]
+
+        dataset = tf.data.Dataset.range(len(paths)).map(pick)
+    elif shuffle:
         dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     size = tuple(int(s) for s in image_size)
     dataset = dataset.map(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import shutil
 import urllib.error
 import urllib.request
 from typing import Any
@@ -98,21 +99,16 @@ class MlflowServerCheckHook:
             check_tracking_server(uri, f"conf/{context.env or 'local'}/mlflow.yml")
 
 
-class RunSummaryHook:
-    """Repeats at the end of a run how many image files were skipped at ingest, and marks the
-    MLflow run KILLED when the process exits mid-run (e.g. Ctrl-C), where MLflow's own exit
-    handler would record it as FINISHED."""
+class SkippedImagesSummaryHook:
+    """Repeats at the end of a run how many image files ingest skipped, and where they are
+    listed."""
 
     def __init__(self) -> None:
         self._counts: dict[str, int] = {}
-        self._run_id: str | None = None
-        atexit.register(self._end_interrupted_run)
 
-    @hook_impl(trylast=True)
+    @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         self._counts = {}
-        run = mlflow.active_run()
-        self._run_id = run.info.run_id if run else None
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
@@ -121,25 +117,59 @@ class RunSummaryHook:
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        self._run_id = None
-        if "skipped_images" in self._counts:
-            skipped = self._counts["skipped_images"]
-            log = logger.warning if skipped else logger.info
-            log(
-                "Run summary: %s images used, %s image files skipped%s.",
-                self._counts.get("manifest", 0), skipped,
-                " (listed in skipped_images, and in the MLflow run under data/)" if skipped else "",
-            )
+        if "skipped_images" not in self._counts:
+            return
+        skipped = self._counts["skipped_images"]
+        (logger.warning if skipped else logger.info)(
+            "Run summary: %s images used, %s image files skipped%s.",
+            self._counts.get("manifest", 0), skipped,
+            " (listed in skipped_images, and in the MLflow run under data/)" if skipped else "",
+        )
+
+
+class MlflowRunEndHook:
+    """Leaves the MLflow run that kedro-mlflow started closed, with a status that tells what
+    happened.
+
+    kedro-mlflow re-enters its run before each node (``nested: true``), so after a run the same
+    run is still active once per node: a later session in the same process would log into it.
+    After the pipeline they are all closed. When the process exits mid-run (Ctrl-C, which
+    ``kedro run`` turns into an exit), the run is marked KILLED instead of the FINISHED that
+    MLflow's own exit handler would record. Failed runs are marked FAILED by kedro-mlflow.
+    """
+
+    def __init__(self) -> None:
+        self._outer_run = False
+        self._run_id: str | None = None
+        atexit.register(self._end_interrupted_run)
 
     @hook_impl
+    def after_context_created(self, context) -> None:
+        self._outer_run = mlflow.active_run() is not None  # started by the caller: left open
+
+    @hook_impl(trylast=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        run = mlflow.active_run()
+        self._run_id = run.info.run_id if run is not None and not self._outer_run else None
+
+    @hook_impl(trylast=True)
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        self._close(RunStatus.FINISHED)
+
+    @hook_impl(trylast=True)
     def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline, catalog):
+        self._close(RunStatus.FAILED)
+
+    def _close(self, status: int) -> None:
+        while (run := mlflow.active_run()) is not None and run.info.run_id == self._run_id:
+            mlflow.end_run(RunStatus.to_string(status))
         self._run_id = None
 
     def _end_interrupted_run(self) -> None:
         run = mlflow.active_run()
         if self._run_id and run is not None and run.info.run_id == self._run_id:
             logger.warning("The run was interrupted; MLflow run %s is marked KILLED.", self._run_id)
-            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            self._close(RunStatus.KILLED)
 
 
 class MlflowArtifactHook:
@@ -171,3 +201,51 @@ class MlflowArtifactHook:
             mlflow.log_dict(data, f"{folder}/{dataset_name}.json")
         else:
             mlflow.log_text(str(data), f"{folder}/{dataset_name}.txt")
+
+
+class ResumeHook:
+    """With ``finetune.training.resume``, an interrupted run continues in its MLflow run.
+
+    The run's MLflow id is kept beside its resume state (see ``headswap.phases.state_dir``);
+    a resumed ``kedro run`` hands that id to kedro-mlflow, which reopens the run instead of
+    starting one, so both parts log into one run. The state is removed once the pipeline
+    finishes.
+    """
+
+    def __init__(self) -> None:
+        self._state = None
+
+    @hook_impl(trylast=True)
+    def after_context_created(self, context) -> None:
+        from headswap.phases import state_dir  # imports TensorFlow: only for finetune runs
+
+        self._state = None
+        try:
+            cfg = parse_finetune(context.params["finetune"])
+        except (KeyError, ParameterError):
+            return  # not a finetune project configuration, or ValidateParametersHook reports
+        self._state = state_dir(cfg)
+        run_file = self._state / "mlflow_run_id"
+        config = getattr(context, "mlflow", None)
+        if cfg.training.resume and run_file.is_file() and config is not None:
+            config.tracking.run.id = run_file.read_text().strip()
+            logger.info("Resuming: logging into the interrupted MLflow run %s",
+                        config.tracking.run.id)
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if "params:finetune" not in pipeline.inputs():
+            self._state = None
+
+    @hook_impl
+    def before_node_run(self, node) -> None:
+        run = mlflow.active_run()
+        if self._state is not None and run is not None:
+            self._state.mkdir(parents=True, exist_ok=True)
+            (self._state / "mlflow_run_id").write_text(run.info.run_id)
+
+    @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if self._state is not None:
+            shutil.rmtree(self._state, ignore_errors=True)
+        self._state = None

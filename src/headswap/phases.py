@@ -7,13 +7,16 @@ stages (gradual unfreezing). Every stage recompiles the model, since a change of
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import keras
 import pandas as pd
+import tensorflow as tf
 
 from headswap import bases, data, training
 from headswap.config import FinetuneConfig, TrainingSettings
@@ -27,6 +30,14 @@ def stages_of(cfg: FinetuneConfig, phase: str) -> list[TrainingSettings]:
     return list(settings.stages) or [settings]
 
 
+def state_dir(cfg: FinetuneConfig) -> Path:
+    """Where a run with these parameters keeps what it needs to resume after an interruption."""
+    key = hashlib.sha256(
+        cfg.model_dump_json(exclude={"training": {"resume"}}).encode()
+    ).hexdigest()[:16]
+    return Path(cfg.training.resume_dir) / key
+
+
 def run_training_phase(
     model: keras.Model,
     manifest: pd.DataFrame,
@@ -37,17 +48,25 @@ def run_training_phase(
     """Train ``model`` through the stages of ``phase``; return the merged per-epoch history.
 
     The history also holds ``parameter_counts`` (of the last stage), ``stage_starts`` and
-    ``trainable_layers`` per stage.
+    ``trainable_layers`` per stage. Each epoch leaves a backup (weights, optimizer state,
+    epoch) and a log line under :func:`state_dir`; with ``training.resume`` a stage that
+    finished is reused and an interrupted one continues from its last completed epoch, with
+    the same data order, so the result matches an uninterrupted run.
     """
     names = data.class_names(manifest)
     channels = bases.input_spec(model)[2]
     train_paths, train_labels = data.split_arrays(manifest, "train")
     steps = training.steps_per_epoch(len(train_paths), cfg.data.batch_size)
     class_weight = training.class_weights(train_labels, names, cfg.training.class_weight)
+    epoch_variable = tf.Variable(initial_epoch, dtype=tf.int64, trainable=False)
     histories, layers_per_stage, counts = [], [], {}
     epoch = initial_epoch
     for i, stage in enumerate(stages_of(cfg, phase), start=1):
         label = f"{phase} stage {i}" if getattr(cfg, phase).stages else phase
+        folder = state_dir(cfg) / phase / f"stage{i}"
+        if not cfg.training.resume:
+            shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
         trainable = training.set_trainable(model, stage.train, stage.train_batchnorm)
         optimizer, logged = training.build_optimizer(model, stage, steps)
         training.compile_model(model, optimizer, label_smoothing=stage.label_smoothing)
@@ -60,19 +79,31 @@ def run_training_phase(
             stage.learning_rate, stage.schedule,
         )
         keras.utils.set_random_seed(cfg.seed + epoch)
-        train, val = (
-            data.make_dataset(manifest, split, cfg.data.image_size, channels,
-                              cfg.data.batch_size, shuffle=split == "train", seed=cfg.seed)
-            for split in ("train", "val")
-        )
-        if stage.label_smoothing:
-            train, val = (training.one_hot_labels(d, len(names)) for d in (train, val))
-        callbacks = training.make_callbacks(
-            cfg.training.callbacks, logged, _checkpoint_path(cfg, label)
-        )
-        history = training.run_phase(
-            model, train, val, stage.epochs, epoch, callbacks, class_weight
-        )
+        training.reseed(model, cfg.seed + epoch)
+        done, epoch_log = folder / "done.weights.h5", str(folder / "epochs.jsonl")
+        if done.exists():
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(done)
+            logger.info("%s finished before the interruption; reusing its weights", label)
+        else:
+            train, val = (
+                data.make_dataset(manifest, split, cfg.data.image_size, channels,
+                                  cfg.data.batch_size, shuffle=split == "train", seed=cfg.seed,
+                                  epoch=epoch_variable)
+                for split in ("train", "val")
+            )
+            if stage.label_smoothing:
+                train, val = (training.one_hot_labels(d, len(names)) for d in (train, val))
+            callbacks = training.make_callbacks(
+                cfg.training.callbacks, logged, _checkpoint_path(cfg, label)
+            ) + [
+                training.EpochVariable(epoch_variable),
+                training.EpochLog(epoch_log),
+                training.EpochBackup(folder / "backup"),
+            ]
+            training.run_phase(model, train, val, stage.epochs, epoch, callbacks, class_weight)
+            model.save_weights(done)
+        history = training.read_epoch_log(epoch_log)
         histories.append(history)
         layers_per_stage.append(trainable)
         if history["epoch"]:

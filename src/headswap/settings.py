@@ -4,8 +4,10 @@ https://docs.kedro.org/en/stable/configure/configuration_basics/#configuration""
 
 from headswap.hooks import (
     MlflowArtifactHook,
+    MlflowRunEndHook,
     MlflowServerCheckHook,
-    RunSummaryHook,
+    ResumeHook,
+    SkippedImagesSummaryHook,
     UserErrorHook,
     ValidateParametersHook,
 )
@@ -17,7 +19,9 @@ HOOKS = (
     ValidateParametersHook(),
     UserErrorHook(),
     MlflowArtifactHook(),
-    RunSummaryHook(),
+    SkippedImagesSummaryHook(),
+    MlflowRunEndHook(),
+    ResumeHook(),
 )
 
 # Installed plugins for which to disable hook auto-registration.

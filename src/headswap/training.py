@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -391,3 +393,125 @@ def make_callbacks(
             )
         )
     return callbacks
+
+
+class EpochVariable(keras.callbacks.Callback):
+    """Sets an integer variable to the epoch number at the start of each epoch.
+
+    :func:`headswap.data.make_dataset` keys its shuffling on it, so each epoch's order depends
+    on the epoch number alone, interrupted or not.
+    """
+
+    def __init__(self, variable: tf.Variable) -> None:
+        super().__init__()
+        self.variable = variable
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.variable.assign(epoch)
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Appends each finished epoch's logs to a JSON-lines file (kept across interruptions)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        record = {"epoch": int(epoch), **{k: float(v) for k, v in (logs or {}).items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_epoch_log(path: str) -> dict[str, Any]:
+    """The history in an :class:`EpochLog` file; a repeated epoch keeps its last record."""
+    records: dict[int, dict[str, float]] = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    records[int(record.pop("epoch"))] = record
+    history: dict[str, Any] = {"epoch": sorted(records)}
+    for epoch in history["epoch"]:
+        for key, value in records[epoch].items():
+            history.setdefault(key, []).append(value)
+    return history
+
+
+def seed_states(model: keras.Model) -> list[keras.Variable]:
+    """The random-number states of the model's layers (dropout, augmentation), in order.
+
+    Keras does not save them with the weights; a resumed run restores them itself so that
+    random layers continue their sequence instead of restarting it.
+    """
+    return [
+        v for layer in iter_layers(model) for v in layer.variables
+        if v.path.endswith("seed_generator_state")
+    ]
+
+
+def reseed(model: keras.Model, seed: int) -> None:
+    """Give every random layer a state derived from ``seed`` alone, however the model was
+    built or loaded, so that runs with the same seed draw the same dropout masks."""
+    for i, variable in enumerate(seed_states(model)):
+        variable.assign(np.asarray([(seed * 7919 + i) % 2**31, 0], dtype=variable.dtype))
+
+
+class EpochBackup(keras.callbacks.Callback):
+    """Keeps the state of the last completed epoch in ``folder``: weights, optimizer state
+    and the random layers' states.
+
+    Each file is written under a temporary name and renamed into place, the weights last, so
+    a process killed mid-write leaves the previous backup intact. On the next ``fit`` the
+    latest backup is loaded and training continues after its epoch.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        super().__init__()
+        self.folder = os.fspath(folder)
+
+    def latest(self) -> tuple[int, str] | None:
+        """(epochs completed, weights path) of the newest complete backup, if any."""
+        if not os.path.isdir(self.folder):
+            return None
+        done = sorted(
+            f for f in os.listdir(self.folder) if re.fullmatch(r"epoch-\d+\.weights\.h5", f)
+        )
+        if not done:
+            return None
+        return int(done[-1].split("-")[1].split(".")[0]), os.path.join(self.folder, done[-1])
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        found = self.latest()
+        if found is None:
+            return
+        epochs_done, path = found
+        if not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(path)
+        with open(path.replace(".weights.h5", ".seeds.json"), encoding="utf-8") as f:
+            for variable, value in zip(seed_states(self.model), json.load(f), strict=True):
+                variable.assign(np.asarray(value, dtype=variable.dtype))
+        self.model._initial_epoch = epochs_done  # the hook Keras' own BackupAndRestore uses
+        logger.info("Resumed after epoch %s from %s", epochs_done, path)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        final = os.path.join(self.folder, f"epoch-{epoch + 1:05d}.weights.h5")
+        partial = os.path.join(self.folder, f"partial-{epoch + 1:05d}.weights.h5")
+        seeds = [keras.ops.convert_to_numpy(v).tolist() for v in seed_states(self.model)]
+        with open(partial + ".json", "w", encoding="utf-8") as f:
+            json.dump(seeds, f)
+        os.replace(partial + ".json", final.replace(".weights.h5", ".seeds.json"))
+        self.model.save_weights(partial, overwrite=True)
+        os.replace(partial, final)
+        keep = {os.path.basename(final), os.path.basename(final).replace(".weights.h5", ".seeds.json")}
+        for name in os.listdir(self.folder):
+            if name not in keep:
+                os.remove(os.path.join(self.folder, name))
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.model._initial_epoch = None

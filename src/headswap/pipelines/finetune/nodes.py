@@ -14,7 +14,7 @@ import keras
 import pandas as pd
 from matplotlib.figure import Figure
 
-from headswap import bases, data, evaluation, heads, phases, training
+from headswap import bases, data, evaluation, heads, phases, training, weights
 from headswap.config import parse_finetune
 
 logger = logging.getLogger(__name__)
@@ -39,16 +39,24 @@ def ingest_images(
     return manifest, skipped, {k: {"value": float(v), "step": 0} for k, v in counts.items()}
 
 
-def load_base(params: dict[str, Any], *upstream: Any) -> keras.Model:
-    """The pretrained base, cut below its old classifier, taking raw pixels."""
+def load_base(params: dict[str, Any], *upstream: Any) -> tuple[keras.Model, dict[str, Any]]:
+    """The pretrained base, cut below its old classifier, taking raw pixels; and the report of
+    the weights loaded into it by layer name from ``finetune.base.weights_file`` (if any)."""
     cfg = parse_finetune(params).base
     size = parse_finetune(params).data.image_size
     if cfg.source == "keras_applications":
         base = bases.keras_application(cfg.name, size, cfg.weights)
+        origin = f"keras.applications {cfg.name}, weights: {cfg.weights}"
     else:
         base = bases.cut_model(bases.load_model_file(cfg.path, cfg.allow_unsafe), cfg.cut_at)
+        origin = f"model file {cfg.path}, cut at {cfg.cut_at}"
     bases.check_image_size(base, size)
-    return base
+    about = {"base": origin, "base_params": base.count_params()}
+    if cfg.weights_file is None:
+        return base, {**about, "weights_file": None}
+    report = weights.load_weights_by_name(base, cfg.weights_file, cfg.allow_unsafe)
+    logger.info(weights.summarise(report))
+    return base, {**about, **report}
 
 
 def swap_head(base: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]) -> keras.Model:

@@ -28,7 +28,8 @@ def create_pipeline(after: dict[str, list[str]] | None = None, **kwargs) -> Pipe
         [
             Node(ingest_images, [P, *after.get("ingest_images", [])],
                  ["manifest", "skipped_images", "data_metrics"], name="ingest_images"),
-            Node(load_base, [P, *after.get("load_base", [])], "base_model", name="load_base"),
+            Node(load_base, [P, *after.get("load_base", [])],
+                 ["base_model", "base_weights_report"], name="load_base"),
             Node(swap_head, ["base_model", "manifest", P], "headswapped_model", name="swap_head"),
             Node(train_head, ["headswapped_model", "manifest", P],
                  ["phase1_model", "phase1_history"], name="train_head"),

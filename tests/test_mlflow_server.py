@@ -1,0 +1,127 @@
+"""The finetune pipeline recorded on a real MLflow tracking server over HTTP.
+
+The test starts ``mlflow server`` (SQLite backend, artifacts served by the server) on
+127.0.0.1 on a free port, points the test environment of a project copy at it, runs the
+pipeline through a real KedroSession, and reads the run back through ``MlflowClient``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from tests.test_faults import IMAGES, MESSY_CLASSES, PER_CLASS, make_project, run_finetune
+
+STARTUP_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 30
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """A running ``mlflow server``: its URI and its folder (database, artifacts, log)."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    uri = f"http://127.0.0.1:{_free_port()}"
+    log = open(folder / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server",
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "artifacts"),
+         "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1], "--workers", "1",
+         "--uvicorn-opts", "--timeout-graceful-shutdown 3"],
+        cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not _answers(uri):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("mlflow server did not start:\n" + (folder / "server.log").read_text())
+            time.sleep(0.5)
+        yield uri, folder
+    finally:
+        # The server runs in a process group of its own: stop it and its workers, only them.
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=STOP_TIMEOUT_S)
+        log.close()
+
+
+def test_a_finetune_run_is_recorded_on_the_tracking_server(server, tmp_path: Path):
+    uri, folder = server
+    project = make_project(tmp_path)
+    (project / "conf" / "test" / "mlflow.yml").write_text(
+        yaml.safe_dump({"server": {"mlflow_tracking_uri": uri}})
+    )
+    version = run_finetune(project)
+    assert not (project / "mlflow.db").exists()
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("headswap")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["run_id"] == version
+
+    params = run.data.params
+    assert params["finetune.seed"] == "7"
+    assert params["finetune.base.path"] == "models/user_cnn.keras"
+    assert params["finetune.data.path"] == IMAGES
+    assert params["finetune.phase1.epochs"] == "3" and params["finetune.phase2.epochs"] == "2"
+
+    metrics = run.data.metrics
+    assert metrics["data.images"] == len(MESSY_CLASSES) * PER_CLASS
+    assert metrics["data.skipped_images"] == 6
+    assert 0.0 <= metrics["test.accuracy"] <= 1.0 and "phase1.test.macro_f1" in metrics
+    history = client.get_metric_history(run.info.run_id, "epoch.val_accuracy")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
+
+    artifacts = {a.path for top in ("data", "reports", "training")
+                 for a in client.list_artifacts(run.info.run_id, top)}
+    assert {"data/manifest.csv", "data/skipped_images.csv", "reports/classification_report.json",
+            "reports/confusion_matrix_plot.png", "training/phase1_history.json"} <= artifacts
+    skipped = pd.read_csv(client.download_artifacts(
+        run.info.run_id, "data/skipped_images.csv", str(tmp_path)))
+    assert len(skipped) == 6 and skipped["reason"].str.len().min() > 10
+    # The artifacts went to the server's store, not to a folder of the project.
+    assert list((folder / "artifacts").rglob("skipped_images.csv"))
+
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    files = sorted((project / IMAGES / "filled circle").glob("img 0[0-3].png"))
+    pixels = np.stack([
+        np.asarray(Image.open(f).convert("L").resize((32, 32)), dtype="float32")[..., None]
+        for f in files
+    ])
+    probabilities = np.asarray(model.predict(pixels))
+    assert probabilities.shape == (len(files), len(MESSY_CLASSES))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
