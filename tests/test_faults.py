@@ -402,7 +402,8 @@ def test_a_failure_in_a_later_stage_keeps_earlier_artifacts_and_fails_the_run(
     assert _digests(project, twin_runs["first"]) == twin_runs["digests_before"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -411,7 +412,7 @@ def _free_port() -> int:
 def test_an_unreachable_tracking_server_stops_the_run_before_anything(project: Path):
     from headswap.hooks import RunStopped
 
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     (project / "conf" / "unreachable").mkdir()
     (project / "conf" / "unreachable" / "mlflow.yml").write_text(
         yaml.safe_dump({"server": {"mlflow_tracking_uri": uri}})

@@ -194,3 +194,23 @@ def test_reduce_lr_on_plateau_lowers_the_rate_and_conflicts_are_refused(image_fo
     with pytest.raises(Exception, match="reduce_lr_on_plateau cannot"):
         _cfg(image_folder, phase1={"schedule": "cosine"},
              training={"callbacks": {"reduce_lr_on_plateau": {}}})
+
+
+def test_cached_features_train_the_same_head_as_the_image_pipeline(image_folder):
+    manifest = data.scan_image_folder(image_folder, seed=0)
+    images = np.stack([np.asarray(__import__("PIL.Image").Image.open(p), dtype="float32")
+                       for p in manifest["path"][:6]])[..., None]
+    results = {}
+    for cache in (True, False):
+        cfg = _cfg(image_folder, phase1={"epochs": 3, "learning_rate": 3e-3},
+                   training={"cache_features": cache})
+        model = _model()
+        base_before = [w.copy() for w in model.get_layer("base").get_weights()]
+        history = phases.run_training_phase(model, manifest, cfg, "phase1")
+        assert all(np.array_equal(a, b) for a, b in
+                   zip(base_before, model.get_layer("base").get_weights(), strict=True))
+        results[cache] = (history, model.predict(images, verbose=0))
+    (cached, p_cached), (plain, p_plain) = results[True], results[False]
+    assert cached["epoch"] == plain["epoch"] == [0, 1, 2]
+    np.testing.assert_allclose(cached["loss"], plain["loss"], rtol=1e-3)
+    np.testing.assert_allclose(p_cached, p_plain, atol=1e-4)

@@ -23,18 +23,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.test_faults import IMAGES, MESSY_CLASSES, PER_CLASS, make_project, run_finetune
+from tests.test_faults import (
+    IMAGES, MESSY_CLASSES, PER_CLASS, free_port, make_project, run_finetune,
+)
 
 STARTUP_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 30
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _answers(uri: str) -> bool:
@@ -49,7 +43,7 @@ def _answers(uri: str) -> bool:
 def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """A running ``mlflow server``: its URI and its folder (database, artifacts, log)."""
     folder = tmp_path_factory.mktemp("mlflow_server")
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     log = open(folder / "server.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server",

@@ -220,6 +220,7 @@ class TrainingConfig(_Strict):
     class_weight: Literal["balanced"] | dict[str, float] | None = None
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
     callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)
+    cache_features: bool = True
     resume: bool = False
     resume_dir: str = "data/05_model_input/resume"
 

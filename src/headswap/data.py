@@ -333,6 +333,24 @@ def _with_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
     return tf.cond(tf.shape(image)[-1] < 3, from_gray, from_colour)
 
 
+def epoch_shuffled(
+    arrays: tuple[np.ndarray, ...], seed: int, epoch: tf.Variable
+) -> tf.data.Dataset:
+    """The rows of ``arrays`` in an order that is a stateless function of ``(seed, epoch)``.
+
+    ``epoch`` is read each time the dataset is iterated (training sets it at the start of
+    every epoch), so epoch k has the same order whether or not the run was interrupted.
+    """
+    tensors, last = tuple(tf.constant(a) for a in arrays), len(arrays[0]) - 1
+
+    def pick(i: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+        j = tf.random.experimental.index_shuffle(i, seed=key, max_index=last)
+        return tuple(t[j] for t in tensors)
+
+    return tf.data.Dataset.range(len(arrays[0])).map(pick)
+
+
 def make_dataset(
     manifest: pd.DataFrame,
     split: str,
@@ -354,14 +372,7 @@ def make_dataset(
     paths, labels = split_arrays(manifest, split)
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
     if shuffle and epoch is not None and len(paths):
-        all_paths, all_labels, last = tf.constant(paths), tf.constant(labels), len(paths) - 1
-
-        def pick(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
-            j = tf.random.experimental.index_shuffle(i, seed=key, max_index=last)
-            return all_paths[j], all_labels[j]
-
-        dataset = tf.data.Dataset.range(len(paths)).map(pick)
+        dataset = epoch_shuffled((paths, labels), seed, epoch)
     elif shuffle:
         dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     size = tuple(int(s) for s in image_size)

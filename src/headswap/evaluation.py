@@ -45,7 +45,7 @@ def report_text(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) 
 
 def metric_key(name: str) -> str:
     """A class name made safe as an MLflow metric key."""
-    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
+    return re.sub(r"[^\w\-. /]", "_", name)
 
 
 def test_metrics(

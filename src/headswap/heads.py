@@ -82,3 +82,26 @@ def augmentation_layers(
             layers.RandomContrast(contrast, value_range=(0, 255), seed=seed, name="augment_contrast")
         )
     return chosen
+
+
+def split_at_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """(features, head): two models sharing ``model``'s layers, split after the base.
+
+    ``features`` maps images to what the first trainable head layer sees (the base's output,
+    through the parameter-free pooling layer); ``head`` maps those features to predictions.
+    Training ``head`` trains ``model``'s head in place. Only for models made by
+    :func:`attach_head` without augmentation.
+    """
+    names = [layer.name for layer in model.layers]
+    after = model.layers[names.index(BASE_NAME) + 1 :]
+    if any(name.startswith("augment_") for name in names):
+        raise ValueError("A model with augmentation layers cannot train on cached features.")
+    cut = after[0].input
+    if after[0].name == "head_pool":
+        cut, after = after[0].output, after[1:]
+    features = keras.Model(model.inputs, cut, name="features")
+    inputs = keras.Input(shape=tuple(cut.shape[1:]), name="features")
+    x = inputs
+    for layer in after:
+        x = layer(x)
+    return features, keras.Model(inputs, x, name="head")

@@ -18,7 +18,7 @@ import keras
 import pandas as pd
 import tensorflow as tf
 
-from headswap import bases, data, training
+from headswap import bases, data, heads, training
 from headswap.config import FinetuneConfig, TrainingSettings
 
 logger = logging.getLogger(__name__)
@@ -86,12 +86,18 @@ def run_training_phase(
             model.load_weights(done)
             logger.info("%s finished before the interruption; reusing its weights", label)
         else:
-            train, val = (
-                data.make_dataset(manifest, split, cfg.data.image_size, channels,
-                                  cfg.data.batch_size, shuffle=split == "train", seed=cfg.seed,
-                                  epoch=epoch_variable)
-                for split in ("train", "val")
-            )
+            if _can_cache(cfg, stage):
+                trained, (train, val) = _cached_head(model, manifest, cfg, epoch_variable)
+                training.compile_model(trained, optimizer, label_smoothing=stage.label_smoothing)
+                logger.info("%s: the base is frozen, so the head trains on features computed "
+                            "once per image", label)
+            else:
+                trained, (train, val) = model, (
+                    data.make_dataset(manifest, split, cfg.data.image_size, channels,
+                                      cfg.data.batch_size, shuffle=split == "train",
+                                      seed=cfg.seed, epoch=epoch_variable)
+                    for split in ("train", "val")
+                )
             if stage.label_smoothing:
                 train, val = (training.one_hot_labels(d, len(names)) for d in (train, val))
             callbacks = training.make_callbacks(
@@ -101,7 +107,7 @@ def run_training_phase(
                 training.EpochLog(epoch_log),
                 training.EpochBackup(folder / "backup"),
             ]
-            training.run_phase(model, train, val, stage.epochs, epoch, callbacks, class_weight)
+            training.run_phase(trained, train, val, stage.epochs, epoch, callbacks, class_weight)
             model.save_weights(done)
         history = training.read_epoch_log(epoch_log)
         histories.append(history)
@@ -112,6 +118,34 @@ def run_training_phase(
     merged["parameter_counts"] = counts
     merged["trainable_layers"] = layers_per_stage
     return merged
+
+
+def _can_cache(cfg: FinetuneConfig, stage: TrainingSettings) -> bool:
+    """Features can be computed once when nothing below the head changes between epochs."""
+    settings = cfg.training
+    return (
+        settings.cache_features
+        and stage.train is None
+        and not settings.augmentation.active
+        and not settings.callbacks.checkpoint  # a checkpoint is of the whole model
+    )
+
+
+def _cached_head(
+    model: keras.Model, manifest: pd.DataFrame, cfg: FinetuneConfig, epoch: tf.Variable
+) -> tuple[keras.Model, tuple[tf.data.Dataset, tf.data.Dataset]]:
+    """The model's head (sharing its layers) and train/val datasets of the frozen base's
+    features, each image passed through the base once."""
+    extractor, head = heads.split_at_head(model)
+    channels, size = bases.input_spec(model)[2], cfg.data.image_size
+    features, labels = {}, {}
+    for split in ("train", "val"):
+        images = data.make_dataset(manifest, split, size, channels, cfg.data.batch_size)
+        features[split] = extractor.predict(images, verbose=0)
+        labels[split] = data.split_arrays(manifest, split)[1]
+    train = data.epoch_shuffled((features["train"], labels["train"]), cfg.seed, epoch)
+    val = tf.data.Dataset.from_tensor_slices((features["val"], labels["val"]))
+    return head, tuple(d.batch(cfg.data.batch_size) for d in (train, val))
 
 
 def _checkpoint_path(cfg: FinetuneConfig, label: str) -> str | None:
