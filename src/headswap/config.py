@@ -225,12 +225,20 @@ class TrainingConfig(_Strict):
     resume_dir: str = "data/05_model_input/resume"
 
 
+class EvaluationConfig(_Strict):
+    """What the test-set evaluation adds to the classification report."""
+
+    top_k: int = Field(2, ge=1)  # top-k accuracy (capped at the number of classes)
+    misclassified: int = Field(16, ge=0)  # most confident errors shown in the grid
+
+
 class FinetuneConfig(_Strict):
     seed: int = 42
     data: DataConfig
     base: BaseConfig
     head: HeadConfig = Field(default_factory=HeadConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     phase1: PhaseConfig = Field(
         default_factory=lambda: PhaseConfig(epochs=5, learning_rate=1e-3, optimizer="rmsprop")
     )

@@ -1,4 +1,5 @@
-"""Test-set evaluation: scikit-learn's classification report, confusion matrix, curves."""
+"""Test-set evaluation: scikit-learn's classification report, confusion matrix, top-k accuracy,
+per-class tables, the most confident errors, curves, and the comparison of training variants."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import classification_report, confusion_matrix
 
@@ -62,12 +64,19 @@ def test_metrics(
     return metrics
 
 
+def _confusion(
+    y_true: np.ndarray, y_pred: np.ndarray, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Confusion counts (rows: true classes) and the same counts as shares of each row."""
+    counts = confusion_matrix(y_true, y_pred, labels=list(range(num_classes)))
+    return counts, counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+
+
 def confusion_matrix_figure(
     y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]
 ) -> Figure:
     """A confusion-matrix plot: counts, with rows (true classes) coloured by their share."""
-    counts = confusion_matrix(y_true, y_pred, labels=list(range(len(class_names))))
-    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    counts, shares = _confusion(y_true, y_pred, len(class_names))
     size = max(4.0, 0.7 * len(class_names) + 2)
     fig = Figure(figsize=(size + 1, size))
     ax = fig.subplots()
@@ -115,5 +124,95 @@ def learning_curves_figure(phases: list[tuple[str, dict[str, Any]]]) -> Figure:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("Learning curves: " + " then ".join(name for name, _ in phases))
+    fig.tight_layout()
+    return fig
+
+
+# --- evaluation beyond the report ----------------------------------------------------------
+
+
+def top_k_accuracy(y_true: np.ndarray, probabilities: np.ndarray, k: int) -> tuple[int, float]:
+    """``(k, accuracy)``: the share of images whose true class is among the ``k`` most probable.
+
+    ``k`` is capped at the number of classes (where every image counts as a hit).
+    """
+    if k < 1:
+        raise ValueError(f"top-k accuracy needs k >= 1; got {k} (finetune.evaluation.top_k).")
+    k = min(k, probabilities.shape[1])
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return k, float(np.mean(np.any(top == np.asarray(y_true)[:, None], axis=1)))
+
+
+def confusion_tables(
+    y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The confusion matrix as counts and row-normalised (each true class sums to 1).
+
+    One row per true class (first column ``true_class``), one column per predicted class; a
+    class without test images has a row of zeros in both.
+    """
+    counts, shares = _confusion(y_true, y_pred, len(class_names))
+    tables = []
+    for values in (counts, shares):
+        table = pd.DataFrame(values, columns=class_names)
+        table.insert(0, "true_class", class_names, allow_duplicates=True)
+        tables.append(table)
+    return tables[0], tables[1]
+
+
+def per_class_table(report_dict: dict[str, Any], class_names: list[str]) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class, from a :func:`report` dict."""
+    return pd.DataFrame(
+        [
+            {"class": name, **{key: report_dict[name][key]
+                               for key in ("precision", "recall", "f1-score", "support")}}
+            for name in class_names
+        ]
+    ).rename(columns={"f1-score": "f1"}).astype({"support": int})
+
+
+def confident_errors(
+    paths: np.ndarray,
+    y_true: np.ndarray,
+    probabilities: np.ndarray,
+    class_names: list[str],
+    count: int,
+) -> pd.DataFrame:
+    """The ``count`` misclassified images the model was surest of, most confident first.
+
+    Columns: ``path``, ``true``, ``predicted`` and ``confidence`` (the predicted class's
+    probability).
+    """
+    y_pred = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(y_pred != y_true)
+    confidence = probabilities[wrong, y_pred[wrong]]
+    order = wrong[np.argsort(-confidence, kind="stable")][:count]
+    return pd.DataFrame(
+        {
+            "path": np.asarray(paths)[order].astype(str),
+            "true": [class_names[i] for i in np.asarray(y_true)[order]],
+            "predicted": [class_names[i] for i in y_pred[order]],
+            "confidence": probabilities[order, y_pred[order]].astype(float),
+        }
+    )
+
+
+def confident_errors_figure(errors: pd.DataFrame, columns: int = 4) -> Figure:
+    """A grid of the images of :func:`confident_errors`, each titled true -> predicted (p)."""
+    from PIL import Image
+
+    rows = max(1, -(-len(errors) // columns))
+    fig = Figure(figsize=(2.4 * columns, 2.6 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, row in zip(axes, errors.itertuples()):
+        with Image.open(row.path) as image:
+            pixels = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
+        ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None)
+        ax.set_title(f"{row.true} -> {row.predicted}\n(p={row.confidence:.2f})", fontsize=8)
+    if errors.empty:
+        axes[0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    fig.suptitle("Most confidently misclassified test images (true -> predicted)")
     fig.tight_layout()
     return fig

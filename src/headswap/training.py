@@ -420,9 +420,7 @@ class EpochLog(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         record = {"epoch": int(epoch), **{k: float(v) for k, v in (logs or {}).items()}}
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            f.write(json.dumps(record) + "\n")  # closed at once: survives a killed process
 
 
 def read_epoch_log(path: str) -> dict[str, Any]:
