@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -65,3 +66,32 @@ def small_cnn(input_shape=(32, 32, 1), num_classes: int = 4) -> keras.Model:
     x = layers.Dense(32, activation="relu", name="fc")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="output")(x)
     return keras.Model(inputs, outputs, name="user_cnn")
+
+
+def copy_project(path: Path) -> Path:
+    """A copy of this project (conf/ without local settings, src/, pyproject.toml) at ``path``,
+    to run real Kedro sessions in without touching the working tree."""
+    root = Path(__file__).resolve().parents[1]
+    for name in ("conf", "src"):
+        shutil.copytree(root / name, path / name,
+                        ignore=shutil.ignore_patterns("local", "__pycache__"))
+    (path / "conf" / "local").mkdir()
+    shutil.copy(root / "pyproject.toml", path)
+    return path
+
+
+def run_sessions(path: Path, *runs: list[str] | None) -> None:
+    """Run the project at ``path`` once per entry of ``runs`` (a list of pipeline names, or
+    None for the default), each in its own KedroSession with env test, from that folder."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        bootstrap_project(path)
+        for pipelines in runs:
+            with KedroSession.create(project_path=path, env="test") as session:
+                session.run(pipeline_names=pipelines)
+    finally:
+        os.chdir(cwd)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +18,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import copy_project, run_sessions
+
 TARGET_CLASSES = ["Ankle boot", "Bag", "Sandal", "Shirt", "Sneaker"]
 FINETUNE_NODES = [
     "ingest_images", "load_base", "swap_head", "train_head", "evaluate_head_only",
-    "fine_tune", "evaluate", "summarise_training", "package_model",
+    "fine_tune", "evaluate", "evaluate_details", "summarise_training", "package_model",
 ]
 VERSIONED = [
     "data/02_intermediate/manifest.csv",
@@ -39,6 +39,11 @@ VERSIONED = [
     "data/08_reporting/phase1_classification_report.json",
     "data/08_reporting/confusion_matrix.png",
     "data/08_reporting/learning_curves.png",
+    "data/08_reporting/confusion_matrix_counts.csv",
+    "data/08_reporting/confusion_matrix_normalised.csv",
+    "data/08_reporting/per_class_metrics.csv",
+    "data/08_reporting/misclassified_images.csv",
+    "data/08_reporting/misclassified.png",
 ]
 
 
@@ -53,22 +58,8 @@ def _kedro(project: Path, *args: str, timeout: int = 600) -> subprocess.Complete
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A copy of the project in which the whole example ran once (`kedro run`, env test)."""
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-
-    path = tmp_path_factory.mktemp("project")
-    for name in ("conf", "src"):
-        shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("local", "__pycache__"))
-    (path / "conf" / "local").mkdir()
-    shutil.copy(ROOT / "pyproject.toml", path)
-    cwd = os.getcwd()
-    os.chdir(path)
-    try:
-        bootstrap_project(path)
-        with KedroSession.create(project_path=path, env="test") as session:
-            session.run()
-    finally:
-        os.chdir(cwd)
+    path = copy_project(tmp_path_factory.mktemp("project"))
+    run_sessions(path, None)
     return path
 
 
@@ -125,7 +116,7 @@ def test_mlflow_run_holds_params_metrics_of_both_phases_artifacts_and_model(proj
     assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
     assert len(client.get_metric_history(run.info.run_id, "epoch.learning_rate")) == 5
     metrics = run.data.metrics
-    for key in ("test.accuracy", "test.macro_f1", "phase1.test.accuracy",
+    for key in ("test.accuracy", "test.macro_f1", "test.top_2_accuracy", "phase1.test.accuracy",
                 "epoch.phase2.trainable_params"):
         assert key in metrics, key
     assert all(f"test.f1.{name}" in metrics for name in TARGET_CLASSES)
@@ -133,7 +124,9 @@ def test_mlflow_run_holds_params_metrics_of_both_phases_artifacts_and_model(proj
     artifacts = {a.path for folder in ("reports", "training", "data")
                  for a in client.list_artifacts(run.info.run_id, folder)}
     assert {"reports/confusion_matrix_plot.png", "reports/learning_curves_plot.png",
-            "reports/classification_report.json", "data/manifest.csv"} <= artifacts
+            "reports/classification_report.json", "data/manifest.csv",
+            "reports/per_class_metrics.csv", "reports/confusion_matrix_normalised.csv",
+            "reports/misclassified_plot.png"} <= artifacts
 
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     files = sorted((project / "data/01_raw/fashion-mnist-target/test/Bag").glob("*.png"))[:4]

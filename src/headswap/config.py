@@ -234,6 +234,9 @@ class EvaluationConfig(_Strict):
 
 class FinetuneConfig(_Strict):
     seed: int = 42
+    distribution: Literal["none", "mirrored", "multi_worker_mirrored"] = "none"
+    mixed_precision: bool = False
+    jit_compile: bool = False
     data: DataConfig
     base: BaseConfig
     head: HeadConfig = Field(default_factory=HeadConfig)

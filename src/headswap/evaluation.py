@@ -216,3 +216,136 @@ def confident_errors_figure(errors: pd.DataFrame, columns: int = 4) -> Figure:
     fig.suptitle("Most confidently misclassified test images (true -> predicted)")
     fig.tight_layout()
     return fig
+
+
+# --- comparing training variants -----------------------------------------------------------
+
+
+def merge_parameters(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in key by key (nested dicts merged, the rest replaced)."""
+    merged = dict(base)
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_parameters(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def from_scratch_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """Finetune parameters for training the whole model from random weights in one phase.
+
+    Phase 1 trains every layer (BatchNormalization statistics included: random ones mean
+    nothing) for as many epochs as phases 1 and 2 of ``params`` together; phase 2 is empty.
+    """
+    phase1, phase2 = params.get("phase1", {}), params.get("phase2", {})
+    stages = phase2.get("stages") or [phase2]
+    total = int(phase1.get("epochs", 0)) + sum(int(s.get("epochs", 0)) for s in stages)
+    return merge_parameters(params, {
+        "phase1": {"epochs": total, "train": "all", "train_batchnorm": True},
+        "phase2": {"epochs": 0, "stages": []},
+    })
+
+
+def pooled_features(model, dataset, pooling: str = "avg") -> tuple[np.ndarray, np.ndarray]:
+    """``(features, labels)`` of a labelled dataset through ``model`` (a base), feature maps
+    pooled as the head would (``avg``, ``max`` or ``flatten``)."""
+    labels, features = [], []
+    for images, y in dataset:
+        out = np.asarray(model.predict_on_batch(images))
+        if out.ndim == 4:
+            out = {"avg": out.mean(axis=(1, 2)), "max": out.max(axis=(1, 2))}.get(
+                pooling, out.reshape(len(out), -1)
+            )
+        features.append(out.reshape(len(out), -1))
+        labels.append(np.asarray(y))
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def logistic_regression_baseline(
+    features: dict[str, tuple[np.ndarray, np.ndarray]], c: float, max_iter: int, seed: int
+) -> tuple[np.ndarray, float, int]:
+    """Fit scikit-learn's ``LogisticRegression`` (on standardised features) to the ``train``
+    features; return its test predictions, validation accuracy and parameter count."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(
+        StandardScaler(), LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
+    )
+    model.fit(*features["train"])
+    fitted = model[-1]
+    val_x, val_y = features["val"]
+    return (
+        model.predict(features["test"][0]),
+        float(model.score(val_x, val_y)),
+        int(fitted.coef_.size + fitted.intercept_.size),
+    )
+
+
+def variant_summary(
+    variant: str, report_dict: dict[str, Any], histories: list[dict[str, Any]], wall_time_s: float
+) -> dict[str, Any]:
+    """One variant's row of the comparison, with its validation curve.
+
+    The trainable parameter count is the last phase's (from its ``parameter_counts``); the
+    curve is ``val_accuracy`` over the phases' one epoch axis.
+    """
+    counts = next(
+        (h["parameter_counts"] for h in reversed(histories) if h.get("parameter_counts")), {}
+    )
+    return {
+        "variant": variant,
+        "test_accuracy": float(report_dict["accuracy"]),
+        "macro_f1": float(report_dict["macro avg"]["f1-score"]),
+        "trainable_params": int(counts.get("trainable_params", 0)),
+        "wall_time_s": round(float(wall_time_s), 2),
+        "epoch": [int(e) for h in histories for e in h.get("epoch", [])],
+        "val_accuracy": [float(v) for h in histories for v in h.get("val_accuracy", [])],
+    }
+
+
+TABLE_COLUMNS = ["variant", "test_accuracy", "macro_f1", "trainable_params", "wall_time_s"]
+
+
+def comparison_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
+    """The variants side by side: test accuracy, macro F1, trainable parameters, wall time."""
+    return pd.DataFrame([{k: s[k] for k in TABLE_COLUMNS} for s in summaries])
+
+
+def markdown_table(table: pd.DataFrame, digits: int = 4) -> str:
+    """A GitHub-flavoured Markdown table; floats to ``digits`` significant digits, integers
+    with thousands separators."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, (int, np.integer)):
+            return f"{value:,}"
+        return f"{value:.{digits}g}" if isinstance(value, (float, np.floating)) else str(value)
+
+    rows = [list(table.columns), ["---"] * len(table.columns)]
+    rows += [[cell(v) for v in row] for row in table.itertuples(index=False)]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+
+
+def validation_curves_figure(summaries: list[dict[str, Any]], title: str = "") -> Figure:
+    """Every variant's validation accuracy per epoch; a variant without epochs (the logistic
+    regression on fixed features) is a horizontal dashed line at its validation accuracy."""
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    styles = ("-", "--", "-.", ":")  # variants sharing epochs (the same phase 1) stay visible
+    for index, summary in enumerate(summaries):
+        if summary["epoch"]:
+            ax.plot([e + 1 for e in summary["epoch"]], summary["val_accuracy"], marker="o",
+                    markersize=3, linestyle=styles[index % len(styles)],
+                    linewidth=2.5 - 0.4 * (index % len(styles)), label=summary["variant"])
+        elif summary["val_accuracy"]:
+            ax.axhline(summary["val_accuracy"][-1], linestyle="--", color="grey",
+                       label=f"{summary['variant']} (no epochs)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "Validation accuracy of each variant")
+    fig.tight_layout()
+    return fig

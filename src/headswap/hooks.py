@@ -249,3 +249,58 @@ class ResumeHook:
         if self._state is not None:
             shutil.rmtree(self._state, ignore_errors=True)
         self._state = None
+
+
+class NamespaceRunsHook:
+    """Each top-level node namespace of a run (a variant of the ``compare`` pipeline) logs into
+    its own MLflow run, nested under the pipeline's run, so the MLflow UI compares them side by
+    side.
+
+    The namespace's run is opened (created the first time, named after the namespace) before
+    each of its nodes, after kedro-mlflow has re-entered the pipeline's run, and closed once the
+    node's last output is saved, so metrics datasets saved by the node land in it. A saved
+    ``<namespace>.finetune_params`` dict is logged as the nested run's parameters.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[str, str] = {}
+        self._open: str | None = None  # name of the node whose nested run is open
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        self._runs, self._open = {}, None
+
+    @hook_impl(trylast=True)
+    def before_node_run(self, node) -> None:
+        space = (node.namespace or "").split(".")[0]
+        if not space or mlflow.active_run() is None:
+            return
+        run_id = self._runs.get(space)
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else space, nested=True)
+        if run_id is None:
+            mlflow.set_tag("namespace", space)
+        self._runs[space], self._open = run.info.run_id, node.name
+
+    @hook_impl(trylast=True)
+    def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
+        if self._open != node.name:
+            return
+        if dataset_name.endswith(".finetune_params") and isinstance(data, dict):
+            flat = pd.json_normalize(data, sep=".").iloc[0].to_dict()
+            mlflow.log_params({f"finetune.{k}": str(v)[:6000] for k, v in flat.items()})
+        if dataset_name == node.outputs[-1]:
+            self._close(RunStatus.FINISHED)
+
+    @hook_impl(trylast=True)
+    def after_node_run(self, node) -> None:
+        if self._open == node.name and not node.outputs:
+            self._close(RunStatus.FINISHED)
+
+    @hook_impl(tryfirst=True)
+    def on_node_error(self, error: Exception, node) -> None:
+        if self._open == node.name:
+            self._close(RunStatus.FAILED)
+
+    def _close(self, status: int) -> None:
+        mlflow.end_run(RunStatus.to_string(status))
+        self._open = None

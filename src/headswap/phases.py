@@ -53,71 +53,104 @@ def run_training_phase(
     finished is reused and an interrupted one continues from its last completed epoch, with
     the same data order, so the result matches an uninterrupted run.
     """
-    names = data.class_names(manifest)
-    channels = bases.input_spec(model)[2]
-    train_paths, train_labels = data.split_arrays(manifest, "train")
-    steps = training.steps_per_epoch(len(train_paths), cfg.data.batch_size)
-    class_weight = training.class_weights(train_labels, names, cfg.training.class_weight)
+    steps = training.steps_per_epoch(
+        len(data.split_arrays(manifest, "train")[0]), cfg.data.batch_size
+    )
     epoch_variable = tf.Variable(initial_epoch, dtype=tf.int64, trainable=False)
     histories, layers_per_stage, counts = [], [], {}
     epoch = initial_epoch
-    for i, stage in enumerate(stages_of(cfg, phase), start=1):
-        label = f"{phase} stage {i}" if getattr(cfg, phase).stages else phase
-        folder = state_dir(cfg) / phase / f"stage{i}"
-        if not cfg.training.resume:
-            shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        trainable = training.set_trainable(model, stage.train, stage.train_batchnorm)
-        optimizer, logged = training.build_optimizer(model, stage, steps)
-        training.compile_model(model, optimizer, label_smoothing=stage.label_smoothing)
-        counts = training.parameter_counts(model)
-        logger.info(
-            "%s: %s base layers train; %s trainable and %s non-trainable parameters; "
-            "%s epochs, %s at learning rate %g (%s schedule)",
-            label, len(trainable), f"{counts['trainable_params']:,}",
-            f"{counts['non_trainable_params']:,}", stage.epochs, stage.optimizer,
-            stage.learning_rate, stage.schedule,
-        )
-        keras.utils.set_random_seed(cfg.seed + epoch)
-        training.reseed(model, cfg.seed + epoch)
-        done, epoch_log = folder / "done.weights.h5", str(folder / "epochs.jsonl")
-        if done.exists():
-            model.optimizer.build(model.trainable_variables)
-            model.load_weights(done)
-            logger.info("%s finished before the interruption; reusing its weights", label)
-        else:
-            if _can_cache(cfg, stage):
-                trained, (train, val) = _cached_head(model, manifest, cfg, epoch_variable)
-                training.compile_model(trained, optimizer, label_smoothing=stage.label_smoothing)
-                logger.info("%s: the base is frozen, so the head trains on features computed "
-                            "once per image", label)
+    strategy = training.distribution_strategy(cfg.distribution)
+    with training.strategy_scope(strategy):
+        rebuilt = strategy is not None or cfg.mixed_precision
+        for i, stage in enumerate(stages_of(cfg, phase), start=1):
+            label = f"{phase} stage {i}" if getattr(cfg, phase).stages else phase
+            folder = state_dir(cfg) / phase / f"stage{i}"
+            if not cfg.training.resume:
+                shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            trainable = training.set_trainable(model, stage.train, stage.train_batchnorm)
+            # Under a strategy (or in mixed precision) variables must be made in its scope:
+            # each stage trains a rebuilt copy and hands its weights back to ``model``.
+            work = (training.rebuild(model, cfg.mixed_precision, synchronized=strategy is not None)
+                    if rebuilt else model)
+            optimizer, logged = training.build_optimizer(work, stage, steps)
+            training.compile_model(work, optimizer, label_smoothing=stage.label_smoothing,
+                                   jit_compile=cfg.jit_compile)
+            counts = training.parameter_counts(work)
+            logger.info(
+                "%s: %s base layers train; %s trainable and %s non-trainable parameters; "
+                "%s epochs, %s at learning rate %g (%s schedule)",
+                label, len(trainable), f"{counts['trainable_params']:,}",
+                f"{counts['non_trainable_params']:,}", stage.epochs, stage.optimizer,
+                stage.learning_rate, stage.schedule,
+            )
+            keras.utils.set_random_seed(cfg.seed + epoch)
+            training.reseed(work, cfg.seed + epoch)
+            done, epoch_log = folder / "done.weights.h5", str(folder / "epochs.jsonl")
+            if done.exists():
+                work.optimizer.build(work.trainable_variables)
+                work.load_weights(done)
+                logger.info("%s finished before the interruption; reusing its weights", label)
             else:
-                trained, (train, val) = model, (
-                    data.make_dataset(manifest, split, cfg.data.image_size, channels,
-                                      cfg.data.batch_size, shuffle=split == "train",
-                                      seed=cfg.seed, epoch=epoch_variable)
-                    for split in ("train", "val")
-                )
-            if stage.label_smoothing:
-                train, val = (training.one_hot_labels(d, len(names)) for d in (train, val))
-            callbacks = training.make_callbacks(
-                cfg.training.callbacks, logged, _checkpoint_path(cfg, label)
-            ) + [
-                training.EpochVariable(epoch_variable),
-                training.EpochLog(epoch_log),
-                training.EpochBackup(folder / "backup"),
-            ]
-            training.run_phase(trained, train, val, stage.epochs, epoch, callbacks, class_weight)
-            model.save_weights(done)
-        history = training.read_epoch_log(epoch_log)
-        histories.append(history)
-        layers_per_stage.append(trainable)
-        if history["epoch"]:
-            epoch = history["epoch"][-1] + 1
+                _train_stage(work, manifest, cfg, stage, label, optimizer, logged, folder,
+                             epoch, epoch_variable)
+                work.save_weights(done)
+            if work is not model:
+                model.set_weights(work.get_weights())
+            history = training.read_epoch_log(epoch_log)
+            histories.append(history)
+            layers_per_stage.append(trainable)
+            if history["epoch"]:
+                epoch = history["epoch"][-1] + 1
     merged = training.merge_histories(histories)
     merged["parameter_counts"] = counts
     merged["trainable_layers"] = layers_per_stage
     return merged
+
+
+def _train_stage(
+    work: keras.Model,
+    manifest: pd.DataFrame,
+    cfg: FinetuneConfig,
+    stage: TrainingSettings,
+    label: str,
+    optimizer: keras.optimizers.Optimizer,
+    logged: dict[str, keras.optimizers.Optimizer],
+    folder: Path,
+    epoch: int,
+    epoch_variable: tf.Variable,
+) -> None:
+    """Fit one stage from ``epoch``, on cached features when the base is frozen, with a
+    backup and a log line after every epoch (under ``folder``)."""
+    names = data.class_names(manifest)
+    if _can_cache(cfg, stage):
+        trained, (train, val) = _cached_head(work, manifest, cfg, epoch_variable)
+        training.compile_model(
+            trained, optimizer, label_smoothing=stage.label_smoothing, jit_compile=cfg.jit_compile
+        )
+        logger.info("%s: the base is frozen, so the head trains on features computed once "
+                    "per image", label)
+    else:
+        channels = bases.input_spec(work)[2]
+        trained, (train, val) = work, (
+            data.make_dataset(manifest, split, cfg.data.image_size, channels,
+                              cfg.data.batch_size, shuffle=split == "train", seed=cfg.seed,
+                              epoch=epoch_variable)
+            for split in ("train", "val")
+        )
+    if stage.label_smoothing:
+        train, val = (training.one_hot_labels(d, len(names)) for d in (train, val))
+    callbacks = training.make_callbacks(
+        cfg.training.callbacks, logged, _checkpoint_path(cfg, label)
+    ) + [
+        training.EpochVariable(epoch_variable),
+        training.EpochLog(str(folder / "epochs.jsonl")),
+        training.EpochBackup(folder / "backup"),
+    ]
+    class_weight = training.class_weights(
+        data.split_arrays(manifest, "train")[1], names, cfg.training.class_weight
+    )
+    training.run_phase(trained, train, val, stage.epochs, epoch, callbacks, class_weight)
 
 
 def _can_cache(cfg: FinetuneConfig, stage: TrainingSettings) -> bool:

@@ -6,6 +6,7 @@ from headswap.hooks import (
     MlflowArtifactHook,
     MlflowRunEndHook,
     MlflowServerCheckHook,
+    NamespaceRunsHook,
     ResumeHook,
     SkippedImagesSummaryHook,
     UserErrorHook,
@@ -22,6 +23,7 @@ HOOKS = (
     SkippedImagesSummaryHook(),
     MlflowRunEndHook(),
     ResumeHook(),
+    NamespaceRunsHook(),
 )
 
 # Installed plugins for which to disable hook auto-registration.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -16,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from headswap.bases import BASE_NAME, PREPROCESS_PREFIX
+from headswap.heads import OUTPUT_NAME
 from headswap.config import CallbacksConfig, LayerSelection, TrainingSettings
 
 logger = logging.getLogger(__name__)
@@ -232,6 +235,7 @@ def compile_model(
     optimizer: str | keras.optimizers.Optimizer,
     learning_rate: float = 1e-3,
     label_smoothing: float = 0.0,
+    jit_compile: bool | str = "auto",
 ) -> None:
     """Compile against the softmax output (``from_logits=False``).
 
@@ -248,7 +252,7 @@ def compile_model(
     else:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=False)
         accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-    model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy])
+    model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy], jit_compile=jit_compile)
 
 
 def one_hot_labels(dataset: tf.data.Dataset, num_classes: int) -> tf.data.Dataset:
@@ -513,3 +517,72 @@ class EpochBackup(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self.model._initial_epoch = None
+
+
+@functools.cache
+def distribution_strategy(name: str) -> tf.distribute.Strategy | None:
+    """``none``, ``mirrored`` (every local GPU, else every logical CPU device) or
+    ``multi_worker_mirrored`` (workers from ``TF_CONFIG``).
+
+    One strategy per process: a second MirroredStrategy in the same process numbers its
+    collective operations afresh, and its all-reduces then clash with the first one's.
+    """
+    if name == "none":
+        return None
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy(devices=[d.name for d in devices])
+    if name == "multi_worker_mirrored":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"Unknown distribution {name!r}; use none, mirrored or multi_worker_mirrored.")
+
+
+def strategy_scope(strategy: tf.distribute.Strategy | None):
+    """The strategy's scope, or a scope that does nothing."""
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def rebuild(
+    model: keras.Model, mixed_precision: bool = False, synchronized: bool = False
+) -> keras.Model:
+    """A copy of ``model`` with its weights, built in the current (strategy) scope.
+
+    With ``mixed_precision`` every layer computes in float16 (``mixed_float16``; variables
+    stay float32) except the output layer, which stays float32 so the softmax and the loss
+    are computed in full precision. With ``synchronized`` the BatchNormalization layers that
+    train compute their batch statistics over all replicas' parts of a batch, as one device
+    would over the whole batch.
+    """
+    config = model.get_config()
+    if mixed_precision:
+        _set_policy(config, "mixed_float16", keep={OUTPUT_NAME})
+    if synchronized:
+        _set_in_layers(config, "BatchNormalization", "synchronized", True)
+    copy = model.__class__.from_config(config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _set_in_layers(config: Any, class_name: str, key: str, value: Any) -> None:
+    """Set ``key`` in the config of every ``class_name`` layer of a (nested) model config."""
+    if isinstance(config, dict):
+        if config.get("class_name") == class_name and isinstance(config.get("config"), dict):
+            config["config"][key] = value
+        for item in config.values():
+            _set_in_layers(item, class_name, key, value)
+    elif isinstance(config, list):
+        for item in config:
+            _set_in_layers(item, class_name, key, value)
+
+
+def _set_policy(config: Any, policy: str, keep: set[str]) -> None:
+    """Set the dtype policy of every layer in a (nested) model config, except ``keep``."""
+    if isinstance(config, dict):
+        if isinstance(config.get("dtype"), dict) and config.get("name") not in keep:
+            if config["dtype"].get("class_name") == "DTypePolicy":
+                config["dtype"]["config"]["name"] = policy
+        for value in config.values():
+            _set_policy(value, policy, keep)
+    elif isinstance(config, list):
+        for value in config:
+            _set_policy(value, policy, keep)

@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 import keras
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -42,8 +43,8 @@ def ingest_images(
 def load_base(params: dict[str, Any], *upstream: Any) -> tuple[keras.Model, dict[str, Any]]:
     """The pretrained base, cut below its old classifier, taking raw pixels; and the report of
     the weights loaded into it by layer name from ``finetune.base.weights_file`` (if any)."""
-    cfg = parse_finetune(params).base
-    size = parse_finetune(params).data.image_size
+    full = parse_finetune(params)
+    cfg, size = full.base, full.data.image_size
     if cfg.source == "keras_applications":
         base = bases.keras_application(cfg.name, size, cfg.weights)
         origin = f"keras.applications {cfg.name}, weights: {cfg.weights}"
@@ -97,23 +98,37 @@ def fine_tune(
 
 
 def _predict_test(model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]):
+    """True labels, predicted probabilities and the class names over the test split."""
     cfg = parse_finetune(params)
     test = data.make_dataset(
         manifest, "test", cfg.data.image_size, bases.input_spec(model)[2], cfg.data.batch_size
     )
     y_true, probabilities = evaluation.predict(model, test)
-    return y_true, probabilities.argmax(axis=1), data.class_names(manifest)
+    return y_true, probabilities, data.class_names(manifest)
+
+
+def _test_report(
+    model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any], dict[str, float]]:
+    """Test predictions, the report and its headline metrics with the top-k accuracy."""
+    y_true, probabilities, names = _predict_test(model, manifest, params)
+    y_pred = probabilities.argmax(axis=1)
+    report = evaluation.report(y_true, y_pred, names)
+    metrics = evaluation.test_metrics(report, names)
+    k, top_k = evaluation.top_k_accuracy(
+        y_true, probabilities, parse_finetune(params).evaluation.top_k
+    )
+    metrics[f"top_{k}_accuracy"] = top_k
+    return y_true, y_pred, names, report, metrics
 
 
 def evaluate(
     model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]
 ) -> tuple[dict[str, Any], str, Figure, dict[str, dict[str, float]]]:
     """The fine-tuned model on the test split: report (dict and text), confusion matrix, metrics."""
-    y_true, y_pred, names = _predict_test(model, manifest, params)
+    y_true, y_pred, names, report, metrics = _test_report(model, manifest, params)
     text = evaluation.report_text(y_true, y_pred, names)
     logger.info("Classification report on %s test images:\n%s", len(y_true), text)
-    report = evaluation.report(y_true, y_pred, names)
-    metrics = evaluation.test_metrics(report, names)
     return (
         report,
         text,
@@ -126,14 +141,28 @@ def evaluate_head_only(
     model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """The phase-1 model on the test split, to show what phase 2 adds."""
-    y_true, y_pred, names = _predict_test(model, manifest, params)
-    report = evaluation.report(y_true, y_pred, names)
-    metrics = evaluation.test_metrics(report, names)
+    _, _, _, report, metrics = _test_report(model, manifest, params)
     logger.info(
         "Phase 1 (head only): test accuracy %.4f, macro F1 %.4f",
         metrics["accuracy"], metrics["macro_f1"],
     )
     return report, {k: {"value": v, "step": 0} for k, v in metrics.items()}
+
+
+def evaluate_details(
+    model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, Figure]:
+    """Confusion matrix (counts, row-normalised), per-class metrics, and the most confidently
+    misclassified test images (table and image grid)."""
+    y_true, probabilities, names = _predict_test(model, manifest, params)
+    y_pred = probabilities.argmax(axis=1)
+    counts, shares = evaluation.confusion_tables(y_true, y_pred, names)
+    per_class = evaluation.per_class_table(evaluation.report(y_true, y_pred, names), names)
+    paths, _ = data.split_arrays(manifest, "test")
+    errors = evaluation.confident_errors(
+        paths, y_true, probabilities, names, parse_finetune(params).evaluation.misclassified
+    )
+    return counts, shares, per_class, errors, evaluation.confident_errors_figure(errors)
 
 
 def summarise_training(
