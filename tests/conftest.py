@@ -77,6 +77,11 @@ def copy_project(path: Path) -> Path:
                         ignore=shutil.ignore_patterns("local", "__pycache__"))
     (path / "conf" / "local").mkdir()
     shutil.copy(root / "pyproject.toml", path)
+    # An absolute SQLite URI for the test environment: MLflow caches one database engine per
+    # URI string in a process, so a relative one would keep writing to the first copy's file.
+    (path / "conf" / "test" / "mlflow.yml").write_text(
+        f"server:\n  mlflow_tracking_uri: sqlite:///{path / 'mlflow.db'}\n"
+    )
     return path
 
 

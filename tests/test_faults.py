@@ -29,7 +29,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import draw, small_cnn
+from tests.conftest import copy_project, draw, small_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 # Class folders named as users name them: spaces, non-ASCII letters, digits.
@@ -104,21 +104,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def make_project(root: Path) -> Path:
     """A copy of the project whose test environment fine-tunes a small saved model of the
     user's on a messy image folder (see :data:`FAULT_PARAMS`)."""
-    project = root / "project"
-    for name in ("conf", "src"):
-        shutil.copytree(
-            ROOT / name, project / name, ignore=shutil.ignore_patterns("local", "__pycache__")
-        )
-    (project / "conf" / "local").mkdir()
-    shutil.copy(ROOT / "pyproject.toml", project)
+    project = copy_project(root / "project")
     test_params = project / "conf" / "test" / "parameters.yml"
     merged = _merge(yaml.safe_load(test_params.read_text()), FAULT_PARAMS)
     test_params.write_text(yaml.safe_dump(merged, allow_unicode=True, sort_keys=False))
-    # An absolute SQLite URI: MLflow caches one database engine per URI string in a process,
-    # so a relative one would keep writing to the first project's file.
-    (project / "conf" / "test" / "mlflow.yml").write_text(
-        yaml.safe_dump({"server": {"mlflow_tracking_uri": f"sqlite:///{project / 'mlflow.db'}"}})
-    )
     make_messy_folder(project / IMAGES)
     (project / "models").mkdir()
     small_cnn((32, 32, 1), num_classes=4).save(project / "models" / "user_cnn.keras")
