@@ -193,3 +193,85 @@ def test_manifest_labels_that_look_like_numbers_stay_text(tmp_path: Path):
     data.scan_image_folder(folder).to_csv(tmp_path / "manifest.csv", index=False)
     manifest, _ = data.load_manifest(tmp_path / "manifest.csv")
     assert data.class_names(manifest) == ["007", "1.5", "NA"]
+
+
+# --- order and in-memory caching ---------------------------------------------------------
+
+
+def _batches(dataset) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    images, labels, sizes = [], [], []
+    for x, y in dataset:
+        images.append(x.numpy())
+        labels.append(y.numpy())
+        sizes.append(len(y))
+    return np.concatenate(images), np.concatenate(labels), sizes
+
+
+def test_epochs_are_laid_out_in_their_seeded_order_without_crossing(image_folder: Path):
+    manifest = data.scan_image_folder(image_folder, seed=0)
+    n = int((manifest["split"] == "train").sum())
+    epoch = tf.Variable(0, dtype=tf.int64)
+    by_variable = []
+    for e in (2, 3, 4):
+        epoch.assign(e)
+        one = data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True, seed=7, epoch=epoch)
+        by_variable.append(_batches(one))
+    laid_out = data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True, seed=7,
+                                 epochs=(2, 3))
+    images, labels, sizes = _batches(laid_out)
+    # each epoch is whole (its last batch is short, never filled from the next epoch)
+    assert sizes == [size for _, _, s in by_variable for size in s]
+    np.testing.assert_array_equal(images, np.concatenate([x for x, _, _ in by_variable]))
+    epochs = labels.reshape(3, n)
+    assert all(sorted(e) == sorted(epochs[0]) for e in epochs)  # each a permutation
+    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
+    again = _batches(data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True, seed=7,
+                                       epochs=(3, 1)))
+    np.testing.assert_array_equal(again[0], by_variable[1][0])  # a resumed epoch 3 is epoch 3
+    other_seed = _batches(data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True,
+                                            seed=8, epochs=(2, 1)))
+    assert not np.array_equal(other_seed[1], epochs[0])
+    with pytest.raises(ValueError, match="fixed order"):
+        data.make_dataset(manifest, "val", (8, 8), 1, 5, epochs=(0, 2))
+
+
+@pytest.mark.parametrize(
+    "order",
+    [{}, {"shuffle": True}, {"shuffle": True, "epochs": (1, 2)}, {"shuffle": True, "epoch": 3}],
+)
+def test_cached_images_give_the_same_batches_as_streamed_ones(image_folder: Path, order):
+    manifest = data.scan_image_folder(image_folder, seed=0)
+    if "epoch" in order:
+        order = {**order, "epoch": tf.Variable(order["epoch"], dtype=tf.int64)}
+    streamed, cached = (
+        _batches(data.make_dataset(manifest, "train", (12, 10), 3, 4, seed=5, cache_bytes=budget,
+                                   **order))
+        for budget in (0, 2**30)
+    )
+    np.testing.assert_array_equal(streamed[0], cached[0])
+    np.testing.assert_array_equal(streamed[1], cached[1])
+    assert streamed[2] == cached[2]
+
+
+def test_images_are_kept_in_memory_only_when_the_split_fits_the_budget(
+    image_folder: Path, caplog
+):
+    manifest = data.scan_image_folder(image_folder, seed=0)
+    n = int((manifest["split"] == "train").sum())
+    size = data.decoded_bytes(n, (16, 16), 1)
+    assert size == n * 16 * 16 * 4
+    assert data.fits_in_memory(n, (16, 16), 1, size)
+    assert not data.fits_in_memory(n + 1, (16, 16), 1, size)
+    assert not data.fits_in_memory(1, (16, 16), 1, 0)  # 0: never cache
+    assert not data.fits_in_memory(10 * n, (16, 16), 1, 5 * size)  # a tenfold folder streams
+    with caplog.at_level("INFO", logger="headswap.data"):
+        kept = data.make_dataset(manifest, "train", (16, 16), 1, 8, cache_bytes=size)
+        streamed = data.make_dataset(manifest, "train", (16, 16), 1, 8, cache_bytes=size - 1)
+    assert "Keeping the %s decoded train images in memory" % n in caplog.text
+    assert "Streaming the %s train images from disk" % n in caplog.text
+    expected = _batches(kept)[0]
+    for path in manifest.loc[manifest["split"] == "train", "path"]:
+        Path(path).unlink()
+    np.testing.assert_array_equal(_batches(kept)[0], expected)  # decoded once, kept
+    with pytest.raises(tf.errors.NotFoundError):
+        _batches(streamed)  # read from disk at every pass

@@ -214,3 +214,52 @@ def test_cached_features_train_the_same_head_as_the_image_pipeline(image_folder)
     assert cached["epoch"] == plain["epoch"] == [0, 1, 2]
     np.testing.assert_allclose(cached["loss"], plain["loss"], rtol=1e-3)
     np.testing.assert_allclose(p_cached, p_plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_an_interrupted_phase_resumes_to_the_uninterrupted_result(image_folder, monkeypatch,
+                                                                  cache):
+    manifest = data.scan_image_folder(image_folder, seed=0)
+
+    def cfg(resume):
+        return _cfg(image_folder, phase1={"epochs": 4, "learning_rate": 3e-3},
+                    training={"cache_features": cache, "resume": resume})
+
+    uninterrupted = _model()
+    expected = phases.run_training_phase(uninterrupted, manifest, cfg(False), "phase1")
+
+    log_epoch = training.EpochLog.on_epoch_end
+
+    def interrupt_at_epoch_2(self, epoch, logs=None):
+        log_epoch(self, epoch, logs)
+        if epoch == 2:  # logged, but killed before its backup is written
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.EpochLog, "on_epoch_end", interrupt_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        phases.run_training_phase(_model(), manifest, cfg(False), "phase1")
+    backups = list(phases.state_dir(cfg(True)).glob("phase1/stage1/backup/epoch-*.npz"))
+    assert [p.name for p in backups] == ["epoch-00002.npz"]
+    monkeypatch.setattr(training.EpochLog, "on_epoch_end", log_epoch)
+
+    resumed = _model()
+    history = phases.run_training_phase(resumed, manifest, cfg(True), "phase1")
+    assert history["epoch"] == [0, 1, 2, 3]
+    np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-6)
+    for a, b in zip(resumed.get_weights(), uninterrupted.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_backup_that_does_not_fit_the_model_is_refused(image_folder, tmp_path):
+    manifest = data.scan_image_folder(image_folder, seed=0)
+    cfg = _cfg(image_folder, phase1={"epochs": 1})
+    model = _model()
+    phases.run_training_phase(model, manifest, cfg, "phase1")
+    backup = training.EpochBackup(tmp_path / "backup")
+    backup.set_model(model)
+    backup.on_epoch_end(0)
+    other = heads.attach_head(bases.cut_model(small_cnn()), 3, dense=[8])
+    training.compile_model(other, "adam")
+    backup.set_model(other)
+    with pytest.raises(ValueError, match="does not fit this model.*Delete"):
+        backup.on_train_begin()

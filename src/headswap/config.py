@@ -33,6 +33,9 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     manifest: str | None = None
+    # A split's decoded images (and a frozen base's features) are kept in memory when they
+    # fit in this many MiB; larger splits are streamed from disk. 0: always stream.
+    cache_memory_mb: int = Field(1024, ge=0)
 
     @field_validator("image_size", mode="before")
     @classmethod

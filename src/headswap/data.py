@@ -16,6 +16,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -333,22 +334,122 @@ def _with_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
     return tf.cond(tf.shape(image)[-1] < 3, from_gray, from_colour)
 
 
+def _shuffle_key(seed: int, epoch: tf.Tensor | tf.Variable | int) -> tf.Tensor:
+    return tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+
+
+def _shuffled_index(i: tf.Tensor, seed: int, epoch: Any, count: int) -> tf.Tensor:
+    """Where position ``i`` (a scalar or a vector) of epoch ``epoch`` reads from: a stateless
+    permutation of ``range(count)`` keyed on ``(seed, epoch)``."""
+    return tf.random.experimental.index_shuffle(
+        i, seed=_shuffle_key(seed, epoch), max_index=count - 1
+    )
+
+
 def epoch_shuffled(
     arrays: tuple[np.ndarray, ...], seed: int, epoch: tf.Variable
 ) -> tf.data.Dataset:
     """The rows of ``arrays`` in an order that is a stateless function of ``(seed, epoch)``.
 
-    ``epoch`` is read each time the dataset is iterated (training sets it at the start of
+    ``epoch`` is read each time the dataset is iterated (the caller sets it at the start of
     every epoch), so epoch k has the same order whether or not the run was interrupted.
     """
-    tensors, last = tuple(tf.constant(a) for a in arrays), len(arrays[0]) - 1
+    tensors, count = tuple(tf.constant(a) for a in arrays), len(arrays[0])
 
     def pick(i: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
-        j = tf.random.experimental.index_shuffle(i, seed=key, max_index=last)
+        j = _shuffled_index(i, seed, epoch, count)
         return tuple(t[j] for t in tensors)
 
-    return tf.data.Dataset.range(len(arrays[0])).map(pick)
+    return tf.data.Dataset.range(count).map(pick)
+
+
+def _epoch_indices(
+    count: int, seed: int, epoch: tf.Tensor, batch_size: int | None
+) -> tf.data.Dataset:
+    """One epoch's row indices in its ``(seed, epoch)`` order: single, or in batches."""
+    positions = tf.data.Dataset.range(count)
+    if batch_size is not None:
+        positions = positions.batch(batch_size)
+    return positions.map(lambda i: _shuffled_index(i, seed, epoch, count))
+
+
+def array_dataset(
+    arrays: tuple[np.ndarray, ...],
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 42,
+    epoch: tf.Variable | None = None,
+    epochs: tuple[int, int] | None = None,
+) -> tf.data.Dataset:
+    """Batches of in-memory rows (decoded images or a frozen base's features, and labels).
+
+    The order is that of :func:`make_dataset` for the same arguments: unshuffled, seeded and
+    reshuffled each iteration, keyed on the ``epoch`` variable, or, with
+    ``epochs=(first, count)``, the batches of epochs ``first`` to ``first + count - 1`` one
+    after another, each epoch in its ``(seed, epoch)`` order. Shuffled rows are gathered a
+    batch at a time.
+    """
+    _check_epochs(shuffle, epochs)
+    if not shuffle:
+        return tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
+    tensors, count = tuple(tf.constant(a) for a in arrays), len(arrays[0])
+
+    def gather(j: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        return tuple(tf.gather(t, j) for t in tensors)
+
+    if count and epochs is not None:
+        first, number = epochs
+        return tf.data.Dataset.range(first, first + number).flat_map(
+            lambda e: _epoch_indices(count, seed, e, batch_size).map(gather)
+        )
+    if count and epoch is not None:
+        return _epoch_indices(count, seed, epoch, batch_size).map(gather)
+    # the same order as make_dataset's streamed shuffle: it depends on the seed alone
+    indices = tf.data.Dataset.range(count).shuffle(
+        max(count, 1), seed=seed, reshuffle_each_iteration=True
+    )
+    return indices.batch(batch_size).map(gather)
+
+
+def _check_epochs(shuffle: bool, epochs: tuple[int, int] | None) -> None:
+    if epochs is not None and not shuffle:
+        raise ValueError(
+            "epochs=(first, count) lays out the shuffled epochs of training data; data in a "
+            "fixed order (validation, test) is iterated afresh each epoch, without it."
+        )
+
+
+def decoded_bytes(count: int, image_size: tuple[int, int], channels: int) -> int:
+    """Memory that ``count`` decoded images take (float32 pixels of ``image_size``)."""
+    height, width = (int(s) for s in image_size)
+    return count * height * width * channels * np.dtype("float32").itemsize
+
+
+def fits_in_memory(
+    count: int, image_size: tuple[int, int], channels: int, budget_bytes: int
+) -> bool:
+    """Whether ``count`` decoded images fit in ``budget_bytes`` (0: never cache)."""
+    return budget_bytes > 0 and decoded_bytes(count, image_size, channels) <= budget_bytes
+
+
+def decode_all(
+    paths: np.ndarray, image_size: tuple[int, int], channels: int, batch_size: int = 256
+) -> np.ndarray:
+    """Every image of ``paths``, decoded and resized in parallel, as one float32 array."""
+    size = tuple(int(s) for s in image_size)
+    images = np.empty((len(paths), *size, channels), dtype="float32")
+    stream = (
+        tf.data.Dataset.from_tensor_slices(paths)
+        .map(lambda p: decode_image(p, size, channels), num_parallel_calls=tf.data.AUTOTUNE,
+             deterministic=True)
+        .batch(batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    start = 0
+    for batch in stream:
+        images[start : start + len(batch)] = batch.numpy()
+        start += len(batch)
+    return images
 
 
 def make_dataset(
@@ -360,25 +461,107 @@ def make_dataset(
     shuffle: bool = False,
     seed: int = 42,
     epoch: tf.Variable | None = None,
+    epochs: tuple[int, int] | None = None,
+    cache_bytes: int = 0,
 ) -> tf.data.Dataset:
-    """Stream one split of a manifest as batches of (images, labels).
+    """One split of a manifest as batches of (images, labels).
 
-    Files are read and decoded in parallel, in a deterministic order; shuffling (for training)
-    is seeded and reshuffles each epoch. Nothing is loaded whole into memory. With ``epoch``
-    (an integer variable that training sets at the start of each epoch), each epoch's order is
-    a stateless function of ``(seed, epoch)``, so a run resumed at epoch k sees the same order
-    as an uninterrupted one.
+    Files are read, decoded and resized in parallel, in a deterministic order, and batches are
+    prefetched. If the split's decoded images fit in ``cache_bytes``
+    (:func:`fits_in_memory`), they are decoded once and kept in memory; otherwise (and by
+    default) they are streamed from disk every time, so memory does not grow with the folder.
+    Either way the batches are the same.
+
+    Order: as listed in the manifest, unless ``shuffle`` (for training): then seeded and
+    reshuffled each iteration; with ``epoch`` (an integer variable that the caller sets at the
+    start of each epoch) each epoch's order is a stateless function of ``(seed, epoch)``. With
+    ``shuffle`` and ``epochs=(first, count)`` the dataset holds the batches of ``count`` epochs
+    one after another, each in its ``(seed, epoch)`` order, to be iterated once across a whole
+    ``fit`` with ``steps_per_epoch``: a run resumed at epoch k sees the same order as an
+    uninterrupted one, and the next epoch's first batches are prepared while an epoch ends.
     """
+    _check_epochs(shuffle, epochs)
     paths, labels = split_arrays(manifest, split)
+    size = tuple(int(s) for s in image_size)
+    if fits_in_memory(len(paths), size, channels, cache_bytes):
+        logger.info(
+            "Keeping the %s decoded %s images in memory (%.1f MiB; cache budget %.0f MiB)",
+            len(paths), split, decoded_bytes(len(paths), size, channels) / 2**20,
+            cache_bytes / 2**20,
+        )
+        images = decode_all(paths, size, channels)
+        return array_dataset((images, labels), batch_size, shuffle, seed, epoch, epochs)
+    if cache_bytes:
+        logger.info(
+            "Streaming the %s %s images from disk: decoded they would take %.1f MiB, over the "
+            "cache budget of %.0f MiB", len(paths), split,
+            decoded_bytes(len(paths), size, channels) / 2**20, cache_bytes / 2**20,
+        )
+
+    def load(p: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return decode_image(p, size, channels), y
+
+    def decoded(rows: tf.data.Dataset) -> tf.data.Dataset:
+        return rows.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(
+            batch_size
+        )
+
+    if shuffle and len(paths) and epochs is not None:
+        tensors, first, number = (tf.constant(paths), tf.constant(labels)), *epochs
+        dataset = tf.data.Dataset.range(first, first + number).flat_map(
+            lambda e: decoded(
+                _epoch_indices(len(paths), seed, e, None).map(
+                    lambda j: tuple(t[j] for t in tensors)
+                )
+            )
+        )
+        return dataset.prefetch(tf.data.AUTOTUNE)
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
     if shuffle and epoch is not None and len(paths):
         dataset = epoch_shuffled((paths, labels), seed, epoch)
     elif shuffle:
-        dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    size = tuple(int(s) for s in image_size)
-    dataset = dataset.map(
-        lambda p, y: (decode_image(p, size, channels), y),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        dataset = dataset.shuffle(max(len(paths), 1), seed=seed, reshuffle_each_iteration=True)
+    return decoded(dataset).prefetch(tf.data.AUTOTUNE)
+
+
+def labelled_subset(manifest: pd.DataFrame, per_class: int, seed: int = 42) -> pd.DataFrame:
+    """The manifest with ``per_class`` labelled (train + val) images of each class; the test
+    split is kept whole.
+
+    Each class keeps the train/val proportion it has in ``manifest``: of its ``per_class``
+    images, ``round(per_class * val / (train + val))`` are validation images (at least one, and
+    at least one training image). The train and the val images of each class are put in one
+    seeded order that does not depend on ``per_class``, and the subset takes the first ones of
+    each; so, for one ``seed``, the subset of a smaller count lies inside that of a larger one
+    (10 ⊂ 30 ⊂ 100): counts differ only in how many labels there are.
+    """
+    check_manifest(manifest)
+    per_class = int(per_class)
+    if per_class < 2:
+        raise DataError(
+            f"{per_class} labelled images per class were asked for; at least 2 are needed "
+            "(one training and one validation image of each class)."
+        )
+    rng = np.random.default_rng(seed)
+    rows = manifest.sort_values(["label", "path"])
+    chosen = []
+    for name in class_names(manifest):
+        of_class = rows[rows["label"] == name]
+        train, val = (of_class[of_class["split"] == s] for s in ("train", "val"))
+        # one order per class and split, drawn whatever per_class is: smaller subsets nest
+        train, val = (t.iloc[rng.permutation(len(t))] for t in (train, val))
+        if len(train) + len(val) < per_class:
+            raise DataError(
+                f"Class {name!r} has {len(train) + len(val)} labelled (train + val) images; "
+                f"{per_class} per class were asked for. Ask for at most "
+                f"{len(train) + len(val)} per class, or add labelled images of {name!r}."
+            )
+        n_val = round(per_class * len(val) / (len(train) + len(val)))
+        n_val = min(max(n_val, 1), per_class - 1, len(val))
+        chosen += [train.iloc[: per_class - n_val], val.iloc[:n_val]]
+    subset = pd.concat([*chosen, manifest[manifest["split"] == "test"]])
+    order = subset["split"].map(SPLITS.index)
+    subset = subset.assign(_order=order).sort_values(["_order", "label", "path"])
+    subset = subset.drop(columns="_order").reset_index(drop=True)
+    check_manifest(subset)
+    return subset

@@ -1,5 +1,6 @@
 """Test-set evaluation: scikit-learn's classification report, confusion matrix, top-k accuracy,
-per-class tables, the most confident errors, curves, and the comparison of training variants."""
+per-class tables, the most confident errors, curves, and the comparison of training variants
+(also across labels-per-class counts)."""
 
 from __future__ import annotations
 
@@ -328,24 +329,69 @@ def markdown_table(table: pd.DataFrame, digits: int = 4) -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
 
 
+_LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def _line_style(index: int) -> dict[str, Any]:
+    """The ``index``-th line's style: lines that coincide (variants sharing a phase) stay
+    visible, wider ones drawn under narrower ones in other dash patterns."""
+    position = index % len(_LINE_STYLES)
+    return {"linestyle": _LINE_STYLES[position], "linewidth": 2.5 - 0.4 * position}
+
+
 def validation_curves_figure(summaries: list[dict[str, Any]], title: str = "") -> Figure:
     """Every variant's validation accuracy per epoch; a variant without epochs (the logistic
     regression on fixed features) is a horizontal dashed line at its validation accuracy."""
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
-    styles = ("-", "--", "-.", ":")  # variants sharing epochs (the same phase 1) stay visible
     for index, summary in enumerate(summaries):
         if summary["epoch"]:
             ax.plot([e + 1 for e in summary["epoch"]], summary["val_accuracy"], marker="o",
-                    markersize=3, linestyle=styles[index % len(styles)],
-                    linewidth=2.5 - 0.4 * (index % len(styles)), label=summary["variant"])
+                    markersize=3, label=summary["variant"], **_line_style(index))
         elif summary["val_accuracy"]:
             ax.axhline(summary["val_accuracy"][-1], linestyle="--", color="grey",
                        label=f"{summary['variant']} (no epochs)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
+    return _finish_axes(fig, ax, "epoch", "validation accuracy",
+                        title or "Validation accuracy of each variant")
+
+
+# --- label efficiency: the comparison at several labels-per-class counts -------------------
+
+LABEL_EFFICIENCY_COLUMNS = ["labels_per_class", *TABLE_COLUMNS]
+
+
+def label_efficiency_table(tables: dict[int, pd.DataFrame]) -> pd.DataFrame:
+    """The comparison tables (:func:`comparison_table`) of several labels-per-class counts as
+    one long table: a row per count and variant, counts ascending."""
+    return pd.concat(
+        [tables[count].assign(labels_per_class=int(count)) for count in sorted(tables)],
+        ignore_index=True,
+    )[LABEL_EFFICIENCY_COLUMNS]
+
+
+def label_efficiency_figure(table: pd.DataFrame, title: str = "") -> Figure:
+    """Test accuracy against labels per class (log scale), one line per variant, from a
+    :func:`label_efficiency_table`."""
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    for index, (variant, rows) in enumerate(table.groupby("variant", sort=False)):
+        rows = rows.sort_values("labels_per_class")
+        ax.plot(rows["labels_per_class"], rows["test_accuracy"], marker="o", markersize=4,
+                label=variant, **_line_style(index))
+    counts = sorted(table["labels_per_class"].unique())
+    ax.set_xscale("log")
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.minorticks_off()
+    return _finish_axes(fig, ax, "labelled images per class (train + validation; log scale)",
+                        "test accuracy", title or "Test accuracy against labels per class")
+
+
+def _finish_axes(fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str) -> Figure:
+    """Labels, grid, legend and title of a one-axes comparison figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(title or "Validation accuracy of each variant")
+    ax.set_title(title)
     fig.tight_layout()
     return fig

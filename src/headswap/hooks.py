@@ -252,34 +252,41 @@ class ResumeHook:
 
 
 class NamespaceRunsHook:
-    """Each top-level node namespace of a run (a variant of the ``compare`` pipeline) logs into
-    its own MLflow run, nested under the pipeline's run, so the MLflow UI compares them side by
-    side.
+    """Each node namespace of a run (a variant of the ``compare`` pipeline) logs into its own
+    MLflow run, nested under the pipeline's run, so the MLflow UI compares them side by side.
+    Nested namespaces nest their runs: ``labels_10.full`` (a variant of one count of the
+    ``label_efficiency`` pipeline) logs into the run ``labels_10.full``, nested under the run
+    ``labels_10``, nested under the pipeline's run.
 
-    The namespace's run is opened (created the first time, named after the namespace) before
+    The namespace's runs are opened (created the first time, named after the namespace) before
     each of its nodes, after kedro-mlflow has re-entered the pipeline's run, and closed once the
-    node's last output is saved, so metrics datasets saved by the node land in it. A saved
-    ``<namespace>.finetune_params`` dict is logged as the nested run's parameters.
+    node's last output is saved, so metrics datasets saved by the node land in the innermost
+    one. A saved ``<namespace>.finetune_params`` dict is logged as that run's parameters.
     """
 
     def __init__(self) -> None:
         self._runs: dict[str, str] = {}
-        self._open: str | None = None  # name of the node whose nested run is open
+        self._open: str | None = None  # name of the node whose nested runs are open
+        self._depth = 0  # how many nested runs it opened
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        self._runs, self._open = {}, None
+        self._runs, self._open, self._depth = {}, None, 0
 
     @hook_impl(trylast=True)
     def before_node_run(self, node) -> None:
-        space = (node.namespace or "").split(".")[0]
-        if not space or mlflow.active_run() is None:
+        if not node.namespace or mlflow.active_run() is None:
             return
-        run_id = self._runs.get(space)
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else space, nested=True)
-        if run_id is None:
-            mlflow.set_tag("namespace", space)
-        self._runs[space], self._open = run.info.run_id, node.name
+        parts = node.namespace.split(".")
+        for depth in range(1, len(parts) + 1):
+            space = ".".join(parts[:depth])
+            run_id = self._runs.get(space)
+            run = mlflow.start_run(run_id=run_id, run_name=None if run_id else space,
+                                   nested=True)
+            if run_id is None:
+                mlflow.set_tag("namespace", space)
+            self._runs[space] = run.info.run_id
+        self._open, self._depth = node.name, len(parts)
 
     @hook_impl(trylast=True)
     def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
@@ -302,5 +309,6 @@ class NamespaceRunsHook:
             self._close(RunStatus.FAILED)
 
     def _close(self, status: int) -> None:
-        mlflow.end_run(RunStatus.to_string(status))
-        self._open = None
+        for _ in range(self._depth):
+            mlflow.end_run(RunStatus.to_string(status))
+        self._open, self._depth = None, 0

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import pandas as pd
 import tensorflow as tf
 
@@ -32,8 +33,11 @@ def stages_of(cfg: FinetuneConfig, phase: str) -> list[TrainingSettings]:
 
 def state_dir(cfg: FinetuneConfig) -> Path:
     """Where a run with these parameters keeps what it needs to resume after an interruption."""
+    # what changes no result (resuming, the memory budget) leaves the key as it is
     key = hashlib.sha256(
-        cfg.model_dump_json(exclude={"training": {"resume"}}).encode()
+        cfg.model_dump_json(
+            exclude={"training": {"resume"}, "data": {"cache_memory_mb"}}
+        ).encode()
     ).hexdigest()[:16]
     return Path(cfg.training.resume_dir) / key
 
@@ -56,7 +60,6 @@ def run_training_phase(
     steps = training.steps_per_epoch(
         len(data.split_arrays(manifest, "train")[0]), cfg.data.batch_size
     )
-    epoch_variable = tf.Variable(initial_epoch, dtype=tf.int64, trainable=False)
     histories, layers_per_stage, counts = [], [], {}
     epoch = initial_epoch
     strategy = training.distribution_strategy(cfg.distribution)
@@ -93,7 +96,7 @@ def run_training_phase(
                 logger.info("%s finished before the interruption; reusing its weights", label)
             else:
                 _train_stage(work, manifest, cfg, stage, label, optimizer, logged, folder,
-                             epoch, epoch_variable)
+                             epoch)
                 work.save_weights(done)
             if work is not model:
                 model.set_weights(work.get_weights())
@@ -118,15 +121,31 @@ def _train_stage(
     logged: dict[str, keras.optimizers.Optimizer],
     folder: Path,
     epoch: int,
-    epoch_variable: tf.Variable,
 ) -> None:
     """Fit one stage from ``epoch``, on cached features when the base is frozen, with a
-    backup and a log line after every epoch (under ``folder``)."""
+    backup and a log line after every epoch (under ``folder``).
+
+    The training data holds the batches of every epoch still to run, each epoch in its
+    ``(seed, epoch)`` order, and is iterated once across the whole fit (no new iterator, and
+    no idle input pipeline, at each epoch's start); a resumed stage starts it at the epoch
+    after its last backup.
+    """
     names = data.class_names(manifest)
-    if _can_cache(cfg, stage):
-        trained, (train, val) = _cached_head(work, manifest, cfg, epoch_variable)
+    backup = training.EpochBackup(folder / "backup")
+    found = backup.latest()
+    first = max(epoch, found[0]) if found else epoch
+    epochs = (first, max(epoch + stage.epochs - first, 0))
+    budget = cfg.data.cache_memory_mb * 2**20
+    steps = training.steps_per_epoch(len(data.split_arrays(manifest, "train")[0]),
+                                     cfg.data.batch_size)
+    if _can_cache(cfg, stage, work, manifest):
+        trained, (train, val) = _cached_head(work, manifest, cfg, epochs)
+        # A step of the head alone takes microseconds: one call runs a whole epoch's steps
+        # (on one device; Keras' multi-step loop fails under a tf.distribute strategy).
         training.compile_model(
-            trained, optimizer, label_smoothing=stage.label_smoothing, jit_compile=cfg.jit_compile
+            trained, optimizer, label_smoothing=stage.label_smoothing,
+            jit_compile=cfg.jit_compile,
+            steps_per_execution=steps if cfg.distribution == "none" else 1,
         )
         logger.info("%s: the base is frozen, so the head trains on features computed once "
                     "per image", label)
@@ -135,7 +154,7 @@ def _train_stage(
         trained, (train, val) = work, (
             data.make_dataset(manifest, split, cfg.data.image_size, channels,
                               cfg.data.batch_size, shuffle=split == "train", seed=cfg.seed,
-                              epoch=epoch_variable)
+                              epochs=epochs if split == "train" else None, cache_bytes=budget)
             for split in ("train", "val")
         )
     if stage.label_smoothing:
@@ -143,42 +162,60 @@ def _train_stage(
     callbacks = training.make_callbacks(
         cfg.training.callbacks, logged, _checkpoint_path(cfg, label)
     ) + [
-        training.EpochVariable(epoch_variable),
         training.EpochLog(str(folder / "epochs.jsonl")),
-        training.EpochBackup(folder / "backup"),
+        backup,
     ]
     class_weight = training.class_weights(
         data.split_arrays(manifest, "train")[1], names, cfg.training.class_weight
     )
-    training.run_phase(trained, train, val, stage.epochs, epoch, callbacks, class_weight)
+    training.run_phase(trained, train, val, stage.epochs, epoch, callbacks, class_weight,
+                       steps_per_epoch=steps)
 
 
-def _can_cache(cfg: FinetuneConfig, stage: TrainingSettings) -> bool:
-    """Features can be computed once when nothing below the head changes between epochs."""
+def _can_cache(
+    cfg: FinetuneConfig, stage: TrainingSettings, model: keras.Model, manifest: pd.DataFrame
+) -> bool:
+    """Features can be computed once when nothing below the head changes between epochs,
+    and are, when each split's features fit in the memory budget (``data.cache_memory_mb``)."""
     settings = cfg.training
-    return (
+    if not (
         settings.cache_features
         and stage.train is None
         and not settings.augmentation.active
         and not settings.callbacks.checkpoint  # a checkpoint is of the whole model
-    )
+    ):
+        return False
+    width = int(np.prod(heads.split_at_head(model)[0].output.shape[1:]))
+    largest = max(len(data.split_arrays(manifest, split)[0]) for split in ("train", "val"))
+    size = largest * width * np.dtype("float32").itemsize
+    if size > cfg.data.cache_memory_mb * 2**20:
+        logger.info(
+            "Not caching the base's features: %.1f MiB for the largest split is over the cache "
+            "budget of %s MiB (finetune.data.cache_memory_mb); streaming the images instead",
+            size / 2**20, cfg.data.cache_memory_mb,
+        )
+        return False
+    return True
 
 
 def _cached_head(
-    model: keras.Model, manifest: pd.DataFrame, cfg: FinetuneConfig, epoch: tf.Variable
+    model: keras.Model, manifest: pd.DataFrame, cfg: FinetuneConfig, epochs: tuple[int, int]
 ) -> tuple[keras.Model, tuple[tf.data.Dataset, tf.data.Dataset]]:
     """The model's head (sharing its layers) and train/val datasets of the frozen base's
-    features, each image passed through the base once."""
+    features for ``epochs`` (first, count), each image passed through the base once."""
     extractor, head = heads.split_at_head(model)
     channels, size = bases.input_spec(model)[2], cfg.data.image_size
-    features, labels = {}, {}
+    datasets = []
     for split in ("train", "val"):
         images = data.make_dataset(manifest, split, size, channels, cfg.data.batch_size)
-        features[split] = extractor.predict(images, verbose=0)
-        labels[split] = data.split_arrays(manifest, split)[1]
-    train = data.epoch_shuffled((features["train"], labels["train"]), cfg.seed, epoch)
-    val = tf.data.Dataset.from_tensor_slices((features["val"], labels["val"]))
-    return head, tuple(d.batch(cfg.data.batch_size) for d in (train, val))
+        features = extractor.predict(images, verbose=0)
+        labels = data.split_arrays(manifest, split)[1]
+        train = split == "train"
+        datasets.append(data.array_dataset(
+            (features, labels), cfg.data.batch_size, shuffle=train, seed=cfg.seed,
+            epochs=epochs if train else None,
+        ))
+    return head, (datasets[0], datasets[1])
 
 
 def _checkpoint_path(cfg: FinetuneConfig, label: str) -> str | None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from headswap.pipelines import compare, data, finetune, pretrain
+from headswap.pipelines import compare, data, finetune, label_efficiency, pretrain
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     """``data``, ``pretrain`` and ``finetune``; the default runs all three as the example.
-    ``compare`` (not in the default) sets the finetune recipe against its alternatives.
+    ``compare`` (not in the default) sets the finetune recipe against its alternatives;
+    ``label_efficiency`` (not in the default) runs that comparison at each count of labelled
+    images per class in ``label_efficiency.LABELS_PER_CLASS`` (10, 30, 100, 300).
 
     In the default pipeline the finetune nodes also wait for the example's image folder and
     pretrained base, so that one ``kedro run`` prepares, pretrains and then fine-tunes.
@@ -22,5 +24,8 @@ def register_pipelines() -> dict[str, Pipeline]:
         "pretrain": pretrain.create_pipeline(),
         "finetune": finetune.create_pipeline(),
         "compare": compare.create_pipeline(),
+        "label_efficiency": label_efficiency.create_pipeline(
+            labels_per_class=label_efficiency.LABELS_PER_CLASS
+        ),
         "__default__": example,
     }

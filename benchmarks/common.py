@@ -1,0 +1,195 @@
+"""Shared helpers of the benchmarks: the example's files, a throw-away copy of the project to
+run ``kedro run`` in, timed subprocesses with their peak memory, medians, tables and JSON.
+
+Each benchmark prints a table and writes ``benchmarks/results/<name>.json`` with every
+repeat, the medians, the machine (CPU count, load averages before and after) and the command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+EXAMPLE = ROOT / "data" / "01_raw" / "fashion-mnist-target"
+PRETRAINED = ROOT / "data" / "06_models" / "pretrained_base.keras"
+ENV = {"KEDRO_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def medians(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The median of each numeric key over ``runs`` (dicts with the same keys)."""
+    keys = [k for k, v in runs[0].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {k: median([r[k] for r in runs]) for k in keys}
+
+
+def load() -> list[float]:
+    """1, 5 and 15-minute load averages: other work on the machine skews timings."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine() -> dict[str, Any]:
+    import tensorflow as tf  # noqa: PLC0415 - only when a benchmark reports
+
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+    }
+
+
+def latest_model_file(path: Path) -> Path:
+    """A model file, or the newest version in a Kedro-versioned folder of that name."""
+    if path.is_file():
+        return path
+    versions = sorted(path.glob(f"*/{path.name}"))
+    if not versions:
+        raise SystemExit(f"{path} not found. {EXAMPLE_HINT}")
+    return versions[-1]
+
+
+EXAMPLE_HINT = (
+    "Prepare the example first: kedro run --pipeline data && kedro run --pipeline pretrain"
+)
+
+
+def require_example() -> None:
+    if not EXAMPLE.is_dir() or not PRETRAINED.exists():
+        raise SystemExit(f"The example's image folder or base is missing. {EXAMPLE_HINT}")
+
+
+def finetune_parameters() -> dict[str, Any]:
+    """``params:finetune`` as ``kedro run`` sees it (conf/base with conf/local, resolved)."""
+    from kedro.config import OmegaConfigLoader  # noqa: PLC0415
+
+    loader = OmegaConfigLoader(str(ROOT / "conf"), base_env="base", default_run_env="local")
+    return loader["parameters"]["finetune"]
+
+
+def write_example_folder(out: Path, labels_per_class: int) -> dict[str, Any]:
+    """The example's target folder with ``labels_per_class`` training images per class,
+    written by the data pipeline's own node (test: all official test images)."""
+    from kedro.config import OmegaConfigLoader  # noqa: PLC0415
+
+    from headswap.pipelines.data.nodes import write_target_folder  # noqa: PLC0415
+
+    params = OmegaConfigLoader(str(ROOT / "conf"), base_env="base", default_run_env="local")[
+        "parameters"
+    ]["example"]
+    dirs = [str(ROOT / d) if not Path(d).is_absolute() else d for d in params["fashion_mnist_dirs"]]
+    return write_target_folder(
+        {**params, "fashion_mnist_dirs": dirs, "target_path": str(out),
+         "labels_per_class": labels_per_class}
+    )
+
+
+@contextmanager
+def project_copy() -> Iterator[Path]:
+    """A throw-away copy of the project (conf, pyproject, src, the example's images and base)
+    in which ``kedro run`` writes its versioned outputs and MLflow runs, not into the real one."""
+    with tempfile.TemporaryDirectory(prefix="headswap-bench-") as tmp:
+        project = Path(tmp)
+        shutil.copytree(ROOT / "conf", project / "conf")
+        shutil.copy(ROOT / "pyproject.toml", project)
+        shutil.copytree(ROOT / "src", project / "src",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        (project / "data" / "01_raw").mkdir(parents=True)
+        (project / "data" / "01_raw" / EXAMPLE.name).symlink_to(EXAMPLE)
+        base = latest_model_file(PRETRAINED)
+        target = project / PRETRAINED.relative_to(ROOT) / base.parent.name / base.name
+        target.parent.mkdir(parents=True)
+        shutil.copy(base, target)
+        yield project
+
+
+@dataclass
+class Measured:
+    """What a finished subprocess took: wall time, its peak resident memory, its output."""
+
+    wall_s: float
+    peak_rss_mb: float
+    returncode: int
+    output: str = field(repr=False)
+
+    def check(self, what: str) -> "Measured":
+        if self.returncode != 0:
+            raise SystemExit(f"{what} failed (exit {self.returncode}):\n{self.output[-4000:]}")
+        return self
+
+
+def run_measured(command: Sequence[str], cwd: Path = ROOT) -> Measured:
+    """Run ``command``; its wall time and peak RSS (``wait4``: of that process alone, with
+    any children it waited for)."""
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        process = subprocess.Popen(
+            list(command), cwd=cwd, env={**os.environ, **ENV}, stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        output = log.read().decode(errors="replace")
+    # ru_maxrss is in KiB on Linux
+    return Measured(wall, usage.ru_maxrss / 1024, process.returncode, output)
+
+
+def kedro_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kedro", *args]
+
+
+def repeat(times: int, measure: Callable[[int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """``measure(i)`` for each repeat, with the load average when each started."""
+    runs = []
+    for i in range(times):
+        started = load()
+        runs.append({**measure(i), "load_at_start": started[0]})
+        print(f"  repeat {i + 1}/{times}: "
+              + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in runs[-1].items()), flush=True)
+    return runs
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain text table; floats with 4 significant digits."""
+    cells = [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = lambda items: "  ".join(str(s).rjust(w) for s, w in zip(items, widths))  # noqa: E731
+    return "\n".join([line(headers), line("-" * w for w in widths), *map(line, cells)])
+
+
+def write_results(name: str, payload: dict[str, Any], load_before: list[float]) -> Path:
+    """``benchmarks/results/<name>.json``: the figures, the machine, its load, the command."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    record = {
+        "benchmark": name,
+        "command": " ".join(["python", *sys.argv]),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "load_average_before": load_before,
+        "load_average_after": load(),
+        **payload,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"written {path.relative_to(ROOT)}")
+    return path

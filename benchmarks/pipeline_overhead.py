@@ -1,0 +1,155 @@
+"""The finetune pipeline against a plain Keras program doing the same work.
+
+Both run as users run them, each in a fresh process, alternately: ``kedro run --pipeline
+finetune`` (MLflow tracking on, in a throw-away copy of the project so that its runs and
+versioned outputs do not land in yours) and ``benchmarks/plain_keras.py`` with the same image
+folder, base, cut, head, batch size, optimizers, rates and epochs, read from
+``conf/base/parameters_finetune.yml``. Prints the median wall time of each and their ratio;
+writes benchmarks/results/pipeline_overhead.json.
+
+    python benchmarks/pipeline_overhead.py [--repeats 3] [--epochs N]   # N: each phase
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from common import (
+    EXAMPLE,
+    PRETRAINED,
+    ROOT,
+    finetune_parameters,
+    kedro_command,
+    latest_model_file,
+    load,
+    medians,
+    project_copy,
+    repeat,
+    require_example,
+    run_measured,
+    table,
+    write_results,
+)
+
+
+def plain_command(params: dict, epochs1: int, epochs2: int) -> list[str]:
+    data, head, phase1, phase2 = (params[k] for k in ("data", "head", "phase1", "phase2"))
+    unsupported = {
+        "head.dense": head["dense"] if len(head["dense"]) != 1 else None,
+        "head.pooling": head["pooling"] if head["pooling"] != "avg" else None,
+        "phase1.optimizer": phase1["optimizer"] if phase1["optimizer"] != "rmsprop" else None,
+        "phase2.optimizer": phase2["optimizer"] if phase2["optimizer"] != "adam" else None,
+        "phase2.train": phase2["train"] if phase2["train"] != "all" else None,
+        "base.source": params["base"]["source"] if params["base"]["source"] != "file" else None,
+    }
+    unsupported = {k: v for k, v in unsupported.items() if v is not None}
+    if unsupported:
+        raise SystemExit(f"The plain Keras program mirrors the example's settings only; the "
+                         f"parameters set {unsupported}.")
+    cut = params["base"]["cut_at"]
+    return [
+        sys.executable, str(ROOT / "benchmarks" / "plain_keras.py"),
+        "--folder", str(EXAMPLE), "--base", str(latest_model_file(PRETRAINED)),
+        "--cut-at", "features" if cut == "auto" else str(cut),
+        "--image-size", *map(str, data["image_size"]),
+        "--batch-size", str(data["batch_size"]), "--val-fraction", str(data["val_fraction"]),
+        "--dense", str(head["dense"][0]), "--dropout", str(head["dropout"]),
+        "--epochs1", str(epochs1), "--rate1", str(phase1["learning_rate"]),
+        "--epochs2", str(epochs2), "--rate2", str(phase2["learning_rate"]),
+        "--seed", str(params["seed"]),
+    ]
+
+
+def node_seconds(output: str) -> dict[str, float]:
+    """Seconds between each node's "Running node" and "Completed node" log lines (the log's
+    timestamps have whole seconds), and the runner's own total."""
+    started, spans = {}, {}
+    for clock, what, node in re.findall(
+        r"^(\d\d:\d\d:\d\d) .*?(Running|Completed) node: (\w+)", output, re.MULTILINE
+    ):
+        h, m, sec = map(int, clock.split(":"))
+        at = h * 3600 + m * 60 + sec
+        if what == "Running":
+            started[node] = at
+        elif node in started:
+            spans[f"node {node}"] = float((at - started[node]) % 86400)
+    total = re.search(r"Pipeline execution completed successfully in ([0-9.]+) sec", output)
+    if total:
+        spans["runner total"] = float(total.group(1))
+    return spans
+
+
+def pipeline_accuracy(output: str) -> float | None:
+    found = re.findall(r"accuracy\s+([0-9.]+)\s+\d+", output)  # the classification report
+    return float(found[-1]) if found else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of each phase (default: the parameters')")
+    args = parser.parse_args()
+    require_example()
+    before = load()
+    params = finetune_parameters()
+    epochs1 = args.epochs if args.epochs is not None else params["phase1"]["epochs"]
+    epochs2 = args.epochs if args.epochs is not None else params["phase2"]["epochs"]
+    plain = plain_command(params, epochs1, epochs2)
+    overrides = f"finetune.phase1.epochs={epochs1},finetune.phase2.epochs={epochs2}"
+    print(f"finetune pipeline vs plain Keras: {epochs1} + {epochs2} epochs, batch size "
+          f"{params['data']['batch_size']}, {args.repeats} repeats")
+    with project_copy() as project:
+        pipeline = kedro_command("run", "--pipeline", "finetune", "--params", overrides)
+        # once untimed: MLflow creates its database at the first run of a new project
+        run_measured(kedro_command("run", "--pipeline", "finetune", "--params",
+                                   "finetune.phase1.epochs=1,finetune.phase2.epochs=1"),
+                     project).check("warm-up kedro run")
+
+        def measure(_: int) -> dict:
+            ran = run_measured(pipeline, project).check("kedro run")
+            keras_run = run_measured(plain).check("plain Keras program")
+            inside = json.loads(keras_run.output.strip().splitlines()[-1])
+            nodes.append(node_seconds(ran.output))
+            return {
+                "pipeline_s": ran.wall_s, "plain_keras_s": keras_run.wall_s,
+                "ratio": ran.wall_s / keras_run.wall_s,
+                "pipeline_accuracy": pipeline_accuracy(ran.output),
+                "plain_keras_accuracy": inside["test_accuracy"],
+                "plain_keras_training_s": inside["phase1_s"] + inside["phase2_s"],
+            }
+
+        nodes: list[dict[str, float]] = []
+        runs = repeat(args.repeats, measure)
+    summary = medians(runs)
+    breakdown = medians(nodes) if nodes and nodes[0] else {}
+    print(table(
+        ["", "wall s (median)", "test accuracy"],
+        [["kedro run --pipeline finetune", summary["pipeline_s"], summary["pipeline_accuracy"]],
+         ["plain Keras program", summary["plain_keras_s"], summary["plain_keras_accuracy"]]],
+    ))
+    if breakdown:
+        print("where the pipeline's time goes (median s; node times from whole-second log "
+              "timestamps):")
+        print(table(["", "s"], [[k, v] for k, v in breakdown.items()]
+                    + [["outside the runner (start-up, hooks, exit)",
+                        summary["pipeline_s"] - breakdown.get("runner total", 0.0)]]))
+    verdict = "meets" if summary["ratio"] <= 1.10 else "misses"
+    print(f"pipeline / plain Keras wall time: {summary['ratio']:.2f} (median of per-repeat "
+          f"ratios; target at most 1.10: {verdict} it)")
+    write_results("pipeline_overhead", {
+        "epochs": [epochs1, epochs2], "batch_size": params["data"]["batch_size"],
+        "repeats": args.repeats, "pipeline_command": " ".join(pipeline[1:]),
+        "plain_keras_command": " ".join(Path(c).name if c == sys.executable else c
+                                        for c in plain),
+        "summary": summary, "pipeline_breakdown_s": breakdown, "target_ratio": 1.10,
+        "runs": runs,
+    }, before)
+
+
+if __name__ == "__main__":
+    main()
