@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kedro_datasets.pandas import CSVDataset
 from sklearn.metrics import confusion_matrix, top_k_accuracy_score
 
 from headswap import bases, data, evaluation, heads, training
@@ -100,8 +101,12 @@ def _trained_model_and_manifest(folder: Path):
 
 def test_evaluate_details_node_on_a_trained_model_reads_the_images(image_folder: Path):
     model, manifest, params = _trained_model_and_manifest(image_folder)
-    counts, shares, per_class, errors, figure = nodes.evaluate_details(model, manifest, params)
+    predictions = nodes.predict_test(model, manifest, params)
+    counts, shares, per_class, errors, figure = nodes.evaluate_details(
+        predictions, manifest, params
+    )
     test_size = int((manifest["split"] == "test").sum())
+    assert len(predictions) == test_size
     assert counts[sorted(set(manifest["label"]))].to_numpy().sum() == test_size
     assert per_class["support"].sum() == test_size
     wrong = test_size - int(np.trace(counts.iloc[:, 1:].to_numpy()))
@@ -112,6 +117,29 @@ def test_evaluate_details_node_on_a_trained_model_reads_the_images(image_folder:
 
     _, metrics = nodes.evaluate_head_only(model, manifest, params)
     assert metrics["accuracy"]["value"] <= metrics["top_2_accuracy"]["value"] <= 1.0
+
+
+def test_predictions_table_survives_its_csv_file(tmp_path: Path):
+    """The test predictions written by one node and read by the next: same labels, same
+    probabilities, class names that look like numbers or missing values kept as text."""
+    names = ["007", "NA", "Ankle boot, left"]
+    y_true, probabilities = _predictions(seed=3)
+    probabilities = probabilities.astype(np.float32)
+    paths = np.array([f"{tmp_path}/img_{i}.png" for i in range(len(y_true))])
+    table = evaluation.predictions_table(paths, y_true, probabilities, names)
+    assert list(table.columns[:4]) == ["path", "true", "predicted", "confidence"]
+    assert (table["confidence"] == probabilities.max(axis=1)).all()
+    dataset = CSVDataset(
+        filepath=str(tmp_path / "test_predictions.csv"), save_args={"index": False},
+        load_args={"dtype": str, "keep_default_na": False},
+    )
+    dataset.save(table)
+    back_paths, back_true, back_probabilities = evaluation.predictions_arrays(
+        dataset.load(), names
+    )
+    assert (back_paths == paths).all()
+    assert (back_true == y_true).all()
+    np.testing.assert_array_equal(back_probabilities, probabilities)
 
 
 def test_a_grid_without_errors_says_so():

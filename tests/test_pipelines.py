@@ -23,7 +23,8 @@ from tests.conftest import copy_project, run_sessions
 TARGET_CLASSES = ["Ankle boot", "Bag", "Sandal", "Shirt", "Sneaker"]
 FINETUNE_NODES = [
     "ingest_images", "load_base", "swap_head", "train_head", "evaluate_head_only",
-    "fine_tune", "evaluate", "evaluate_details", "summarise_training", "package_model",
+    "fine_tune", "predict_test", "evaluate", "evaluate_details", "summarise_training",
+    "package_model",
 ]
 VERSIONED = [
     "data/02_intermediate/manifest.csv",
@@ -34,6 +35,7 @@ VERSIONED = [
     "data/06_models/phase2_model.keras",
     "data/07_model_output/phase1_history.json",
     "data/07_model_output/phase2_history.json",
+    "data/08_reporting/test_predictions.csv",
     "data/08_reporting/classification_report.json",
     "data/08_reporting/classification_report.txt",
     "data/08_reporting/phase1_classification_report.json",
@@ -134,6 +136,19 @@ def test_mlflow_run_holds_params_metrics_of_both_phases_artifacts_and_model(proj
     probabilities = np.asarray(model.predict(raw))
     assert probabilities.shape == (4, 5)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_kedro_mlflow_hook_is_registered_once_as_the_project_subclass(project: Path):
+    """settings.py replaces the plugin's hook by a subclass that logs each parameter once: had
+    both been registered, every run would be tracked twice over."""
+    from kedro.framework.session import KedroSession
+    from kedro_mlflow.framework.hooks import MlflowHook
+
+    from headswap.hooks import MlflowParamsOnceHook
+
+    with KedroSession.create(project_path=project, env="test") as session:
+        hooks = [h for h in session._hook_manager.get_plugins() if isinstance(h, MlflowHook)]
+    assert [type(h) for h in hooks] == [MlflowParamsOnceHook]
 
 
 def test_cli_runs_finetune_with_both_pipeline_flags(project: Path):

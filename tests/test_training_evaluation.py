@@ -115,3 +115,38 @@ def test_history_metrics_skip_what_is_not_one_number_per_epoch():
     history = {"epoch": [0, 1], "loss": [1.0, 0.5], "stage_starts": [0],
                "trainable_layers": [["a"], ["a", "b"]]}
     assert set(training.history_metrics([history])) == {"loss"}
+
+
+def test_metrics_history_dataset_logs_every_value_in_batches(tmp_path: Path):
+    """1,500 epoch values (two MLflow batches) land in a real SQLite-backed run with their
+    steps, exactly as kedro-mlflow's own dataset would put them there."""
+    import mlflow
+    from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
+    from mlflow.tracking import MlflowClient
+
+    from headswap.datasets import MetricsHistoryDataset
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # an experiment of this store: earlier tests in the process may have left another active
+    mlflow.set_experiment("metrics-history")
+    history = {
+        "loss": [{"step": s, "value": 1.0 / (s + 1)} for s in range(750)],
+        "val_accuracy": [{"step": s, "value": s / 750} for s in range(750)],
+        "test": {"step": 0, "value": 0.5},
+    }
+    try:
+        with mlflow.start_run() as batched:
+            MetricsHistoryDataset(prefix="epoch").save(history)
+        with mlflow.start_run() as one_by_one:
+            MlflowMetricsHistoryDataset(prefix="epoch").save(history)
+        client = MlflowClient()
+        for key, count in (("epoch.loss", 750), ("epoch.val_accuracy", 750), ("epoch.test", 1)):
+            runs = [client.get_metric_history(r.info.run_id, key) for r in (batched, one_by_one)]
+            assert len(runs[0]) == count
+            assert sorted((m.step, m.value) for m in runs[0]) == sorted(
+                (m.step, m.value) for m in runs[1]
+            )
+        loaded = MetricsHistoryDataset(run_id=batched.info.run_id, prefix="epoch").load()
+        assert len(loaded["epoch.loss"]) == 750
+    finally:
+        mlflow.set_tracking_uri(None)

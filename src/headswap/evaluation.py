@@ -22,6 +22,33 @@ def predict(model, dataset) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(labels), np.concatenate(probabilities)
 
 
+def predictions_table(
+    paths: np.ndarray, y_true: np.ndarray, probabilities: np.ndarray, class_names: list[str]
+) -> pd.DataFrame:
+    """One row per image: ``path``, ``true`` and ``predicted`` class, the predicted class's
+    ``confidence``, then each class's probability in a column ``p[<class name>]``."""
+    y_pred = probabilities.argmax(axis=1)
+    table = pd.DataFrame({
+        "path": np.asarray(paths).astype(str),
+        "true": [class_names[i] for i in y_true],
+        "predicted": [class_names[i] for i in y_pred],
+        "confidence": probabilities[np.arange(len(y_pred)), y_pred].astype(float),
+    })
+    columns = pd.DataFrame(probabilities.astype(float), columns=[f"p[{n}]" for n in class_names])
+    return pd.concat([table, columns], axis=1)
+
+
+def predictions_arrays(
+    table: pd.DataFrame, class_names: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(paths, y_true, probabilities)`` back from a :func:`predictions_table`, also when the
+    table was read as text (the catalog reads it so, to keep class names such as ``007``)."""
+    index = {name: i for i, name in enumerate(class_names)}
+    y_true = table["true"].astype(str).map(index).to_numpy(dtype=int)
+    probabilities = table[[f"p[{n}]" for n in class_names]].astype(np.float32).to_numpy()
+    return table["path"].astype(str).to_numpy(), y_true, probabilities
+
+
 def report(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> dict[str, Any]:
     """scikit-learn's classification report as a dict, keyed by class name."""
     return classification_report(

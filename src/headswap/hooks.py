@@ -16,6 +16,7 @@ import mlflow
 import pandas as pd
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
+from kedro_mlflow.framework.hooks import MlflowHook
 from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
 
@@ -97,6 +98,30 @@ class MlflowServerCheckHook:
         uri = tracking_uri(context)
         if uri and uri.startswith(("http://", "https://")):
             check_tracking_server(uri, f"conf/{context.env or 'local'}/mlflow.yml")
+
+
+class MlflowParamsOnceHook(MlflowHook):
+    """kedro-mlflow's hook (registered in settings.py in place of the plugin's own), writing
+    each parameter to an MLflow run once.
+
+    kedro-mlflow logs a node's ``params:`` inputs before every node; every finetune node takes
+    the whole ``params:finetune``, so the same values would be written again for each node
+    (hundreds of database writes per run). A value that changes within a run still reaches
+    MLflow, which refuses it as it always does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._logged: dict[tuple[str | None, str], str] = {}
+
+    def _log_param(self, name: str, value: Any) -> None:
+        run = mlflow.active_run()
+        key = (run.info.run_id if run else None, name)
+        if key in self._logged and self._logged[key] == str(value):
+            return None
+        result = super()._log_param(name, value)
+        self._logged[key] = str(value)
+        return result
 
 
 class SkippedImagesSummaryHook:

@@ -4,6 +4,7 @@ https://docs.kedro.org/en/stable/configure/configuration_basics/#configuration""
 
 from headswap.hooks import (
     MlflowArtifactHook,
+    MlflowParamsOnceHook,
     MlflowRunEndHook,
     MlflowServerCheckHook,
     NamespaceRunsHook,
@@ -24,10 +25,14 @@ HOOKS = (
     MlflowRunEndHook(),
     ResumeHook(),
     NamespaceRunsHook(),
+    # kedro-mlflow's own hook, subclassed (see MlflowParamsOnceHook); registered last so that,
+    # as the plugin's hook would, it runs first: its MLflow run exists when the hooks above run.
+    MlflowParamsOnceHook(),
 )
 
-# Installed plugins for which to disable hook auto-registration.
-# DISABLE_HOOKS_FOR_PLUGINS = ("kedro-viz",)
+# The plugin's copy of that hook is replaced by the one above (both spellings of its name).
+DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow", "kedro-mlflow")
+
 
 # Class that manages the KedroSession.
 # from kedro.framework.session import KedroSession

@@ -35,7 +35,7 @@ from .nodes import (
 
 VARIANTS = ("feature_extraction", "head_only", "full", "scratch", "partial")
 HEAD_ONLY = ("swap_head", "train_head", "evaluate_head_only")
-TWO_PHASES = ("swap_head", "train_head", "fine_tune", "evaluate")
+TWO_PHASES = ("swap_head", "train_head", "fine_tune", "predict_test", "evaluate")
 
 
 def _bound(func: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:

@@ -98,35 +98,45 @@ def fine_tune(
 
 
 def _predict_test(model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]):
-    """True labels, predicted probabilities and the class names over the test split."""
+    """Image paths, true labels and predicted probabilities over the test split."""
     cfg = parse_finetune(params)
     test = data.make_dataset(
         manifest, "test", cfg.data.image_size, bases.input_spec(model)[2], cfg.data.batch_size
     )
     y_true, probabilities = evaluation.predict(model, test)
-    return y_true, probabilities, data.class_names(manifest)
+    return data.split_arrays(manifest, "test")[0], y_true, probabilities
 
 
 def _test_report(
-    model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]
-) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any], dict[str, float]]:
-    """Test predictions, the report and its headline metrics with the top-k accuracy."""
-    y_true, probabilities, names = _predict_test(model, manifest, params)
-    y_pred = probabilities.argmax(axis=1)
-    report = evaluation.report(y_true, y_pred, names)
+    y_true: np.ndarray, probabilities: np.ndarray, names: list[str], params: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The report of test predictions and its headline metrics with the top-k accuracy."""
+    report = evaluation.report(y_true, probabilities.argmax(axis=1), names)
     metrics = evaluation.test_metrics(report, names)
     k, top_k = evaluation.top_k_accuracy(
         y_true, probabilities, parse_finetune(params).evaluation.top_k
     )
     metrics[f"top_{k}_accuracy"] = top_k
-    return y_true, y_pred, names, report, metrics
+    return report, metrics
+
+
+def predict_test(
+    model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]
+) -> pd.DataFrame:
+    """The fine-tuned model's prediction for every test image (path, true and predicted class,
+    confidence, each class's probability): computed once, read by the evaluation nodes."""
+    paths, y_true, probabilities = _predict_test(model, manifest, params)
+    return evaluation.predictions_table(paths, y_true, probabilities, data.class_names(manifest))
 
 
 def evaluate(
-    model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]
+    predictions: pd.DataFrame, manifest: pd.DataFrame, params: dict[str, Any]
 ) -> tuple[dict[str, Any], str, Figure, dict[str, dict[str, float]]]:
     """The fine-tuned model on the test split: report (dict and text), confusion matrix, metrics."""
-    y_true, y_pred, names, report, metrics = _test_report(model, manifest, params)
+    names = data.class_names(manifest)
+    _, y_true, probabilities = evaluation.predictions_arrays(predictions, names)
+    report, metrics = _test_report(y_true, probabilities, names, params)
+    y_pred = probabilities.argmax(axis=1)
     text = evaluation.report_text(y_true, y_pred, names)
     logger.info("Classification report on %s test images:\n%s", len(y_true), text)
     return (
@@ -141,7 +151,8 @@ def evaluate_head_only(
     model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """The phase-1 model on the test split, to show what phase 2 adds."""
-    _, _, _, report, metrics = _test_report(model, manifest, params)
+    _, y_true, probabilities = _predict_test(model, manifest, params)
+    report, metrics = _test_report(y_true, probabilities, data.class_names(manifest), params)
     logger.info(
         "Phase 1 (head only): test accuracy %.4f, macro F1 %.4f",
         metrics["accuracy"], metrics["macro_f1"],
@@ -150,15 +161,15 @@ def evaluate_head_only(
 
 
 def evaluate_details(
-    model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]
+    predictions: pd.DataFrame, manifest: pd.DataFrame, params: dict[str, Any]
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, Figure]:
     """Confusion matrix (counts, row-normalised), per-class metrics, and the most confidently
     misclassified test images (table and image grid)."""
-    y_true, probabilities, names = _predict_test(model, manifest, params)
+    names = data.class_names(manifest)
+    paths, y_true, probabilities = evaluation.predictions_arrays(predictions, names)
     y_pred = probabilities.argmax(axis=1)
     counts, shares = evaluation.confusion_tables(y_true, y_pred, names)
     per_class = evaluation.per_class_table(evaluation.report(y_true, y_pred, names), names)
-    paths, _ = data.split_arrays(manifest, "test")
     errors = evaluation.confident_errors(
         paths, y_true, probabilities, names, parse_finetune(params).evaluation.misclassified
     )
