@@ -119,5 +119,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-
     main()

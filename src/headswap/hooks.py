@@ -117,11 +117,10 @@ class MlflowParamsOnceHook(MlflowHook):
     def _log_param(self, name: str, value: Any) -> None:
         run = mlflow.active_run()
         key = (run.info.run_id if run else None, name)
-        if key in self._logged and self._logged[key] == str(value):
-            return None
-        result = super()._log_param(name, value)
+        if self._logged.get(key) == str(value):
+            return
+        super()._log_param(name, value)
         self._logged[key] = str(value)
-        return result
 
 
 class SkippedImagesSummaryHook:

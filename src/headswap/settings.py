@@ -33,7 +33,6 @@ HOOKS = (
 # The plugin's copy of that hook is replaced by the one above (both spellings of its name).
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow", "kedro-mlflow")
 
-
 # Class that manages the KedroSession.
 # from kedro.framework.session import KedroSession
 # SESSION_CLASS = KedroSession
