@@ -46,7 +46,7 @@ def load() -> list[float]:
 
 
 def machine() -> dict[str, Any]:
-    import tensorflow as tf  # noqa: PLC0415 - only when a benchmark reports
+    import tensorflow as tf
 
     return {
         "cpus": os.cpu_count(),
@@ -78,7 +78,7 @@ def require_example() -> None:
 
 def finetune_parameters() -> dict[str, Any]:
     """``params:finetune`` as ``kedro run`` sees it (conf/base with conf/local, resolved)."""
-    from kedro.config import OmegaConfigLoader  # noqa: PLC0415
+    from kedro.config import OmegaConfigLoader
 
     loader = OmegaConfigLoader(str(ROOT / "conf"), base_env="base", default_run_env="local")
     return loader["parameters"]["finetune"]
@@ -87,9 +87,9 @@ def finetune_parameters() -> dict[str, Any]:
 def write_example_folder(out: Path, labels_per_class: int) -> dict[str, Any]:
     """The example's target folder with ``labels_per_class`` training images per class,
     written by the data pipeline's own node (test: all official test images)."""
-    from kedro.config import OmegaConfigLoader  # noqa: PLC0415
+    from kedro.config import OmegaConfigLoader
 
-    from headswap.pipelines.data.nodes import write_target_folder  # noqa: PLC0415
+    from headswap.pipelines.data.nodes import write_target_folder
 
     params = OmegaConfigLoader(str(ROOT / "conf"), base_env="base", default_run_env="local")[
         "parameters"
@@ -129,7 +129,7 @@ class Measured:
     returncode: int
     output: str = field(repr=False)
 
-    def check(self, what: str) -> "Measured":
+    def check(self, what: str) -> Measured:
         if self.returncode != 0:
             raise SystemExit(f"{what} failed (exit {self.returncode}):\n{self.output[-4000:]}")
         return self
@@ -173,7 +173,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain text table; floats with 4 significant digits."""
     cells = [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = lambda items: "  ".join(str(s).rjust(w) for s, w in zip(items, widths))  # noqa: E731
+    line = lambda items: "  ".join(str(s).rjust(w) for s, w in zip(items, widths))
     return "\n".join([line(headers), line("-" * w for w in widths), *map(line, cells)])
 
 

@@ -17,7 +17,16 @@ import time
 
 import keras
 import numpy as np
-from common import EXAMPLE, PRETRAINED, load, medians, repeat, require_example, table, write_results
+from common import (
+    EXAMPLE,
+    PRETRAINED,
+    load,
+    medians,
+    repeat,
+    require_example,
+    table,
+    write_results,
+)
 
 from headswap import bases, data, heads, training
 from headswap.config import LayerSelection

@@ -42,12 +42,12 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
 
-    import keras  # noqa: PLC0415 - timed with the rest
-    import tensorflow as tf  # noqa: PLC0415
+    import keras
+    import tensorflow as tf
 
     keras.utils.set_random_seed(args.seed)
-    options = dict(image_size=tuple(args.image_size), color_mode=args.color_mode,
-                   batch_size=args.batch_size, seed=args.seed)
+    options = {"image_size": tuple(args.image_size), "color_mode": args.color_mode,
+               "batch_size": args.batch_size, "seed": args.seed}
     train, val = keras.utils.image_dataset_from_directory(
         f"{args.folder}/train", validation_split=args.val_fraction, subset="both", **options
     )
@@ -87,12 +87,12 @@ def main() -> None:
                        initial_epoch=args.epochs1, verbose=2)
     phase2 = time.perf_counter() - phase2
 
-    import matplotlib  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    from sklearn.metrics import ConfusionMatrixDisplay, classification_report  # noqa: PLC0415
+    import matplotlib
+    import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay, classification_report
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     y_true = np.concatenate([y for _, y in test])
     y_pred = model.predict(test, verbose=0).argmax(axis=1)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+import keras
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
 
 CLASSES = ("circle", "square", "stripes")
 
@@ -100,3 +103,30 @@ def run_sessions(path: Path, *runs: list[str] | None) -> None:
                 session.run(pipeline_names=pipelines)
     finally:
         os.chdir(cwd)
+
+
+def kedro_cli(project: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``kedro <args>`` in ``project``, output captured."""
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(
+        [sys.executable, "-m", "kedro", *args], cwd=project, env=env, text=True,
+        capture_output=True, timeout=timeout, check=False,
+    )
+
+
+def mlflow_runs(project: Path) -> tuple[mlflow.MlflowClient, list]:
+    """The project's MLflow client and runs, oldest first."""
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("headswap")
+    if experiment is None:
+        return client, []
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    return client, runs
+
+
+def versions(project: Path, relative: str) -> list[str]:
+    """The saved versions of a versioned dataset, oldest first."""
+    folder = project / relative
+    if not folder.is_dir():
+        return []
+    return sorted(v.name for v in folder.iterdir() if (v / folder.name).is_file())

@@ -14,14 +14,14 @@ import pandas as pd
 import pytest
 
 from headswap.pipelines.compare.pipeline import VARIANTS
-from tests.conftest import copy_project, run_sessions
+from tests.conftest import copy_project, run_sessions, versions
 
 CLASSES = 5
 
 
 def _latest(project: Path, relative: str) -> Path:
     folder = project / relative
-    return sorted(v for v in folder.iterdir() if (v / folder.name).is_file())[-1] / folder.name
+    return folder / versions(project, relative)[-1] / folder.name
 
 
 @pytest.fixture(scope="module")

@@ -30,11 +30,11 @@ def test_bad_parameters_name_key_and_value(override, message):
     "override, message",
     [
         ({"base": {"source": "keras_applications", "name": "MobileNetV9"}},
-         r"finetune.base.name: got 'MobileNetV9'; not a known keras.applications architecture\. "
-         r"Allowed: MobileNetV2, .*EfficientNetB0"),
+         (r"finetune.base.name: got 'MobileNetV9'; not a known keras.applications "
+          r"architecture\. Allowed: MobileNetV2, .*EfficientNetB0")),
         ({"head": {"dropuot": 0.1}},
-         r"finetune.head.dropuot: unknown key \(given 0.1\); allowed keys here: pooling, dense, "
-         r"dropout"),
+         (r"finetune.head.dropuot: unknown key \(given 0.1\); allowed keys here: pooling, "
+          r"dense, dropout")),
         ({"epochs": 3}, r"finetune.epochs: unknown key \(given 3\); allowed keys here: seed, .*phase1, phase2"),
         ({"data": {"path": "x", "val_fraction": 0.5, "test_fraction": 0.5}},
          r"finetune.data: val_fraction \+ test_fraction is 0.5 \+ 0.5; it must be below 1"),

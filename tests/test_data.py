@@ -21,7 +21,7 @@ def test_class_folder_is_split_stratified_and_seeded(image_folder: Path):
     again = data.scan_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2, seed=1)
     pd.testing.assert_frame_equal(manifest, again)
     other = data.scan_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2, seed=2)
-    test_paths = lambda m: set(m.loc[m["split"] == "test", "path"])  # noqa: E731
+    test_paths = lambda m: set(m.loc[m["split"] == "test", "path"])
     assert test_paths(manifest) != test_paths(other)
 
 
@@ -267,8 +267,8 @@ def test_images_are_kept_in_memory_only_when_the_split_fits_the_budget(
     with caplog.at_level("INFO", logger="headswap.data"):
         kept = data.make_dataset(manifest, "train", (16, 16), 1, 8, cache_bytes=size)
         streamed = data.make_dataset(manifest, "train", (16, 16), 1, 8, cache_bytes=size - 1)
-    assert "Keeping the %s decoded train images in memory" % n in caplog.text
-    assert "Streaming the %s train images from disk" % n in caplog.text
+    assert f"Keeping the {n} decoded train images in memory" in caplog.text
+    assert f"Streaming the {n} train images from disk" in caplog.text
     expected = _batches(kept)[0]
     for path in manifest.loc[manifest["split"] == "train", "path"]:
         Path(path).unlink()

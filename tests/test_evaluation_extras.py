@@ -109,6 +109,7 @@ def test_evaluate_details_node_on_a_trained_model_reads_the_images(image_folder:
     assert len(predictions) == test_size
     assert counts[sorted(set(manifest["label"]))].to_numpy().sum() == test_size
     assert per_class["support"].sum() == test_size
+    np.testing.assert_allclose(shares.iloc[:, 1:].to_numpy().sum(axis=1), 1.0, rtol=1e-6)
     wrong = test_size - int(np.trace(counts.iloc[:, 1:].to_numpy()))
     assert len(errors) == min(6, wrong)
     assert set(errors["path"]) <= set(manifest["path"])

@@ -29,7 +29,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import copy_project, draw, small_cnn
+from tests.conftest import (
+    copy_project,
+    draw,
+    kedro_cli,
+    mlflow_runs,
+    small_cnn,
+    versions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Class folders named as users name them: spaces, non-ASCII letters, digits.
@@ -131,33 +138,6 @@ def run_finetune(
             return session.store["session_id"]
     finally:
         os.chdir(cwd)
-
-
-def kedro_cli(project: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``kedro <args>`` in ``project``, output captured."""
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run(
-        [sys.executable, "-m", "kedro", *args], cwd=project, env=env, text=True,
-        capture_output=True, timeout=timeout,
-    )
-
-
-def mlflow_runs(project: Path) -> tuple[mlflow.MlflowClient, list]:
-    """The project's MLflow client and runs, oldest first."""
-    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("headswap")
-    if experiment is None:
-        return client, []
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-    return client, runs
-
-
-def versions(project: Path, relative: str) -> list[str]:
-    """The saved versions of a versioned dataset."""
-    folder = project / relative
-    if not folder.is_dir():
-        return []
-    return sorted(v.name for v in folder.iterdir() if (v / folder.name).exists())
 
 
 def manifest_file(project: Path, version: str) -> Path:

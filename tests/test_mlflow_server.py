@@ -24,7 +24,12 @@ import yaml
 from PIL import Image
 
 from tests.test_faults import (
-    IMAGES, MESSY_CLASSES, PER_CLASS, free_port, make_project, run_finetune,
+    IMAGES,
+    MESSY_CLASSES,
+    PER_CLASS,
+    free_port,
+    make_project,
+    run_finetune,
 )
 
 STARTUP_TIMEOUT_S = 120
@@ -44,15 +49,15 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """A running ``mlflow server``: its URI and its folder (database, artifacts, log)."""
     folder = tmp_path_factory.mktemp("mlflow_server")
     uri = f"http://127.0.0.1:{free_port()}"
-    log = open(folder / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server",
-         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--artifacts-destination", str(folder / "artifacts"),
-         "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1], "--workers", "1",
-         "--uvicorn-opts", "--timeout-graceful-shutdown 3"],
-        cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with open(folder / "server.log", "w") as log:  # the server writes to its own copy
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server",
+             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+             "--artifacts-destination", str(folder / "artifacts"),
+             "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1], "--workers", "1",
+             "--uvicorn-opts", "--timeout-graceful-shutdown 3"],
+            cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not _answers(uri):
@@ -68,7 +73,6 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=STOP_TIMEOUT_S)
-        log.close()
 
 
 def test_a_finetune_run_is_recorded_on_the_tracking_server(server, tmp_path: Path):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import copy_project, run_sessions
+from tests.conftest import copy_project, kedro_cli, mlflow_runs, run_sessions, versions
 
 TARGET_CLASSES = ["Ankle boot", "Bag", "Sandal", "Shirt", "Sneaker"]
 FINETUNE_NODES = [
@@ -49,14 +49,6 @@ VERSIONED = [
 ]
 
 
-def _kedro(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run(
-        [sys.executable, "-m", "kedro", *args], cwd=project, env=env, text=True,
-        capture_output=True, timeout=timeout,
-    )
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A copy of the project in which the whole example ran once (`kedro run`, env test)."""
@@ -65,24 +57,17 @@ def project(tmp_path_factory) -> Path:
     return path
 
 
-def _versions(project: Path, relative: str) -> list[str]:
-    folder = project / relative
-    return sorted(v.name for v in folder.iterdir() if (v / folder.name).is_file())
-
-
 def _run(project: Path):
+    # also the process's tracking URI: mlflow.pyfunc reads runs:/ URIs through it
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name("headswap")
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-    return client, runs
+    return mlflow_runs(project)
 
 
 def test_every_stage_artifact_is_versioned_under_the_run_id(project: Path):
-    client, runs = _run(project)
+    _, runs = _run(project)
     run_id_tag = runs[0].data.tags["run_id"]
     for relative in VERSIONED:
-        assert _versions(project, relative) == [run_id_tag], relative
+        assert versions(project, relative) == [run_id_tag], relative
     folder = project / "data/01_raw/fashion-mnist-target"
     assert {p.name for p in (folder / "train").iterdir()} == set(TARGET_CLASSES)
     assert len(list((folder / "train").rglob("*.png"))) == 5 * 40
@@ -90,7 +75,7 @@ def test_every_stage_artifact_is_versioned_under_the_run_id(project: Path):
 
 
 def test_report_names_every_class_and_is_consistent(project: Path):
-    version = _versions(project, "data/08_reporting/classification_report.json")[-1]
+    version = versions(project, "data/08_reporting/classification_report.json")[-1]
     folder = project / "data/08_reporting/classification_report.json" / version
     report = json.loads((folder / "classification_report.json").read_text())
     for name in TARGET_CLASSES:
@@ -153,24 +138,24 @@ def test_kedro_mlflow_hook_is_registered_once_as_the_project_subclass(project: P
 
 def test_cli_runs_finetune_with_both_pipeline_flags(project: Path):
     for flag in ("--pipeline", "--pipelines"):
-        result = _kedro(project, "run", flag, "finetune", "--env", "test")
+        result = kedro_cli(project, "run", flag, "finetune", "--env", "test", timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "Completed node: evaluate" in result.stdout + result.stderr
-    assert len(_versions(project, "data/06_models/phase2_model.keras")) == 3
-    assert len(_versions(project, "data/06_models/pretrained_base.keras")) == 1
+    assert len(versions(project, "data/06_models/phase2_model.keras")) == 3
+    assert len(versions(project, "data/06_models/pretrained_base.keras")) == 1
 
 
 def test_invalid_parameters_stop_before_any_node(project: Path):
-    before = _versions(project, "data/02_intermediate/manifest.csv")
-    result = _kedro(project, "run", "--pipeline", "finetune", "--env", "test",
-                    "--params", "finetune.phase1.epochs=-1")
+    before = versions(project, "data/02_intermediate/manifest.csv")
+    result = kedro_cli(project, "run", "--pipeline", "finetune", "--env", "test",
+                       "--params", "finetune.phase1.epochs=-1", timeout=600)
     assert result.returncode != 0
     assert "finetune.phase1.epochs: got -1" in result.stdout + result.stderr
-    assert _versions(project, "data/02_intermediate/manifest.csv") == before
+    assert versions(project, "data/02_intermediate/manifest.csv") == before
 
 
 def test_kedro_viz_build_shows_every_finetune_node(project: Path):
-    result = _kedro(project, "viz", "build")
+    result = kedro_cli(project, "viz", "build", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     graph = json.loads((project / "build/api/pipelines/finetune").read_text())
     names = [n["name"] for n in graph["nodes"] if n["type"] == "task"]
@@ -198,7 +183,7 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrup
     command = [sys.executable, "-m", "kedro", "run", "--pipeline", "finetune", "--env", "test",
                "--params", params]
     _, runs_before = _run(project)
-    versions_before = _versions(project, "data/06_models/phase2_model.keras")
+    versions_before = versions(project, "data/06_models/phase2_model.keras")
 
     process = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -210,10 +195,10 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrup
             break
         time.sleep(0.05)
     assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
-    assert _versions(project, "data/06_models/phase2_model.keras") == versions_before
+    assert versions(project, "data/06_models/phase2_model.keras") == versions_before
 
     resumed = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True,
-                             timeout=600)
+                             timeout=600, check=False)
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-3000:]
     assert "phase1 finished before the interruption" in output
@@ -225,13 +210,14 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrup
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch.loss"))
     assert steps == list(range(6))
     assert not list(state.iterdir()), "resume state is left behind after success"
-    resumed_version = sorted(set(_versions(project, "data/06_models/phase2_model.keras"))
-                             - set(versions_before))[-1]
+    resumed_version = max(set(versions(project, "data/06_models/phase2_model.keras"))
+                          - set(versions_before))
 
-    fresh = _kedro(project, "run", "--pipeline", "finetune", "--env", "test", "--params",
-                   f"{common},finetune.training.resume_dir=data/05_model_input/resume_fresh")
+    fresh = kedro_cli(project, "run", "--pipeline", "finetune", "--env", "test", "--params",
+                      f"{common},finetune.training.resume_dir=data/05_model_input/resume_fresh",
+                      timeout=600)
     assert fresh.returncode == 0, (fresh.stdout + fresh.stderr)[-3000:]
-    fresh_version = _versions(project, "data/06_models/phase2_model.keras")[-1]
+    fresh_version = versions(project, "data/06_models/phase2_model.keras")[-1]
     for a, b in zip(_weights_of(project, resumed_version), _weights_of(project, fresh_version),
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -50,7 +50,7 @@ class DataConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _room_to_train(self) -> "DataConfig":
+    def _room_to_train(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
                 f"val_fraction + test_fraction is {self.val_fraction} + {self.test_fraction}; "
@@ -104,7 +104,7 @@ class LayerSelection(_Strict):
     from_layer: str | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "LayerSelection":
+    def _exactly_one(self) -> LayerSelection:
         given = [k for k, v in self.model_dump().items() if v is not None]
         if len(given) != 1:
             raise ValueError(
@@ -164,7 +164,7 @@ class TrainingSettings(_Strict):
         return _selection(value)
 
     @model_validator(mode="after")
-    def _rates(self) -> "TrainingSettings":
+    def _rates(self) -> TrainingSettings:
         if self.layer_rates and self.discriminative:
             raise ValueError("give layer_rates or discriminative, not both")
         if self.warmup_epochs and self.warmup_epochs >= max(self.epochs, 1):
@@ -255,7 +255,7 @@ class FinetuneConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _phase_defaults(self) -> "FinetuneConfig":
+    def _phase_defaults(self) -> FinetuneConfig:
         # Phase 2 opens the whole base unless it says otherwise; phase 1 keeps it frozen.
         if "train" not in self.phase2.model_fields_set:
             self.phase2.train = LayerSelection(all=True)

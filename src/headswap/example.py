@@ -160,9 +160,9 @@ def pretrain_compact_cnn(
     seed: int,
 ) -> tuple[keras.Model, dict]:
     """Train :func:`compact_cnn` on in-memory images (N, H, W) uint8; return it and its history."""
-    from headswap.training import compile_model, run_phase  # noqa: PLC0415 - avoids a cycle
+    import tensorflow as tf
 
-    import tensorflow as tf  # noqa: PLC0415
+    from headswap.training import compile_model, run_phase
 
     keras.utils.set_random_seed(seed)
     classes = np.unique(labels)

@@ -51,7 +51,8 @@ class UserErrorHook:
 
     @hook_impl(trylast=True)
     def on_node_error(self, error: Exception, node) -> None:
-        from headswap.data import DataError  # imports TensorFlow: only once a node failed
+        # imports TensorFlow: only once a node failed
+        from headswap.data import DataError
 
         if isinstance(error, (ParameterError, DataError)):
             raise RunStopped(f"Node {node.name} stopped: {error}") from error
@@ -207,7 +208,7 @@ class MlflowArtifactHook:
     @hook_impl
     def after_catalog_created(self, catalog) -> None:
         self._folders = {}
-        for name in catalog.keys():
+        for name in catalog:
             metadata = getattr(catalog.get(name), "metadata", None) or {}
             if "mlflow_artifact" in metadata:
                 self._folders[name] = metadata["mlflow_artifact"]
@@ -241,7 +242,8 @@ class ResumeHook:
 
     @hook_impl(trylast=True)
     def after_context_created(self, context) -> None:
-        from headswap.phases import state_dir  # imports TensorFlow: only for finetune runs
+        # imports TensorFlow: only for finetune runs
+        from headswap.phases import state_dir
 
         self._state = None
         try:

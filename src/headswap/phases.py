@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +221,7 @@ def _cached_head(
 def _checkpoint_path(cfg: FinetuneConfig, label: str) -> str | None:
     if not cfg.training.callbacks.checkpoint:
         return None
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H.%M.%S.%fZ")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H.%M.%S.%fZ")
     folder = Path(cfg.training.callbacks.checkpoint_dir) / stamp
     folder.mkdir(parents=True, exist_ok=True)
     return str(folder / f"{label.replace(' ', '_')}_best.keras")

@@ -18,8 +18,8 @@ import numpy as np
 import tensorflow as tf
 
 from headswap.bases import BASE_NAME, PREPROCESS_PREFIX
-from headswap.heads import OUTPUT_NAME
 from headswap.config import CallbacksConfig, LayerSelection, TrainingSettings
+from headswap.heads import OUTPUT_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -595,9 +595,10 @@ def _set_in_layers(config: Any, class_name: str, key: str, value: Any) -> None:
 def _set_policy(config: Any, policy: str, keep: set[str]) -> None:
     """Set the dtype policy of every layer in a (nested) model config, except ``keep``."""
     if isinstance(config, dict):
-        if isinstance(config.get("dtype"), dict) and config.get("name") not in keep:
-            if config["dtype"].get("class_name") == "DTypePolicy":
-                config["dtype"]["config"]["name"] = policy
+        dtype = config.get("dtype")
+        if (isinstance(dtype, dict) and config.get("name") not in keep
+                and dtype.get("class_name") == "DTypePolicy"):
+            dtype["config"]["name"] = policy
         for value in config.values():
             _set_policy(value, policy, keep)
     elif isinstance(config, list):

@@ -123,7 +123,7 @@ def _read_legacy_h5(path: Path) -> list[LayerWeights]:
     downloads); a nested model's group is split into its layers by the weight names."""
     found: list[LayerWeights] = []
     with h5py.File(path, "r") as file:
-        group = file["model_weights"] if "model_weights" in file else file
+        group = file.get("model_weights", file)
         layer_names = _attribute(group, "layer_names")
         if not layer_names:
             raise BaseLoadError(
@@ -284,8 +284,8 @@ def summarise(report: dict[str, Any], limit: int = 5) -> str:
 
     params = report["params"]
     parts = [
-        f"Weights from {report['weights_file']}, matched by layer name and shape: "
-        f"{count(report['matched'])} loaded ({params['matched']:,} parameters)"
+        (f"Weights from {report['weights_file']}, matched by layer name and shape: "
+         f"{count(report['matched'])} loaded ({params['matched']:,} parameters)")
     ]
     if report["missing"]:
         parts.append(

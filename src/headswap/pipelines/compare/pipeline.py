@@ -17,8 +17,9 @@ own, and each logs into its own MLflow run nested under the pipeline's run (see
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial, update_wrapper
-from typing import Any, Callable
+from typing import Any
 
 from kedro.pipeline import Node, Pipeline, pipeline
 

@@ -28,7 +28,12 @@ from kedro.pipeline import Node, Pipeline, pipeline
 from headswap.pipelines import compare, finetune
 from headswap.pipelines.compare.pipeline import _bound
 
-from .nodes import collect_counts, ingest_parameters, select_labels, write_example_folder
+from .nodes import (
+    collect_counts,
+    ingest_parameters,
+    select_labels,
+    write_example_folder,
+)
 
 #: The counts of labelled (train + val) images per class that ``kedro run --pipeline
 #: label_efficiency`` compares (read by ``pipeline_registry.py``).
