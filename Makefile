@@ -5,7 +5,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export KEDRO_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install install-test data example test
+.PHONY: install install-test data example lint test test-fast
 
 $(FASHION_MNIST):
 	$(SUDO) apt-get install -y dataset-fashion-mnist \
@@ -22,5 +22,12 @@ install-test: data
 example: install
 	kedro run
 
-test: install-test
+lint: install-test
+	$(PYTHON) -m ruff check src tests benchmarks
+
+test: install-test lint
 	$(PYTHON) -m pytest
+
+# Everything but the tests marked slow (Kedro sessions, CLIs, subprocesses, servers).
+test-fast: install-test
+	$(PYTHON) -m pytest -m "not slow"

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,7 +173,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain text table; floats with 4 significant digits."""
     cells = [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    line = lambda items: "  ".join(str(s).rjust(w) for s, w in zip(items, widths))
+
+    def line(items: Iterable[Any]) -> str:
+        return "  ".join(str(s).rjust(w) for s, w in zip(items, widths, strict=True))
+
     return "\n".join([line(headers), line("-" * w for w in widths), *map(line, cells)])
 
 

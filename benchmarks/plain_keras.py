@@ -106,7 +106,7 @@ def main() -> None:
     )
     display.figure_.savefig(out / "confusion_matrix.png", dpi=110)
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key in zip(axes, ("loss", "accuracy")):
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
         for prefix in ("", "val_"):
             values = first.history[prefix + key] + second.history[prefix + key]
             ax.plot(range(1, len(values) + 1), values, label=prefix + key)

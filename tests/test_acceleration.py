@@ -5,13 +5,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from headswap import bases, data, heads, phases, training
 from headswap.config import parse_finetune
+from headswap.core import bases, data, devices, fine_tune, heads, train
 from tests.conftest import small_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +31,9 @@ def _train_both_phases(folder: Path, dropout: float = 0.2, **extra):
     manifest = data.scan_image_folder(folder, seed=0)
     keras.utils.set_random_seed(0)
     model = heads.attach_head(bases.cut_model(small_cnn()), 3, dense=[16], dropout=dropout)
-    h1 = phases.run_training_phase(model, manifest, cfg, "phase1")
-    h2 = phases.run_training_phase(model, manifest, cfg, "phase2", initial_epoch=2)
+    options = replace(cfg.fit_options(), backup_dir=None, verbose=0)
+    h1, h2 = fine_tune(model, manifest, cfg.phase1.stages_list(), cfg.phase2.stages_list(),
+                       options)
     return model, h1, h2
 
 
@@ -45,7 +47,7 @@ def test_mirrored_strategy_on_two_logical_cpus_learns(image_folder: Path):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from headswap import training
+        from headswap.core import devices
         from tests.test_acceleration import _train_both_phases
         from pathlib import Path
         folder = Path({str(image_folder)!r})
@@ -54,7 +56,7 @@ def test_mirrored_strategy_on_two_logical_cpus_learns(image_folder: Path):
             model, h1, h2 = _train_both_phases(folder, dropout=0.0, distribution=distribution)
             found[distribution] = {{"loss": h1["loss"] + h2["loss"],
                                    "accuracy": h1["accuracy"] + h2["accuracy"]}}
-        found["replicas"] = training.distribution_strategy("mirrored").num_replicas_in_sync
+        found["replicas"] = devices.distribution_strategy("mirrored").num_replicas_in_sync
         print("RESULT" + json.dumps(found))
     """)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -74,11 +76,11 @@ def test_mirrored_strategy_on_two_logical_cpus_learns(image_folder: Path):
 def test_mixed_precision_trains_in_float16_with_a_float32_output(image_folder: Path):
     model, h1, h2 = _train_both_phases(image_folder, mixed_precision=True)
     assert np.isfinite(h1["loss"] + h2["loss"]).all() and h2["loss"][-1] < h1["loss"][0]
-    copy = training.rebuild(model, mixed_precision=True)
-    policies = {layer.name: layer.dtype_policy.name for layer in training.iter_layers(copy)}
+    copy = devices.rebuild(model, mixed_precision=True)
+    policies = {layer.name: layer.dtype_policy.name for layer in train.iter_layers(copy)}
     assert policies["predictions"] == "float32" and policies["head_dense1"] == "mixed_float16"
     assert policies["conv1"] == "mixed_float16"
-    assert {layer.dtype_policy.name for layer in training.iter_layers(model)} == {"float32"}
+    assert {layer.dtype_policy.name for layer in train.iter_layers(model)} == {"float32"}
     assert copy(np.zeros((1, 32, 32, 1), "float32")).dtype.name == "float32"
 
 

@@ -4,7 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from headswap import bases, heads, training
+from headswap.config import BaseConfig
+from headswap.core import FitOptions, bases, heads, train
+from headswap.pipelines.finetune.nodes import read_pretrained
 from tests.conftest import small_cnn
 
 
@@ -52,8 +54,7 @@ def test_model_file_and_kedro_versioned_folder_load(tmp_path: Path):
     for version in ("2026-01-01T00.00.00.000Z", "2026-02-01T00.00.00.000Z"):
         (folder / version).mkdir(parents=True)
     model.save(folder / "2026-02-01T00.00.00.000Z" / "m.keras")
-    assert bases.resolve_model_path(folder).parent.name == "2026-02-01T00.00.00.000Z"
-    loaded = bases.load_model_file(folder)
+    loaded = read_pretrained(BaseConfig(path=str(folder)), FitOptions(image_size=(32, 32)))
     np.testing.assert_allclose(loaded.get_layer("conv1").get_weights()[0],
                                model.get_layer("conv1").get_weights()[0])
     legacy = tmp_path / "m.h5"
@@ -102,7 +103,7 @@ def test_caffe_preprocessing_matches_keras_preprocess_input():
 
 
 def test_image_size_must_match_a_fixed_input():
-    with pytest.raises(bases.BaseLoadError, match=r"image_size: \[32, 32\]"):
+    with pytest.raises(bases.BaseLoadError, match=r"`image_size`: \[32, 32\]"):
         bases.check_image_size(small_cnn(), (28, 28))
     bases.check_image_size(small_cnn(), (32, 32))
 
@@ -115,7 +116,7 @@ def test_new_head_is_softmax_sized_for_the_classes_and_matches_the_loss():
         "base", "head_pool", "head_dense1", "head_dropout1", "predictions"]
     probabilities = model.predict(np.zeros((2, 32, 32, 1)), verbose=0)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    training.compile_model(model, "rmsprop", 1e-3)
+    train.compile_model(model, keras.optimizers.RMSprop(1e-3))
     assert model.loss.get_config()["from_logits"] is False
     with pytest.raises(ValueError, match="at least 2 classes"):
         heads.attach_head(bases.cut_model(small_cnn()), 1)

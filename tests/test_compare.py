@@ -16,6 +16,8 @@ import pytest
 from headswap.pipelines.compare.pipeline import VARIANTS
 from tests.conftest import copy_project, run_sessions, versions
 
+pytestmark = pytest.mark.slow
+
 CLASSES = 5
 
 

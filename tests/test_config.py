@@ -2,13 +2,13 @@ import pytest
 
 from headswap.config import ParameterError, parse_finetune
 
-BASE = {"data": {"path": "images"}, "base": {"source": "file", "path": "m.keras"}}
+BASE = {"data": {"path": "images", "image_size": 28}, "base": {"source": "file", "path": "m.keras"}}
 
 
 def test_defaults_and_square_image_size():
     cfg = parse_finetune({**BASE, "data": {"path": "x", "image_size": 64}})
     assert cfg.data.image_size == (64, 64)
-    assert cfg.head.dense == [128] and cfg.phase2.learning_rate < cfg.phase1.learning_rate
+    assert cfg.head.dense == [64] and cfg.phase2.learning_rate < cfg.phase1.learning_rate
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def test_bad_parameters_name_key_and_value(override, message):
          (r"finetune.head.dropuot: unknown key \(given 0.1\); allowed keys here: pooling, "
           r"dense, dropout")),
         ({"epochs": 3}, r"finetune.epochs: unknown key \(given 3\); allowed keys here: seed, .*phase1, phase2"),
-        ({"data": {"path": "x", "val_fraction": 0.5, "test_fraction": 0.5}},
+        ({"data": {"path": "x", "image_size": 28, "val_fraction": 0.5, "test_fraction": 0.5}},
          r"finetune.data: val_fraction \+ test_fraction is 0.5 \+ 0.5; it must be below 1"),
     ],
 )
@@ -58,3 +58,28 @@ def test_every_problem_is_in_one_message():
 def test_a_known_architecture_passes():
     cfg = parse_finetune({**BASE, "base": {"source": "keras_applications", "name": "ResNet50"}})
     assert cfg.base.name == "ResNet50"
+
+
+def test_the_schema_defaults_are_those_of_the_parameters_file():
+    """One default per key: conf/base/parameters_finetune.yml sets every key, and parsing it
+    gives what the schema gives for the keys that have no default."""
+    from pathlib import Path
+
+    from kedro.config import OmegaConfigLoader
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    loader = OmegaConfigLoader(str(conf), base_env="base", default_run_env="base")
+    params = loader["parameters"]["finetune"]
+    required = {"data": {k: params["data"][k] for k in ("path", "image_size")},
+                "base": {"path": params["base"]["path"]}}
+    assert parse_finetune(params).model_dump() == parse_finetune(required).model_dump()
+
+
+def test_a_phase_given_in_part_keeps_its_own_defaults_and_unused_keys_are_listed():
+    cfg = parse_finetune({**BASE, "phase1": {"epochs": 2}, "phase2": {"epochs": 3}})
+    assert (cfg.phase1.learning_rate, cfg.phase1.optimizer) == (1e-3, "rmsprop")
+    assert (cfg.phase2.learning_rate, cfg.phase2.train.all) == (3e-4, True)
+    staged = parse_finetune({**BASE, "phase2": {"learning_rate": 0.1, "stages": [
+        {"epochs": 1, "learning_rate": 1e-4, "train": {"top": 2}}]}})
+    assert staged.ignored == {"phase2": ["learning_rate"]}
+    assert [s.learning_rate for s in staged.phase2.stages_list()] == [1e-4]

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from headswap import data
+from headswap.core import data
 from tests.conftest import CLASSES, make_image_folder
 from tests.test_faults import MESSY_CLASSES, PER_CLASS, make_messy_folder
 
@@ -175,7 +175,7 @@ def test_a_reused_manifest_skips_images_that_no_longer_decode(image_folder: Path
 
 
 def test_a_missing_manifest_or_missing_images_stop_with_the_fix(image_folder: Path, tmp_path):
-    with pytest.raises(data.MissingDataError, match="does not exist.*finetune.data.manifest"):
+    with pytest.raises(data.MissingDataError, match="does not exist.*`manifest`"):
         data.load_manifest(tmp_path / "nowhere.csv")
     versioned = tmp_path / "manifest.csv"
     file = versioned / "2024-01-01T00.00.00.000Z" / "manifest.csv"
@@ -207,37 +207,32 @@ def _batches(dataset) -> tuple[np.ndarray, np.ndarray, list[int]]:
     return np.concatenate(images), np.concatenate(labels), sizes
 
 
-def test_epochs_are_laid_out_in_their_seeded_order_without_crossing(image_folder: Path):
+def test_each_epoch_has_its_seeded_order_read_when_the_dataset_is_iterated(image_folder: Path):
     manifest = data.scan_image_folder(image_folder, seed=0)
     n = int((manifest["split"] == "train").sum())
     epoch = tf.Variable(0, dtype=tf.int64)
-    by_variable = []
+    dataset = data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True, seed=7,
+                                epoch=epoch)
+    by_epoch = {}
     for e in (2, 3, 4):
-        epoch.assign(e)
-        one = data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True, seed=7, epoch=epoch)
-        by_variable.append(_batches(one))
-    laid_out = data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True, seed=7,
-                                 epochs=(2, 3))
-    images, labels, sizes = _batches(laid_out)
-    # each epoch is whole (its last batch is short, never filled from the next epoch)
-    assert sizes == [size for _, _, s in by_variable for size in s]
-    np.testing.assert_array_equal(images, np.concatenate([x for x, _, _ in by_variable]))
-    epochs = labels.reshape(3, n)
-    assert all(sorted(e) == sorted(epochs[0]) for e in epochs)  # each a permutation
-    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled every epoch
-    again = _batches(data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True, seed=7,
-                                       epochs=(3, 1)))
-    np.testing.assert_array_equal(again[0], by_variable[1][0])  # a resumed epoch 3 is epoch 3
-    other_seed = _batches(data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True,
-                                            seed=8, epochs=(2, 1)))
-    assert not np.array_equal(other_seed[1], epochs[0])
-    with pytest.raises(ValueError, match="fixed order"):
-        data.make_dataset(manifest, "val", (8, 8), 1, 5, epochs=(0, 2))
+        epoch.assign(e)  # as the trainer does when epoch e begins
+        by_epoch[e] = _batches(dataset)
+    # each epoch is whole (its last batch short), a permutation, reshuffled every epoch
+    assert by_epoch[2][2] == [5] * (n // 5) + ([n % 5] if n % 5 else [])
+    assert all(sorted(by_epoch[e][1]) == sorted(by_epoch[2][1]) for e in (3, 4))
+    assert not np.array_equal(by_epoch[2][1], by_epoch[3][1])
+    epoch.assign(3)  # a resumed epoch 3 is epoch 3, in a new dataset too
+    resumed = data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True, seed=7,
+                                epoch=epoch)
+    np.testing.assert_array_equal(_batches(resumed)[0], by_epoch[3][0])
+    other_seed = data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True, seed=8,
+                                   epoch=epoch)
+    assert not np.array_equal(_batches(other_seed)[1], by_epoch[3][1])
 
 
 @pytest.mark.parametrize(
     "order",
-    [{}, {"shuffle": True}, {"shuffle": True, "epochs": (1, 2)}, {"shuffle": True, "epoch": 3}],
+    [{}, {"shuffle": True}, {"shuffle": True, "epoch": 3}],
 )
 def test_cached_images_give_the_same_batches_as_streamed_ones(image_folder: Path, order):
     manifest = data.scan_image_folder(image_folder, seed=0)
@@ -264,7 +259,7 @@ def test_images_are_kept_in_memory_only_when_the_split_fits_the_budget(
     assert not data.fits_in_memory(n + 1, (16, 16), 1, size)
     assert not data.fits_in_memory(1, (16, 16), 1, 0)  # 0: never cache
     assert not data.fits_in_memory(10 * n, (16, 16), 1, 5 * size)  # a tenfold folder streams
-    with caplog.at_level("INFO", logger="headswap.data"):
+    with caplog.at_level("INFO", logger="headswap.core.data"):
         kept = data.make_dataset(manifest, "train", (16, 16), 1, 8, cache_bytes=size)
         streamed = data.make_dataset(manifest, "train", (16, 16), 1, 8, cache_bytes=size - 1)
     assert f"Keeping the {n} decoded train images in memory" in caplog.text

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from kedro_datasets.pandas import CSVDataset
 from sklearn.metrics import confusion_matrix, top_k_accuracy_score
 
-from headswap import bases, data, evaluation, heads, training
+from headswap.core import bases, data, evaluation, heads, train
 from headswap.config import ParameterError, parse_finetune
 from headswap.pipelines.finetune import nodes
 from tests.conftest import small_cnn
@@ -40,7 +41,7 @@ def test_top_k_accuracy_agrees_with_scikit_learn(k):
 def test_top_k_is_capped_at_the_class_count_and_k_zero_is_refused():
     y_true, probabilities = _predictions()
     assert evaluation.top_k_accuracy(y_true, probabilities, 7) == (3, 1.0)
-    with pytest.raises(ValueError, match="finetune.evaluation.top_k"):
+    with pytest.raises(ValueError, match="`top_k`"):
         evaluation.top_k_accuracy(y_true, probabilities, 0)
     with pytest.raises(ParameterError, match="finetune.evaluation.top_k: got 0"):
         parse_finetune({"data": {"path": "x"}, "base": {"path": "m.keras"},
@@ -90,20 +91,22 @@ def test_confident_errors_are_wrong_and_sorted_by_confidence():
 
 def _trained_model_and_manifest(folder: Path):
     manifest, _ = data.ingest_image_folder(folder, 0.2, 0.4, seed=1)
-    params = {"data": {"path": str(folder), "image_size": 32, "batch_size": 8},
-              "base": {"path": "unused.keras"}, "evaluation": {"top_k": 2, "misclassified": 6}}
+    params = parse_finetune({"data": {"path": str(folder), "image_size": 32, "batch_size": 8},
+                             "base": {"path": "unused.keras"},
+                             "evaluation": {"top_k": 2, "misclassified": 6}})
     model = heads.attach_head(bases.cut_model(small_cnn()), 3, dense=[8], dropout=0.0)
-    training.compile_model(model, "adam")
-    train = data.make_dataset(manifest, "train", (32, 32), 1, 8, shuffle=True, seed=1)
-    model.fit(train, epochs=1, verbose=0)
+    train.compile_model(model, keras.optimizers.Adam())
+    images = data.make_dataset(manifest, "train", (32, 32), 1, 8, shuffle=True, seed=1)
+    model.fit(images, epochs=1, verbose=0)
     return model, manifest, params
 
 
 def test_evaluate_details_node_on_a_trained_model_reads_the_images(image_folder: Path):
     model, manifest, params = _trained_model_and_manifest(image_folder)
-    predictions = nodes.predict_test(model, manifest, params)
+    options = params.fit_options()
+    predictions = nodes.predict_test(model, manifest, options)
     counts, shares, per_class, errors, figure = nodes.evaluate_details(
-        predictions, manifest, params
+        predictions, manifest, params.evaluation
     )
     test_size = int((manifest["split"] == "test").sum())
     assert len(predictions) == test_size
@@ -116,7 +119,7 @@ def test_evaluate_details_node_on_a_trained_model_reads_the_images(image_folder:
     shown = [ax for ax in figure.axes if ax.images]
     assert len(shown) == len(errors)
 
-    _, metrics = nodes.evaluate_head_only(model, manifest, params)
+    _, metrics = nodes.evaluate_head_only(model, manifest, options, params.evaluation)
     assert metrics["accuracy"]["value"] <= metrics["top_2_accuracy"]["value"] <= 1.0
 
 

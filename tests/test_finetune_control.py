@@ -1,13 +1,14 @@
 """Which layers train, per-layer rates, stages, optimizers, schedules and callbacks."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-from headswap import bases, data, heads, phases, training
-from headswap.config import LayerSelection, parse_finetune
+from headswap.config import parse_finetune
+from headswap.core import LayerSelection, bases, data, fit, heads, train
 from tests.conftest import small_cnn
 
 BASE_LAYERS = ["rescale", "conv1", "bn1", "relu1", "pool1", "conv2", "bn2", "features"]
@@ -24,6 +25,12 @@ def _cfg(folder: Path, **sections):
     params = {"data": {"path": str(folder), "image_size": 32, "batch_size": 8},
               "base": {"path": "unused.keras"}, **sections}
     return parse_finetune(params)
+
+
+def _fit(model, manifest, cfg, phase, first=0, **options):
+    """``fit`` through the phase's stages of the parsed parameters (no backups unless given)."""
+    options = replace(cfg.fit_options(), **{"backup_dir": None, "verbose": 0, **options})
+    return fit(model, manifest, getattr(cfg, phase).stages_list(), options, first, phase)
 
 
 def _weights(layer):
@@ -47,28 +54,28 @@ def _changed(before, layer):
     ],
 )
 def test_layer_selections(selection, expected):
-    layers = training.base_layers(_model())
+    layers = train.base_layers(_model())
     assert [layer.name for layer in layers] == BASE_LAYERS
-    chosen = training.select_layers(layers, LayerSelection(**selection))
+    chosen = train.select_layers(layers, LayerSelection(**selection))
     assert [layer.name for layer in chosen] == expected
 
 
 def test_bad_selections_name_the_problem():
-    layers = training.base_layers(_model())
+    layers = train.base_layers(_model())
     with pytest.raises(ValueError, match="No base layer named \\['convX'\\]"):
-        training.select_layers(layers, LayerSelection(names=["convX"]))
+        train.select_layers(layers, LayerSelection(names=["convX"]))
     with pytest.raises(ValueError, match="matches no base layer"):
-        training.select_layers(layers, LayerSelection(regex="nothing.*"))
+        train.select_layers(layers, LayerSelection(regex="nothing.*"))
     with pytest.raises(Exception, match="exactly one of"):
         LayerSelection(top=2, regex="x")
 
 
 def test_only_selected_layers_train_and_counts_follow():
     model = _model()
-    trainable = training.set_trainable(model, LayerSelection(top=3))
+    trainable = train.set_trainable(model, LayerSelection(top=3))
     assert trainable == ["conv2"]  # bn2 stays frozen; relu/features have no weights
-    training.compile_model(model, "adam", 1e-3)
-    counts = training.parameter_counts(model)
+    train.compile_model(model, keras.optimizers.Adam(1e-3))
+    counts = train.parameter_counts(model)
     head = sum(int(np.prod(w.shape)) for name in ("head_dense1", "predictions")
                for w in model.get_layer(name).weights)
     conv2 = sum(int(np.prod(w.shape)) for w in model.get_layer("base").get_layer("conv2").weights)
@@ -82,10 +89,10 @@ def test_phase2_by_default_trains_the_base_with_frozen_batchnorm_statistics(imag
     base = model.get_layer("base")
     bn, conv = base.get_layer("bn1"), base.get_layer("conv1")
     bn_before = _weights(bn)
-    h1 = phases.run_training_phase(model, manifest, cfg, "phase1")
+    h1 = _fit(model, manifest, cfg, "phase1")
     conv_before = _weights(conv)
     assert not _changed(bn_before, bn)
-    h2 = phases.run_training_phase(model, manifest, cfg, "phase2", initial_epoch=1)
+    h2 = _fit(model, manifest, cfg, "phase2", 1)
     assert h1["epoch"] == [0] and h2["epoch"] == [1, 2]
     assert not _changed(bn_before, bn), "moving mean/variance moved in phase 2"
     assert _changed(conv_before, conv)
@@ -102,7 +109,7 @@ def test_a_group_at_rate_zero_does_not_move_while_others_do(image_folder):
     base = model.get_layer("base")
     conv1, conv2 = _weights(base.get_layer("conv1")), _weights(base.get_layer("conv2"))
     head = _weights(model.get_layer("predictions"))
-    history = phases.run_training_phase(model, manifest, cfg, "phase2")
+    history = _fit(model, manifest, cfg, "phase2")
     assert not _changed(conv1, base.get_layer("conv1"))
     assert _changed(conv2, base.get_layer("conv2"))
     assert _changed(head, model.get_layer("predictions"))
@@ -115,8 +122,8 @@ def test_discriminative_rates_are_geometric_from_bottom_to_head():
     cfg = _cfg(Path("."), phase2={"learning_rate": 1e-2,
                                   "discriminative": {"min_learning_rate": 1e-4, "groups": 2}})
     model = _model()
-    training.set_trainable(model, LayerSelection(all=True))
-    groups = training.rate_groups(model, cfg.phase2)
+    train.set_trainable(model, LayerSelection(all=True))
+    groups = train.rate_groups(model, cfg.phase2.stages_list()[0])
     assert [[l.name for l in g.layers] for g in groups] == [["conv1"], ["conv2"]]
     assert [g.learning_rate for g in groups] == pytest.approx([1e-4, 1e-3])
 
@@ -127,7 +134,7 @@ def test_gradual_unfreezing_stages_open_more_layers_on_one_epoch_axis(image_fold
         {"train": "all", "epochs": 2, "learning_rate": 1e-4, "optimizer": "sgd"}]})
     manifest = data.scan_image_folder(image_folder, seed=0)
     model = _model()
-    history = phases.run_training_phase(model, manifest, cfg, "phase2", initial_epoch=4)
+    history = _fit(model, manifest, cfg, "phase2", 4)
     assert history["epoch"] == [4, 5, 6] and history["stage_starts"] == [4, 5]
     assert history["trainable_layers"] == [["conv2"], ["conv1", "conv2"]]
     assert history["learning_rate"] == pytest.approx([1e-3, 1e-4, 1e-4])
@@ -139,7 +146,7 @@ def test_each_optimizer_with_weight_decay_and_cosine_warmup(image_folder, optimi
                                      "weight_decay": 1e-4, "schedule": "cosine",
                                      "warmup_epochs": 1})
     manifest = data.scan_image_folder(image_folder, seed=0)
-    history = phases.run_training_phase(_model(), manifest, cfg, "phase1")
+    history = _fit(_model(), manifest, cfg, "phase1")
     rates = history["learning_rate"]
     assert rates[0] == pytest.approx(1e-2, rel=1e-3)  # warmed up to the peak by epoch 1's end
     assert rates[0] > rates[1] > rates[2] > rates[3] >= 0  # cosine decay afterwards
@@ -154,7 +161,7 @@ def test_label_smoothing_class_weights_and_augmentation(image_folder):
     manifest = data.scan_image_folder(image_folder, seed=0)
     layers = heads.augmentation_layers(**cfg.training.augmentation.model_dump(), seed=1)
     model = _model(layers)
-    history = phases.run_training_phase(model, manifest, cfg, "phase1")
+    history = _fit(model, manifest, cfg, "phase1")
     assert model.loss.get_config()["label_smoothing"] == 0.1 and history["accuracy"]
     images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 1)).astype("float32")
     x = keras.Input((32, 32, 1))
@@ -165,11 +172,11 @@ def test_label_smoothing_class_weights_and_augmentation(image_folder):
     np.testing.assert_allclose(augment(images, training=False), images)
     assert not np.allclose(augment(images, training=True), images)
     labels = np.array([0, 0, 0, 1, 2, 2])
-    weights = training.class_weights(labels, ["a", "b", "c"], "balanced")
+    weights = train.class_weights(labels, ["a", "b", "c"], "balanced")
     assert weights == pytest.approx({0: 6 / 9, 1: 2.0, 2: 1.0})
-    assert training.class_weights(labels, ["a", "b", "c"], {"b": 3}) == {0: 1.0, 1: 3.0, 2: 1.0}
+    assert train.class_weights(labels, ["a", "b", "c"], {"b": 3}) == {0: 1.0, 1: 3.0, 2: 1.0}
     with pytest.raises(ValueError, match="unknown class"):
-        training.class_weights(labels, ["a", "b", "c"], {"zebra": 2})
+        train.class_weights(labels, ["a", "b", "c"], {"zebra": 2})
 
 
 def test_early_stopping_restores_best_and_checkpoint_is_written(image_folder, tmp_path):
@@ -178,7 +185,7 @@ def test_early_stopping_restores_best_and_checkpoint_is_written(image_folder, tm
                    "early_stopping": {"monitor": "loss", "patience": 0, "min_delta": 100.0},
                    "checkpoint": True, "checkpoint_dir": str(tmp_path / "ckpt")}})
     manifest = data.scan_image_folder(image_folder, seed=0)
-    history = phases.run_training_phase(_model(), manifest, cfg, "phase1")
+    history = _fit(_model(), manifest, cfg, "phase1")
     assert history["epoch"] == [0, 1]  # no improvement of 100 after the first epoch
     assert list((tmp_path / "ckpt").rglob("phase1_best.keras"))
 
@@ -188,7 +195,7 @@ def test_reduce_lr_on_plateau_lowers_the_rate_and_conflicts_are_refused(image_fo
                training={"callbacks": {"reduce_lr_on_plateau": {
                    "monitor": "loss", "patience": 0, "factor": 0.5, "min_delta": 100.0}}})
     manifest = data.scan_image_folder(image_folder, seed=0)
-    history = phases.run_training_phase(_model(), manifest, cfg, "phase1")
+    history = _fit(_model(), manifest, cfg, "phase1")
     # the rate each epoch trained at: lowered after the second epoch showed no gain
     assert history["learning_rate"] == pytest.approx([1e-2, 1e-2, 5e-3])
     with pytest.raises(Exception, match="reduce_lr_on_plateau cannot"):
@@ -206,7 +213,7 @@ def test_cached_features_train_the_same_head_as_the_image_pipeline(image_folder)
                    training={"cache_features": cache})
         model = _model()
         base_before = [w.copy() for w in model.get_layer("base").get_weights()]
-        history = phases.run_training_phase(model, manifest, cfg, "phase1")
+        history = _fit(model, manifest, cfg, "phase1")
         assert all(np.array_equal(a, b) for a, b in
                    zip(base_before, model.get_layer("base").get_weights(), strict=True))
         results[cache] = (history, model.predict(images, verbose=0))
@@ -216,50 +223,41 @@ def test_cached_features_train_the_same_head_as_the_image_pipeline(image_folder)
     np.testing.assert_allclose(p_cached, p_plain, atol=1e-4)
 
 
-@pytest.mark.parametrize("cache", [True, False])
-def test_an_interrupted_phase_resumes_to_the_uninterrupted_result(image_folder, monkeypatch,
-                                                                  cache):
-    manifest = data.scan_image_folder(image_folder, seed=0)
+class Interrupt(keras.callbacks.Callback):
+    """Stops training as a Ctrl-C would, once epoch ``epoch`` has ended (and been backed up)."""
 
-    def cfg(resume):
-        return _cfg(image_folder, phase1={"epochs": 4, "learning_rate": 3e-3},
-                    training={"cache_features": cache, "resume": resume})
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
 
-    uninterrupted = _model()
-    expected = phases.run_training_phase(uninterrupted, manifest, cfg(False), "phase1")
-
-    log_epoch = training.EpochLog.on_epoch_end
-
-    def interrupt_at_epoch_2(self, epoch, logs=None):
-        log_epoch(self, epoch, logs)
-        if epoch == 2:  # logged, but killed before its backup is written
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.EpochLog, "on_epoch_end", interrupt_at_epoch_2)
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_an_interrupted_phase_resumes_to_the_uninterrupted_result(image_folder, tmp_path, cache):
+    manifest = data.scan_image_folder(image_folder, seed=0)
+    cfg = _cfg(image_folder, phase1={"epochs": 4, "learning_rate": 3e-3},
+               training={"cache_features": cache})
+    uninterrupted = _model()
+    expected = _fit(uninterrupted, manifest, cfg, "phase1")
+
+    folder = tmp_path / "state"
     with pytest.raises(KeyboardInterrupt):
-        phases.run_training_phase(_model(), manifest, cfg(False), "phase1")
-    backups = list(phases.state_dir(cfg(True)).glob("phase1/stage1/backup/epoch-*.npz"))
-    assert [p.name for p in backups] == ["epoch-00002.npz"]
-    monkeypatch.setattr(training.EpochLog, "on_epoch_end", log_epoch)
+        _fit(_model(), manifest, cfg, "phase1", backup_dir=folder,
+             extra_callbacks=[Interrupt(2)])
+    assert (folder / "phase1_stage1" / "backup").is_dir()
+    assert not (folder / "phase1_stage1" / "done.weights.h5").exists()
 
     resumed = _model()
-    history = phases.run_training_phase(resumed, manifest, cfg(True), "phase1")
+    history = _fit(resumed, manifest, cfg, "phase1", backup_dir=folder)
     assert history["epoch"] == [0, 1, 2, 3]
     np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-6)
     for a, b in zip(resumed.get_weights(), uninterrupted.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
-
-def test_a_backup_that_does_not_fit_the_model_is_refused(image_folder, tmp_path):
-    manifest = data.scan_image_folder(image_folder, seed=0)
-    cfg = _cfg(image_folder, phase1={"epochs": 1})
-    model = _model()
-    phases.run_training_phase(model, manifest, cfg, "phase1")
-    backup = training.EpochBackup(tmp_path / "backup")
-    backup.set_model(model)
-    backup.on_epoch_end(0)
-    other = heads.attach_head(bases.cut_model(small_cnn()), 3, dense=[8])
-    training.compile_model(other, "adam")
-    backup.set_model(other)
-    with pytest.raises(ValueError, match="does not fit this model.*Delete"):
-        backup.on_train_begin()
+    again = _model()  # a finished stage is reused, not trained again
+    assert _fit(again, manifest, cfg, "phase1", backup_dir=folder)["epoch"] == [0, 1, 2, 3]
+    for a, b in zip(again.get_weights(), uninterrupted.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -10,11 +10,13 @@ import mlflow
 import pandas as pd
 import pytest
 
-from headswap.data import DataError, labelled_subset
+from headswap.core.data import DataError, labelled_subset
 from headswap.pipelines import label_efficiency
 from headswap.pipelines.compare.pipeline import VARIANTS
 from tests.conftest import copy_project, run_sessions
 from tests.test_compare import _latest
+
+pytestmark = pytest.mark.slow
 
 COUNTS = (3, 6)
 

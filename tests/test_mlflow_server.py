@@ -32,6 +32,8 @@ from tests.test_faults import (
     run_finetune,
 )
 
+pytestmark = pytest.mark.slow
+
 STARTUP_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 30
 

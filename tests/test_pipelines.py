@@ -20,9 +20,11 @@ from PIL import Image
 
 from tests.conftest import copy_project, kedro_cli, mlflow_runs, run_sessions, versions
 
+pytestmark = pytest.mark.slow
+
 TARGET_CLASSES = ["Ankle boot", "Bag", "Sandal", "Shirt", "Sneaker"]
 FINETUNE_NODES = [
-    "ingest_images", "load_base", "swap_head", "train_head", "evaluate_head_only",
+    "check_parameters", "locate_images", "read_pretrained", "ingest_images", "load_base", "swap_head", "train_head", "evaluate_head_only",
     "fine_tune", "predict_test", "evaluate", "evaluate_details", "summarise_training",
     "package_model",
 ]
@@ -123,17 +125,15 @@ def test_mlflow_run_holds_params_metrics_of_both_phases_artifacts_and_model(proj
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
 
 
-def test_kedro_mlflow_hook_is_registered_once_as_the_project_subclass(project: Path):
-    """settings.py replaces the plugin's hook by a subclass that logs each parameter once: had
-    both been registered, every run would be tracked twice over."""
+def test_kedro_mlflow_hook_is_the_plugins_own_registered_once(project: Path):
+    """kedro-mlflow's hook is used as the plugin registers it: had a second one been
+    registered, every run would be tracked twice over."""
     from kedro.framework.session import KedroSession
     from kedro_mlflow.framework.hooks import MlflowHook
 
-    from headswap.hooks import MlflowParamsOnceHook
-
     with KedroSession.create(project_path=project, env="test") as session:
         hooks = [h for h in session._hook_manager.get_plugins() if isinstance(h, MlflowHook)]
-    assert [type(h) for h in hooks] == [MlflowParamsOnceHook]
+    assert [type(h) for h in hooks] == [MlflowHook]
 
 
 def test_cli_runs_finetune_with_both_pipeline_flags(project: Path):
@@ -172,51 +172,61 @@ def _weights_of(project: Path, version: str) -> list[np.ndarray]:
 def test_a_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrupted_one(
     project: Path,
 ):
+    """The README's path: a run started without any resume flag is killed (SIGKILL) in phase
+    2; the same command with finetune.training.resume=true continues it, in the same MLflow
+    run, to the model an uninterrupted run makes."""
     import signal
     import time
 
-    common = ("finetune.data.batch_size=1,finetune.phase1.epochs=2,finetune.phase2.epochs=4,"
-              "finetune.training.resume=true")
-    state = project / "data/05_model_input/resume_kill"
-    params = f"{common},finetune.training.resume_dir={state.relative_to(project)}"
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    params = "finetune.data.batch_size=1,finetune.phase1.epochs=2,finetune.phase2.epochs=4"
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "kedro", "run", "--pipeline", "finetune", "--env", "test",
-               "--params", params]
+               "--params"]
+    state = project / "data/05_model_input/resume"
     _, runs_before = _run(project)
     versions_before = versions(project, "data/06_models/phase2_model.keras")
 
-    process = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        logs = list(state.glob("*/phase2/stage1/epochs.jsonl"))
-        if logs and len(logs[0].read_text().splitlines()) >= 1:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    process = subprocess.Popen([*command, params], cwd=project, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while process.poll() is None:  # killed once phase 2 has completed an epoch
+            assert time.monotonic() < deadline, "phase 2 never completed an epoch"
+            logs = list(state.glob("*/phase2_stage1/epochs.csv"))
+            if logs and len(logs[0].read_text().splitlines()) >= 2:
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it was killed"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
     assert versions(project, "data/06_models/phase2_model.keras") == versions_before
 
-    resumed = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True,
-                             timeout=600, check=False)
+    resumed = subprocess.run([*command, f"{params},finetune.training.resume=true"],
+                             cwd=project, env=env, capture_output=True, text=True, timeout=600,
+                             check=False)
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-3000:]
     assert "phase1 finished before the interruption" in output
     assert "Resuming: logging into the interrupted MLflow run" in output
+    assert "Resumed at epoch" in output
     client, runs = _run(project)
     assert len(runs) == len(runs_before) + 1, "the resumed run started a new MLflow run"
     run = client.get_run(runs[-1].info.run_id)
     assert run.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch.loss"))
     assert steps == list(range(6))
-    assert not list(state.iterdir()), "resume state is left behind after success"
+    assert not state.exists() or not list(state.iterdir()), "resume state left after success"
     resumed_version = max(set(versions(project, "data/06_models/phase2_model.keras"))
                           - set(versions_before))
 
     fresh = kedro_cli(project, "run", "--pipeline", "finetune", "--env", "test", "--params",
-                      f"{common},finetune.training.resume_dir=data/05_model_input/resume_fresh",
-                      timeout=600)
+                      params, timeout=600)
     assert fresh.returncode == 0, (fresh.stdout + fresh.stderr)[-3000:]
+    assert "Resum" not in fresh.stdout + fresh.stderr
     fresh_version = versions(project, "data/06_models/phase2_model.keras")[-1]
     for a, b in zip(_weights_of(project, resumed_version), _weights_of(project, fresh_version),
                     strict=True):

@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import keras
@@ -5,7 +6,8 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from headswap import bases, data, evaluation, heads, training
+from headswap.core import FitOptions, Stage, bases, data, evaluation, fit, heads, train
+from headswap.pipelines.finetune.nodes import history_metrics
 from tests.conftest import small_cnn
 
 
@@ -14,9 +16,10 @@ def setup(image_folder: Path):
     keras.utils.set_random_seed(0)
     manifest = data.scan_image_folder(image_folder, seed=0)
     model = heads.attach_head(bases.cut_model(small_cnn()), 3, dense=[16], dropout=0.2)
-    train = data.make_dataset(manifest, "train", (32, 32), 1, 8, shuffle=True)
-    val = data.make_dataset(manifest, "val", (32, 32), 1, 8)
-    return model, manifest, train, val
+    return model, manifest
+
+
+OPTIONS = FitOptions(image_size=(32, 32), batch_size=8, seed=0, verbose=0)
 
 
 def _weights(layers):
@@ -27,13 +30,13 @@ def _same(a, b):
     return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_phase1_trains_only_the_head(setup):
-    model, _, train, val = setup
-    training.set_base_trainable(model, False)
-    training.compile_model(model, "rmsprop", 1e-3)
+@pytest.mark.parametrize("cache", [True, False])
+def test_phase1_trains_only_the_head(setup, cache):
+    model, manifest = setup
     base = model.get_layer("base")
     before_base, before_head = _weights([base]), _weights([model.get_layer("head_dense1")])
-    history = training.run_phase(model, train, val, epochs=2, verbose=0)
+    stage = Stage(epochs=2, learning_rate=1e-3, optimizer="rmsprop")
+    history = fit(model, manifest, [stage], replace(OPTIONS, cache_features=cache))
     assert history["epoch"] == [0, 1] and len(history["val_accuracy"]) == 2
     assert history["learning_rate"] == pytest.approx([1e-3, 1e-3])
     assert _same(before_base, _weights([base]))
@@ -41,39 +44,36 @@ def test_phase1_trains_only_the_head(setup):
 
 
 def test_phase2_trains_the_base_but_keeps_batchnorm_statistics(setup):
-    model, _, train, val = setup
-    training.set_base_trainable(model, False)
-    training.compile_model(model, "rmsprop", 1e-3)
-    frozen = training.parameter_counts(model)
-    training.set_base_trainable(model, True)
-    training.compile_model(model, "adam", 1e-4)
-    unfrozen = training.parameter_counts(model)
-    assert unfrozen["trainable_params"] > frozen["trainable_params"]
+    model, manifest = setup
+    frozen = fit(model, manifest, [Stage(epochs=1, learning_rate=1e-3)], OPTIONS)
     base = model.get_layer("base")
-    bns = [layer for layer in training.iter_layers(base)
+    bns = [layer for layer in train.iter_layers(base)
            if isinstance(layer, keras.layers.BatchNormalization)]
     convs = [base.get_layer("conv1"), base.get_layer("conv2")]
     stats, kernels = _weights(bns), _weights(convs)
-    history = training.run_phase(model, train, val, epochs=2, initial_epoch=3, verbose=0)
+    history = fit(model, manifest, [Stage(epochs=2, learning_rate=1e-4, train="all")], OPTIONS,
+                  first_epoch=3)
+    assert (history["parameter_counts"]["trainable_params"]
+            > frozen["parameter_counts"]["trainable_params"])
     assert history["epoch"] == [3, 4]
     assert _same(stats, _weights(bns)), "BatchNormalization weights or statistics moved"
     assert not _same(kernels, _weights(convs)), "the unfrozen base did not train"
 
 
 def test_batchnorm_may_train_when_asked(setup):
-    model, _, train, val = setup
-    training.set_base_trainable(model, True, train_batchnorm=True)
-    training.compile_model(model, "sgd", 1e-2)
+    model, manifest = setup
     bn = model.get_layer("base").get_layer("bn1")
     moving_mean = bn.moving_mean.numpy().copy()
-    training.run_phase(model, train, val, epochs=1, verbose=0)
+    stage = Stage(epochs=1, learning_rate=1e-2, optimizer="sgd", train="all",
+                  train_batchnorm=True)
+    fit(model, manifest, [stage], OPTIONS)
     assert not np.allclose(moving_mean, bn.moving_mean.numpy())
 
 
 def test_history_metrics_put_both_phases_on_one_step_axis():
     p1 = {"epoch": [0, 1], "loss": [2.0, 1.0], "parameter_counts": {"trainable_params": 3}}
     p2 = {"epoch": [2, 3], "loss": [0.5, 0.4]}
-    metrics = training.history_metrics([p1, p2])
+    metrics = history_metrics([p1, p2])
     assert [m["step"] for m in metrics["loss"]] == [0, 1, 2, 3]
     assert [m["value"] for m in metrics["loss"]] == [2.0, 1.0, 0.5, 0.4]
     assert set(metrics) == {"loss"}
@@ -81,7 +81,7 @@ def test_history_metrics_put_both_phases_on_one_step_axis():
 
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="adam, adamw, rmsprop, sgd"):
-        training.make_optimizer("adagrad-ish", 1e-3)
+        train.make_optimizer("adagrad-ish", 1e-3)
 
 
 def test_report_confusion_matrix_and_curves():
@@ -114,7 +114,7 @@ def test_report_confusion_matrix_and_curves():
 def test_history_metrics_skip_what_is_not_one_number_per_epoch():
     history = {"epoch": [0, 1], "loss": [1.0, 0.5], "stage_starts": [0],
                "trainable_layers": [["a"], ["a", "b"]]}
-    assert set(training.history_metrics([history])) == {"loss"}
+    assert set(history_metrics([history])) == {"loss"}
 
 
 def test_metrics_history_dataset_logs_every_value_in_batches(tmp_path: Path):

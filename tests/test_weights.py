@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from keras.src.legacy.saving import legacy_h5_format
 
-from headswap import bases, heads, weights
-from headswap.pipelines.finetune.nodes import load_base
+from headswap.core import bases, heads, weights
+from headswap.config import parse_finetune
+from headswap.pipelines.finetune.nodes import load_base, read_pretrained
 from tests.conftest import small_cnn
 
 
@@ -167,18 +168,20 @@ def test_weights_file_with_a_lambda_layer_is_refused_in_safe_mode(tmp_path: Path
     assert [m["layer"] for m in report["matched"]] == ["conv"]
 
 
-def _params(base: dict, tmp_path: Path) -> dict:
-    return {"data": {"path": str(tmp_path), "image_size": [32, 32]}, "base": base}
+def _load_base(base: dict, tmp_path: Path):
+    """The finetune pipeline's read_pretrained and load_base nodes on these base parameters."""
+    cfg = parse_finetune({"data": {"path": str(tmp_path), "image_size": [32, 32]}, "base": base})
+    options = cfg.fit_options()
+    return load_base(read_pretrained(cfg.base, options), cfg.base, options)
 
 
 def test_load_base_node_reports_the_weights_it_loaded(tmp_path: Path, caplog):
     pretrained = small_cnn(num_classes=9)
     model_file = _save(small_cnn(num_classes=4), tmp_path / "user.keras")
     weights_file = _save(pretrained, tmp_path / "pretrained.h5")
-    params = _params({"source": "file", "path": str(model_file), "cut_at": "fc",
-                      "weights_file": str(weights_file)}, tmp_path)
     with caplog.at_level(logging.INFO):
-        base, report = load_base(params)
+        base, report = _load_base({"source": "file", "path": str(model_file), "cut_at": "fc",
+                                   "weights_file": str(weights_file)}, tmp_path)
     assert report["base"].startswith("model file") and report["base_params"] > 0
     assert report["weights_file"] == str(weights_file)
     assert [m["layer"] for m in report["unexpected"]] == ["output"]
@@ -187,7 +190,7 @@ def test_load_base_node_reports_the_weights_it_loaded(tmp_path: Path, caplog):
     assert "5 layers loaded" in caplog.text and "skipped" in caplog.text
     json.dumps(report)
 
-    _, report = load_base(_params({"source": "keras_applications", "name": "VGG16",
-                                   "weights": None}, tmp_path))
+    _, report = _load_base({"source": "keras_applications", "name": "VGG16", "weights": None},
+                           tmp_path)
     assert report["weights_file"] is None
     assert report["base_params"] == 14_714_688 + 3 * 3 + 3  # VGG16 and the BGR 1x1 conv

@@ -7,28 +7,32 @@ and every error names the key, the value that was given and what is allowed.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
+from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from headswap.core.fit import FitOptions
+from headswap.core.recipe import (
+    Augmentation,
+    Callbacks,
+    Settings,
+    Stage,
+    check_plateau,
 )
 
-OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
+logger = logging.getLogger(__name__)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Strict = Settings
 
 
 class DataConfig(_Strict):
     path: str
-    image_size: tuple[int, int] = (224, 224)
+    image_size: tuple[int, int]
     batch_size: int = Field(32, ge=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -77,8 +81,8 @@ class BaseConfig(_Strict):
 
 class HeadConfig(_Strict):
     pooling: Literal["avg", "max", "flatten"] = "avg"
-    dense: list[int] = Field(default_factory=lambda: [128])
-    dropout: float = Field(0.5, ge=0, lt=1)
+    dense: list[int] = Field(default_factory=lambda: [64])
+    dropout: float = Field(0.3, ge=0, lt=1)
 
     @field_validator("dense", mode="before")
     @classmethod
@@ -88,143 +92,26 @@ class HeadConfig(_Strict):
         return [value] if isinstance(value, int) else value
 
 
-class LayerSelection(_Strict):
-    """Which layers of the base: exactly one of the fields (see headswap.training.select_layers).
+class PhaseConfig(Stage):
+    """A phase: one stage, or a list of ``stages`` run in order (gradual unfreezing); then the
+    phase's own keys other than ``stages`` are not used."""
 
-    ``all: true``; ``names: [a, b]``; ``regex: "block[45]_.*"``; ``index: "5:-1"`` (a Python
-    slice over the base's layers); ``top: 10`` (the last 10 layers); ``from_layer: block4_conv``
-    (that layer and every layer above it).
-    """
+    stages: list[Stage] = Field(default_factory=list)
 
-    all: bool | None = None
-    names: list[str] | None = None
-    regex: str | None = None
-    index: str | None = None
-    top: int | None = Field(None, ge=0)
-    from_layer: str | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> LayerSelection:
-        given = [k for k, v in self.model_dump().items() if v is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "give exactly one of all, names, regex, index, top, from_layer; got "
-                + (", ".join(given) or "none")
-            )
-        if self.index is not None and not re.fullmatch(r"\s*-?\d*\s*:\s*-?\d*\s*", self.index):
-            raise ValueError(f"index must be a slice such as '5:-1' or ':10'; got {self.index!r}")
-        return self
-
-
-def _selection(value: Any) -> Any:
-    """``all``/``none`` and bare lists as shorthands of a :class:`LayerSelection`."""
-    if value in ("all", True):
-        return {"all": True}
-    if value in ("none", False, None):
-        return None
-    if isinstance(value, list):
-        return {"names": value}
-    return value
-
-
-class LayerRate(_Strict):
-    """A group of base layers trained at its own learning rate."""
-
-    layers: LayerSelection
-    learning_rate: float = Field(ge=0)
-
-
-class Discriminative(_Strict):
-    """Base layers split into ``groups`` blocks, bottom to top, with learning rates spaced
-    geometrically from ``min_learning_rate`` up to the phase's (the head's) rate."""
-
-    min_learning_rate: float = Field(gt=0)
-    groups: int = Field(3, ge=1)
-
-
-class TrainingSettings(_Strict):
-    """Optimizer, rates, schedule and which base layers train, for a phase or a stage."""
-
-    epochs: int = Field(5, ge=0)
-    learning_rate: float = Field(1e-3, gt=0)
-    optimizer: Literal["adam", "adamw", "rmsprop", "sgd"] = "adam"
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    schedule: Literal["constant", "cosine"] = "constant"
-    warmup_epochs: int = Field(0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    train: LayerSelection | None = None
-    train_batchnorm: bool = False
-    layer_rates: list[LayerRate] = Field(default_factory=list)
-    discriminative: Discriminative | None = None
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _train(cls, value: Any) -> Any:
-        return _selection(value)
-
-    @model_validator(mode="after")
-    def _rates(self) -> TrainingSettings:
-        if self.layer_rates and self.discriminative:
-            raise ValueError("give layer_rates or discriminative, not both")
-        if self.warmup_epochs and self.warmup_epochs >= max(self.epochs, 1):
-            raise ValueError(
-                f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs})"
-            )
-        return self
-
-
-class PhaseConfig(TrainingSettings):
-    """A phase; phase 2 may instead be a list of ``stages`` run in order (gradual unfreezing)."""
-
-    stages: list[TrainingSettings] = Field(default_factory=list)
-
-
-class EarlyStoppingConfig(_Strict):
-    monitor: str = "val_loss"
-    patience: int = Field(5, ge=0)
-    min_delta: float = Field(0.0, ge=0)
-    restore_best_weights: bool = True
-
-
-class ReduceLROnPlateauConfig(_Strict):
-    monitor: str = "val_loss"
-    factor: float = Field(0.5, gt=0, lt=1)
-    patience: int = Field(3, ge=0)
-    min_delta: float = Field(1e-4, ge=0)
-    min_learning_rate: float = Field(1e-7, ge=0)
-
-
-class CallbacksConfig(_Strict):
-    early_stopping: EarlyStoppingConfig | None = None
-    reduce_lr_on_plateau: ReduceLROnPlateauConfig | None = None
-    checkpoint: bool = False
-    terminate_on_nan: bool = True
-    checkpoint_dir: str = "data/06_models/checkpoints"
-
-
-class AugmentationConfig(_Strict):
-    """Random Keras preprocessing layers, active in training only (0 or null turns one off)."""
-
-    flip: Literal["horizontal", "vertical", "horizontal_and_vertical"] | None = None
-    rotation: float = Field(0.0, ge=0, le=1)
-    zoom: float = Field(0.0, ge=0, lt=1)
-    contrast: float = Field(0.0, ge=0, le=1)
-    translation: float = Field(0.0, ge=0, lt=1)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.flip or self.rotation or self.zoom or self.contrast or self.translation)
+    def stages_list(self) -> list[Stage]:
+        return list(self.stages) or [Stage(**self.model_dump(exclude={"stages"}))]
 
 
 class TrainingConfig(_Strict):
     """Settings shared by both phases."""
 
     class_weight: Literal["balanced"] | dict[str, float] | None = None
-    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
-    callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig)
+    augmentation: Augmentation = Field(default_factory=Augmentation)
+    callbacks: Callbacks = Field(default_factory=Callbacks)
     cache_features: bool = True
-    resume: bool = False
+    # Keep per-epoch backups so that the same command, run again after an interruption,
+    # continues where it stopped (false: keep none and always start afresh).
+    resume: bool = True
     resume_dir: str = "data/05_model_input/resume"
 
 
@@ -235,7 +122,16 @@ class EvaluationConfig(_Strict):
     misclassified: int = Field(16, ge=0)  # most confident errors shown in the grid
 
 
+#: Phase 1 trains the new head on the frozen base; phase 2 opens the whole base at a lower rate.
+PHASE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "phase1": {"epochs": 30, "learning_rate": 1e-3, "optimizer": "rmsprop"},
+    "phase2": {"epochs": 30, "learning_rate": 3e-4, "optimizer": "adam", "train": "all"},
+}
+
+
 class FinetuneConfig(_Strict):
+    """Every key of ``finetune``; the defaults are those of conf/base/parameters_finetune.yml."""
+
     seed: int = 42
     distribution: Literal["none", "mirrored", "multi_worker_mirrored"] = "none"
     mixed_precision: bool = False
@@ -245,40 +141,100 @@ class FinetuneConfig(_Strict):
     head: HeadConfig = Field(default_factory=HeadConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    phase1: PhaseConfig = Field(
-        default_factory=lambda: PhaseConfig(epochs=5, learning_rate=1e-3, optimizer="rmsprop")
-    )
-    phase2: PhaseConfig = Field(
-        default_factory=lambda: PhaseConfig(
-            epochs=5, learning_rate=1e-4, optimizer="adam", train={"all": True}
-        )
-    )
+    # keys of a phase that its stages make unused (see parse_finetune)
+    ignored: dict[str, list[str]] = Field(default_factory=dict, exclude=True)
+    phase1: PhaseConfig = Field(default_factory=lambda: PhaseConfig(**PHASE_DEFAULTS["phase1"]))
+    phase2: PhaseConfig = Field(default_factory=lambda: PhaseConfig(**PHASE_DEFAULTS["phase2"]))
+
+    @field_validator("phase1", "phase2", mode="before")
+    @classmethod
+    def _phase_defaults(cls, value: Any, info: Any) -> Any:
+        # A phase given in part keeps that phase's defaults for the rest.
+        if isinstance(value, dict):
+            return {**PHASE_DEFAULTS[info.field_name], **value}
+        return value
 
     @model_validator(mode="after")
-    def _phase_defaults(self) -> FinetuneConfig:
-        # Phase 2 opens the whole base unless it says otherwise; phase 1 keeps it frozen.
-        if "train" not in self.phase2.model_fields_set:
-            self.phase2.train = LayerSelection(all=True)
-        if self.training.callbacks.reduce_lr_on_plateau:
-            for phase in ("phase1", "phase2"):
-                settings = getattr(self, phase)
-                for stage in settings.stages or [settings]:
-                    if stage.schedule != "constant" or stage.warmup_epochs:
-                        raise ValueError(
-                            f"{phase} uses a {stage.schedule} schedule with warmup "
-                            f"{stage.warmup_epochs}, which reduce_lr_on_plateau cannot change; "
-                            "use one or the other"
-                        )
-                    if stage.layer_rates or stage.discriminative:
-                        raise ValueError(
-                            f"{phase} has per-layer learning rates, which "
-                            "reduce_lr_on_plateau cannot scale; use schedule: cosine instead"
-                        )
+    def _plateau(self) -> FinetuneConfig:
+        for phase in ("phase1", "phase2"):
+            try:
+                check_plateau(getattr(self, phase).stages_list(), self.training.callbacks)
+            except ValueError as err:
+                raise ValueError(f"{phase}: {err}") from None
         return self
+
+    def fit_options(self) -> FitOptions:
+        """The core's training options for these parameters."""
+        training = self.training
+        return FitOptions(
+            image_size=self.data.image_size, batch_size=self.data.batch_size, seed=self.seed,
+            cache_memory_mb=self.data.cache_memory_mb, cache_features=training.cache_features,
+            augmentation=training.augmentation, callbacks=training.callbacks,
+            class_weight=training.class_weight, distribution=self.distribution,
+            mixed_precision=self.mixed_precision, jit_compile=self.jit_compile,
+            backup_dir=state_dir(self) if training.resume else None,
+        )
+
+
+def state_dir(cfg: FinetuneConfig) -> Path:
+    """Where a run with these parameters keeps what it needs to resume after an interruption.
+
+    Settings that change no result (resuming itself, the memory budget) leave it as it is."""
+    key = hashlib.sha256(
+        cfg.model_dump_json(exclude={"training": {"resume"}, "data": {"cache_memory_mb"}}).encode()
+    ).hexdigest()[:16]
+    return Path(cfg.training.resume_dir) / key
+
+
+def merge_parameters(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` merged in key by key (nested dicts merged, the rest replaced)."""
+    merged = dict(base)
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_parameters(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def from_scratch_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """Finetune parameters for training the whole model from random weights in one phase.
+
+    Phase 1 trains every layer (BatchNormalization statistics included: random ones mean
+    nothing) for as many epochs as phases 1 and 2 of ``params`` together; phase 2 is empty.
+    """
+    phase1, phase2 = params.get("phase1", {}), params.get("phase2", {})
+    stages = phase2.get("stages") or [phase2]
+    total = int(phase1.get("epochs", 0)) + sum(int(s.get("epochs", 0)) for s in stages)
+    return merge_parameters(params, {
+        "phase1": {"epochs": total, "train": "all", "train_batchnorm": True},
+        "phase2": {"epochs": 0, "stages": []},
+    })
 
 
 class ParameterError(ValueError):
     """A parameter is missing, has the wrong type, or is out of range."""
+
+
+#: The section of ``finetune`` each node's core arguments belong to, and the arguments whose
+#: key is the same wherever they come up.
+NODE_SECTIONS = {"locate_images": "data", "ingest_images": "data", "read_pretrained": "base",
+                 "load_base": "base"}
+ARGUMENT_KEYS = {"image_size": "data.image_size", "manifest": "data.manifest",
+                 "class_weight": "training.class_weight", "top_k": "evaluation.top_k"}
+
+
+def parameter_keys(message: str, node: str, prefix: str = "finetune") -> str:
+    """``message`` of a core error with each `argument` replaced by its parameter key."""
+
+    def key(match: re.Match) -> str:
+        argument = match.group(1)
+        if argument in ARGUMENT_KEYS:
+            return f"{prefix}.{ARGUMENT_KEYS[argument]}"
+        section = NODE_SECTIONS.get(node)
+        return f"{prefix}.{section}.{argument}" if section else match.group(0)
+
+    return re.sub(r"`(\w+)`", key, message)
 
 
 def parse_finetune(params: dict[str, Any], prefix: str = "finetune") -> FinetuneConfig:
@@ -293,13 +249,17 @@ def parse_finetune(params: dict[str, Any], prefix: str = "finetune") -> Finetune
             "(e.g. MobileNetV2)."
         )
     if config.base.source == "keras_applications":
-        from headswap.bases import ARCHITECTURES  # imports Keras: only when needed
+        from headswap.core.bases import ARCHITECTURES
 
         if config.base.name not in ARCHITECTURES:
             raise ParameterError(
                 f"Invalid parameters:\n  {prefix}.base.name: got {config.base.name!r}; not a "
                 "known keras.applications architecture. Allowed: " + ", ".join(ARCHITECTURES)
             )
+    for phase in ("phase1", "phase2"):
+        given = params.get(phase) or {}
+        if given.get("stages"):
+            config.ignored[phase] = sorted(set(given) - {"stages"})
     if config.base.source == "file" and not config.base.path:
         raise ParameterError(
             f"{prefix}.base.path is required when {prefix}.base.source is file "

@@ -2,37 +2,63 @@
 
 from __future__ import annotations
 
-from itertools import chain
+from typing import Any
 
-from kedro.io import DatasetError
-from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
+import mlflow
+from kedro.io import AbstractDataset, DatasetError
 from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
 BATCH = 1000  # the most metrics one MLflow log_batch request takes
 
 
-class MetricsHistoryDataset(MlflowMetricsHistoryDataset):
-    """kedro-mlflow's metrics history dataset (same configuration, same metrics in the run),
-    saved in batches of up to 1000 values per MLflow request instead of one request per value:
-    a history of a few hundred epoch values is one request, not hundreds."""
+class MetricsHistoryDataset(AbstractDataset[dict, dict]):
+    """Metrics of the active MLflow run, each a list of ``{"step", "value"}`` points, named
+    ``<prefix>.<name>`` (the format of kedro-mlflow's ``MlflowMetricsHistoryDataset``).
 
-    def _save(self, data) -> None:
-        if not self._logging_activated:
-            return
-        try:
-            run_id = self.run_id
-        except DatasetError:  # no run: kedro-mlflow's own path starts one
-            super()._save(data)
+    Saved in batches of up to 1000 values per MLflow request, not one request per value;
+    nothing is saved when no MLflow run is active (a pipeline with tracking switched off).
+    Loading reads the histories (by their full names) back from ``run_id``, else from the
+    active run or the run last saved to.
+    """
+
+    def __init__(self, prefix: str | None = None, run_id: str | None = None,
+                 metadata: dict[str, Any] | None = None):
+        self.prefix = prefix
+        self.metadata = metadata
+        self._run_id = run_id
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def save(self, data: dict[str, Any]) -> None:
+        run = mlflow.active_run()
+        if run is None:
             return
         now = get_current_time_millis()
-        metrics = [
-            Metric(key, float(value), now, int(step))
-            for key, value, step in chain.from_iterable(
-                self._build_args_list_from_metric_item(k, v) for k, v in data.items()
-            )
-        ]
-        client = MlflowClient()
+        metrics = []
+        for name, points in data.items():
+            points = points if isinstance(points, list) else [points]
+            metrics += [Metric(self._key(name), float(p["value"]), now, int(p.get("step", 0)))
+                        for p in points]
+        client = mlflow.MlflowClient()
         for start in range(0, len(metrics), BATCH):
-            client.log_batch(run_id, metrics=metrics[start:start + BATCH])
+            client.log_batch(run.info.run_id, metrics=metrics[start:start + BATCH])
+        self._run_id = run.info.run_id
+
+    def load(self) -> dict[str, list[dict[str, float]]]:
+        run = mlflow.active_run()
+        run_id = self._run_id or (run.info.run_id if run is not None else None)
+        if run_id is None:
+            raise DatasetError("No MLflow run to read the metrics from.")
+        client = mlflow.MlflowClient()
+        keys = client.get_run(run_id).data.metrics
+        wanted = [k for k in keys if self.prefix is None or k.startswith(f"{self.prefix}.")]
+        return {
+            key: [{"step": m.step, "value": m.value}
+                  for m in client.get_metric_history(run_id, key)]
+            for key in wanted
+        }
+
+    def _describe(self) -> dict[str, Any]:
+        return {"prefix": self.prefix}

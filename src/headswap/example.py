@@ -162,7 +162,7 @@ def pretrain_compact_cnn(
     """Train :func:`compact_cnn` on in-memory images (N, H, W) uint8; return it and its history."""
     import tensorflow as tf
 
-    from headswap.training import compile_model, run_phase
+    from headswap.core.train import compile_model
 
     keras.utils.set_random_seed(seed)
     classes = np.unique(labels)
@@ -179,6 +179,7 @@ def pretrain_compact_cnn(
     )
     val = tf.data.Dataset.from_tensor_slices((x[val_idx], y[val_idx])).batch(batch_size)
     model = compact_cnn(x.shape[1:], len(classes), tuple(filters))
-    compile_model(model, "adam", learning_rate)
-    history = run_phase(model, train, val, epochs)
-    return model, history
+    compile_model(model, keras.optimizers.Adam(learning_rate))
+    result = model.fit(train, validation_data=val, epochs=epochs, verbose=2, shuffle=False)
+    history = {k: [float(v) for v in values] for k, values in result.history.items()}
+    return model, {"epoch": [int(e) for e in result.epoch], **history}

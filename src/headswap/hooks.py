@@ -7,6 +7,7 @@ import atexit
 import logging
 import os
 import shutil
+from pathlib import Path
 import urllib.error
 import urllib.request
 from typing import Any
@@ -16,11 +17,11 @@ import mlflow
 import pandas as pd
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
-from kedro_mlflow.framework.hooks import MlflowHook
 from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
 
-from headswap.config import ParameterError, parse_finetune
+from headswap.config import ParameterError, parameter_keys, parse_finetune, state_dir
+from headswap.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,11 @@ class RunStopped(click.ClickException):
     """A run stopped for a reason the user can fix; ``kedro run`` prints just the message."""
 
 
-class ValidateParametersHook:
-    """Stops a run that uses ``params:finetune`` before its first node (and before an MLflow
-    run starts) if they are invalid."""
+class UserErrorHook:
+    """Stops a run on input the user can fix with one readable message (no traceback): invalid
+    ``finetune`` parameters before the first node (and before an MLflow run starts), and a
+    node's :class:`~headswap.core.InputError` or :class:`ParameterError`, naming the parameter
+    keys. The pipeline error hooks still run: the MLflow run is marked FAILED."""
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -43,19 +46,11 @@ class ValidateParametersHook:
             except ParameterError as err:
                 raise RunStopped(str(err)) from err
 
-
-class UserErrorHook:
-    """Turns a node's :class:`ParameterError` or :class:`DataError` (bad input the message
-    explains) into :class:`RunStopped`, so the CLI shows the message, not a traceback. The
-    pipeline error hooks still run: kedro-mlflow marks the MLflow run FAILED."""
-
     @hook_impl(trylast=True)
     def on_node_error(self, error: Exception, node) -> None:
-        # imports TensorFlow: only once a node failed
-        from headswap.data import DataError
-
-        if isinstance(error, (ParameterError, DataError)):
-            raise RunStopped(f"Node {node.name} stopped: {error}") from error
+        if isinstance(error, (ParameterError, InputError)):
+            message = parameter_keys(str(error), node.name.rsplit(".", 1)[-1])
+            raise RunStopped(f"Node {node.name} stopped: {message}") from error
 
 
 def tracking_uri(context) -> str | None:
@@ -99,29 +94,6 @@ class MlflowServerCheckHook:
         uri = tracking_uri(context)
         if uri and uri.startswith(("http://", "https://")):
             check_tracking_server(uri, f"conf/{context.env or 'local'}/mlflow.yml")
-
-
-class MlflowParamsOnceHook(MlflowHook):
-    """kedro-mlflow's hook (registered in settings.py in place of the plugin's own), writing
-    each parameter to an MLflow run once.
-
-    kedro-mlflow logs a node's ``params:`` inputs before every node; every finetune node takes
-    the whole ``params:finetune``, so the same values would be written again for each node
-    (hundreds of database writes per run). A value that changes within a run still reaches
-    MLflow, which refuses it as it always does.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._logged: dict[tuple[str | None, str], str] = {}
-
-    def _log_param(self, name: str, value: Any) -> None:
-        run = mlflow.active_run()
-        key = (run.info.run_id if run else None, name)
-        if self._logged.get(key) == str(value):
-            return
-        super()._log_param(name, value)
-        self._logged[key] = str(value)
 
 
 class SkippedImagesSummaryHook:
@@ -229,52 +201,58 @@ class MlflowArtifactHook:
 
 
 class ResumeHook:
-    """With ``finetune.training.resume``, an interrupted run continues in its MLflow run.
+    """A finetune run that was killed or interrupted, run again with the same parameters (and
+    ``finetune.training.resume``, on by default), continues in its MLflow run.
 
-    The run's MLflow id is kept beside its resume state (see ``headswap.phases.state_dir``);
-    a resumed ``kedro run`` hands that id to kedro-mlflow, which reopens the run instead of
-    starting one, so both parts log into one run. The state is removed once the pipeline
-    finishes.
+    The run's MLflow id is kept beside its resume state (:func:`headswap.config.state_dir`);
+    the next ``kedro run`` with the same parameters hands that id to kedro-mlflow, which reopens
+    the run instead of starting one. Once a pipeline finishes, or fails on an error (which a
+    rerun would meet again), the resume folder is removed: only a run that was killed or
+    stopped with Ctrl-C leaves its state to resume from.
     """
 
     def __init__(self) -> None:
-        self._state = None
+        self._state: Path | None = None
+        self._folder: Path | None = None
 
     @hook_impl(trylast=True)
     def after_context_created(self, context) -> None:
-        # imports TensorFlow: only for finetune runs
-        from headswap.phases import state_dir
-
-        self._state = None
+        self._state = self._folder = None
         try:
             cfg = parse_finetune(context.params["finetune"])
         except (KeyError, ParameterError):
-            return  # not a finetune project configuration, or ValidateParametersHook reports
-        self._state = state_dir(cfg)
+            return  # not a finetune configuration, or UserErrorHook reports it
+        if not cfg.training.resume:
+            return
+        self._state, self._folder = state_dir(cfg), Path(cfg.training.resume_dir)
         run_file = self._state / "mlflow_run_id"
-        config = getattr(context, "mlflow", None)
-        if cfg.training.resume and run_file.is_file() and config is not None:
+        config = getattr(context, "mlflow", None)  # kedro-mlflow's configuration
+        if run_file.is_file() and config is not None:
             config.tracking.run.id = run_file.read_text().strip()
             logger.info("Resuming: logging into the interrupted MLflow run %s",
                         config.tracking.run.id)
 
-    @hook_impl
+    @hook_impl(trylast=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        if "params:finetune" not in pipeline.inputs():
-            self._state = None
-
-    @hook_impl
-    def before_node_run(self, node) -> None:
         run = mlflow.active_run()
-        if self._state is not None and run is not None:
+        if "params:finetune" not in pipeline.inputs() or run is None:
+            self._state = self._folder = None
+        if self._state is not None:
             self._state.mkdir(parents=True, exist_ok=True)
             (self._state / "mlflow_run_id").write_text(run.info.run_id)
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        if self._state is not None:
-            shutil.rmtree(self._state, ignore_errors=True)
-        self._state = None
+        self._remove()
+
+    @hook_impl
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline, catalog):
+        self._remove()
+
+    def _remove(self) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+        self._state = self._folder = None
 
 
 class NamespaceRunsHook:

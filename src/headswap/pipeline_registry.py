@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kedro.pipeline import Pipeline
+from kedro.pipeline import Pipeline, pipeline
 
 from headswap.pipelines import compare, data, finetune, label_efficiency, pretrain
 
@@ -13,11 +13,12 @@ def register_pipelines() -> dict[str, Pipeline]:
     ``label_efficiency`` (not in the default) runs that comparison at each count of labelled
     images per class in ``label_efficiency.LABELS_PER_CLASS`` (10, 30, 100, 300).
 
-    In the default pipeline the finetune nodes also wait for the example's image folder and
-    pretrained base, so that one ``kedro run`` prepares, pretrains and then fine-tunes.
+    In the default pipeline the recipe's inputs are the example's outputs: the image folder
+    the data pipeline writes and the base the pretrain pipeline trains.
     """
-    example = data.create_pipeline() + pretrain.create_pipeline() + finetune.create_pipeline(
-        after={"ingest_images": ["example_folder"], "load_base": ["pretrain_history"]}
+    example = data.create_pipeline() + pretrain.create_pipeline() + pipeline(
+        finetune.recipe(),
+        inputs={"image_folder": "example_folder", "pretrained_model": "pretrained_base"},
     )
     return {
         "data": data.create_pipeline(),

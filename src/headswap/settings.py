@@ -4,34 +4,25 @@ https://docs.kedro.org/en/stable/configure/configuration_basics/#configuration""
 
 from headswap.hooks import (
     MlflowArtifactHook,
-    MlflowParamsOnceHook,
     MlflowRunEndHook,
     MlflowServerCheckHook,
     NamespaceRunsHook,
     ResumeHook,
     SkippedImagesSummaryHook,
     UserErrorHook,
-    ValidateParametersHook,
 )
 
-# Hooks are executed in a Last-In-First-Out (LIFO) order; the checks that must come before
-# kedro-mlflow's own hooks are marked tryfirst.
+# Next to kedro-mlflow's own hook (registered by the plugin); those that must come before it
+# are marked tryfirst, those that need its MLflow run trylast.
 HOOKS = (
     MlflowServerCheckHook(),
-    ValidateParametersHook(),
     UserErrorHook(),
     MlflowArtifactHook(),
     SkippedImagesSummaryHook(),
     MlflowRunEndHook(),
     ResumeHook(),
     NamespaceRunsHook(),
-    # kedro-mlflow's own hook, subclassed (see MlflowParamsOnceHook); registered last so that,
-    # as the plugin's hook would, it runs first: its MLflow run exists when the hooks above run.
-    MlflowParamsOnceHook(),
 )
-
-# The plugin's copy of that hook is replaced by the one above (both spellings of its name).
-DISABLE_HOOKS_FOR_PLUGINS = ("kedro_mlflow", "kedro-mlflow")
 
 # Class that manages the KedroSession.
 # from kedro.framework.session import KedroSession

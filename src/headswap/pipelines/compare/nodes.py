@@ -12,8 +12,15 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from headswap import bases, data, evaluation
-from headswap.config import ParameterError, parse_finetune
+from headswap.config import (
+    HeadConfig,
+    ParameterError,
+    from_scratch_parameters,
+    merge_parameters,
+    parse_finetune,
+)
+from headswap.core import data, evaluation
+from headswap.core.fit import FitOptions
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +34,9 @@ def start_variant(
 ) -> tuple[dict[str, Any], float]:
     """The variant's finetune parameters (``compare.variants.<variant>`` merged into
     ``finetune``), checked, and the time it starts. ``after`` orders variants one by one."""
-    params = evaluation.merge_parameters(finetune, overrides)
+    params = merge_parameters(finetune, overrides)
     if from_scratch:
-        params = evaluation.from_scratch_parameters(params)
+        params = from_scratch_parameters(params)
     try:
         parse_finetune(params)
     except ParameterError as err:
@@ -41,23 +48,22 @@ def start_variant(
     return params, time.perf_counter()
 
 
-def reinitialise_base(base: keras.Model, params: dict[str, Any]) -> keras.Model:
+def reinitialise_base(base: keras.Model, options: FitOptions) -> keras.Model:
     """The base's architecture with fresh random weights (seeded): training from scratch."""
-    keras.utils.set_random_seed(parse_finetune(params).seed)
+    keras.utils.set_random_seed(options.seed)
     return keras.models.clone_model(base)
 
 
 def extract_features(
-    base: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]
+    base: keras.Model, manifest: pd.DataFrame, options: FitOptions, head: HeadConfig
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The pretrained base as a fixed feature extractor: pooled features of every split, once."""
-    cfg = parse_finetune(params)
-    channels = bases.input_spec(base)[2]
+    channels = base.inputs[0].shape[-1]
     return {
         split: evaluation.pooled_features(
             base,
-            data.make_dataset(manifest, split, cfg.data.image_size, channels, cfg.data.batch_size),
-            cfg.head.pooling,
+            data.make_dataset(manifest, split, options.image_size, channels, options.batch_size),
+            head.pooling,
         )
         for split in data.SPLITS
     }
@@ -66,12 +72,12 @@ def extract_features(
 def fit_logistic_regression(
     features: dict[str, tuple[np.ndarray, np.ndarray]],
     manifest: pd.DataFrame,
-    params: dict[str, Any],
+    options: FitOptions,
     regression: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Logistic regression on the fixed features: the test report and a one-point history."""
     predicted, val_accuracy, size = evaluation.logistic_regression_baseline(
-        features, float(regression["C"]), int(regression["max_iter"]), parse_finetune(params).seed
+        features, float(regression["C"]), int(regression["max_iter"]), options.seed
     )
     report = evaluation.report(features["test"][1], predicted, data.class_names(manifest))
     history = {"epoch": [], "val_accuracy": [val_accuracy],

@@ -17,13 +17,9 @@ own, and each logs into its own MLflow run nested under the pipeline's run (see
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial, update_wrapper
-from typing import Any
-
 from kedro.pipeline import Node, Pipeline, pipeline
 
-from headswap.pipelines import finetune
+from headswap.pipelines import bound, finetune
 
 from .nodes import (
     compare_variants,
@@ -35,30 +31,26 @@ from .nodes import (
 )
 
 VARIANTS = ("feature_extraction", "head_only", "full", "scratch", "partial")
-HEAD_ONLY = ("swap_head", "train_head", "evaluate_head_only")
-TWO_PHASES = ("swap_head", "train_head", "fine_tune", "predict_test", "evaluate")
-
-
-def _bound(func: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
-    """``func`` with keyword arguments fixed, keeping its name for Kedro's logs."""
-    return update_wrapper(partial(func, **kwargs), func)
+HEAD_ONLY = ("check_parameters", "swap_head", "train_head", "evaluate_head_only")
+TWO_PHASES = (*HEAD_ONLY[:-1], "fine_tune", "predict_test", "evaluate")
+SHARED = ("check_parameters", "locate_images", "read_pretrained", "ingest_images", "load_base")
 
 
 def _body(variant: str) -> tuple[Pipeline, str, list[str]]:
     """The variant's nodes (un-namespaced), its report and its histories."""
-    recipe = finetune.create_pipeline(params="finetune_params")
+    recipe = finetune.recipe(params="finetune_params")
     if variant == "feature_extraction":
-        nodes = Pipeline([
-            Node(extract_features, ["base_model", "manifest", "finetune_params"], "features",
-                 name="extract_features"),
+        nodes = recipe.only_nodes("check_parameters") + Pipeline([
+            Node(extract_features, ["base_model", "manifest", "fit_options", "head_config"],
+                 "features", name="extract_features"),
             Node(fit_logistic_regression,
-                 ["features", "manifest", "finetune_params", "params:compare.logistic_regression"],
+                 ["features", "manifest", "fit_options", "params:compare.logistic_regression"],
                  ["classification_report", "logistic_regression_history"],
                  name="fit_logistic_regression"),
         ])
         return nodes, "classification_report", ["logistic_regression_history"]
     if variant == "scratch":
-        random_base = Node(reinitialise_base, ["base_model", "finetune_params"],
+        random_base = Node(reinitialise_base, ["base_model", "fit_options"],
                            "random_base_model", name="reinitialise_base")
         trained = pipeline(recipe.only_nodes(*HEAD_ONLY),
                            inputs={"base_model": "random_base_model"})
@@ -71,18 +63,18 @@ def _body(variant: str) -> tuple[Pipeline, str, list[str]]:
 
 def create_pipeline(**kwargs) -> Pipeline:
     """Shared manifest and base, then each variant in its namespace, then the comparison."""
-    shared = finetune.create_pipeline().only_nodes("ingest_images", "load_base")
+    shared = finetune.create_pipeline().only_nodes(*SHARED)
     variants, previous = [], None
     for variant in VARIANTS:
         body, report, histories = _body(variant)
         start = Node(
-            _bound(start_variant, variant=variant, from_scratch=variant == "scratch"),
+            bound(start_variant, variant=variant, from_scratch=variant == "scratch"),
             # The first variant waits for the shared datasets, each next for the one before.
             ["params:finetune", f"params:compare.variants.{variant}",
              *(["previous_summary"] if previous else ["manifest", "base_model"])],
             ["finetune_params", "started_at"], name="start",
         )
-        summary = Node(_bound(summarise_variant, variant=variant),
+        summary = Node(bound(summarise_variant, variant=variant),
                        ["started_at", report, *histories],
                        ["summary", "comparison_metrics"], name="summarise")
         variants.append(pipeline(

@@ -1,5 +1,5 @@
-"""Fine-tuning a pretrained base with a new head on an image folder."""
+"""The ``finetune`` pipeline."""
 
-from .pipeline import create_pipeline
+from .pipeline import create_pipeline, inputs_from_parameters, recipe
 
-__all__ = ["create_pipeline"]
+__all__ = ["create_pipeline", "inputs_from_parameters", "recipe"]

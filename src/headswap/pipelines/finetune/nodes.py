@@ -1,76 +1,113 @@
-"""Thin Kedro nodes wiring the core library into the ``finetune`` pipeline.
-
-Each node takes the whole ``params:finetune`` dict, validated by
-:func:`headswap.config.parse_finetune`; extra positional inputs (``*upstream``) only order a
-node after other pipelines' outputs when pipelines are combined (see pipeline_registry).
-"""
+"""Kedro nodes of the ``finetune`` pipeline: each takes the data it works on and the typed part
+of the parameters it needs (made once by :func:`check_parameters`), and calls the core."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 import pandas as pd
+from kedro.io import Version
+from kedro_datasets.tensorflow import TensorFlowModelDataset
 from matplotlib.figure import Figure
 
-from headswap import bases, data, evaluation, heads, phases, training, weights
-from headswap.config import parse_finetune
+from headswap.config import (
+    BaseConfig,
+    DataConfig,
+    EvaluationConfig,
+    HeadConfig,
+    parse_finetune,
+)
+from headswap.core import Stage, bases, data, evaluation, fit, heads, weights
+from headswap.core.fit import FitOptions, History, next_epoch
 
 logger = logging.getLogger(__name__)
 
+Metrics = dict[str, dict[str, float]]
+
+
+def check_parameters(params: dict[str, Any]) -> tuple[
+    DataConfig, BaseConfig, HeadConfig, FitOptions, list[Stage], list[Stage], EvaluationConfig
+]:
+    """The ``finetune`` parameters, validated, as the typed parts the other nodes take."""
+    cfg = parse_finetune(params)
+    for phase, keys in cfg.ignored.items():
+        logger.warning("finetune.%s.%s not used: finetune.%s.stages sets them for each stage",
+                       phase, ", ".join(keys) + (" is" if len(keys) == 1 else " are"), phase)
+    return (cfg.data, cfg.base, cfg.head, cfg.fit_options(), cfg.phase1.stages_list(),
+            cfg.phase2.stages_list(), cfg.evaluation)
+
+
+def locate_images(data_config: DataConfig) -> str:
+    """The image folder the parameters name (``finetune.data.path``)."""
+    return data_config.path
+
+
+def read_pretrained(base: BaseConfig, options: FitOptions) -> keras.Model:
+    """The pretrained network the parameters name: a model file (of a Kedro-versioned folder,
+    its latest version) or a ``keras.applications`` architecture."""
+    if base.source == "keras_applications":
+        return bases.keras_application(base.name, options.image_size, base.weights)
+    path = Path(base.path)
+    if path.is_dir():  # a Kedro-versioned model, e.g. the example's pretrained_base
+        return TensorFlowModelDataset(
+            filepath=str(path), version=Version(None, None),
+            load_args={"compile": False, "safe_mode": not base.allow_unsafe},
+        ).load()
+    return bases.load_model_file(path, base.allow_unsafe)
+
 
 def ingest_images(
-    params: dict[str, Any], *upstream: Any
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
+    image_folder: str, data_config: DataConfig, options: FitOptions
+) -> tuple[pd.DataFrame, pd.DataFrame, Metrics]:
     """Scan the image folder into a manifest (path, label, split), or reuse a given one.
 
     Every image is decoded once here; files that cannot be are left out and returned as the
     skipped table (path, reason), with ``images`` and ``skipped_images`` counts as metrics.
     """
-    cfg = parse_finetune(params)
-    if cfg.data.manifest:
-        manifest, skipped = data.load_manifest(cfg.data.manifest)
+    if data_config.manifest:
+        manifest, skipped = data.load_manifest(data_config.manifest)
     else:
         manifest, skipped = data.ingest_image_folder(
-            cfg.data.path, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed
+            image_folder, data_config.val_fraction, data_config.test_fraction, options.seed
         )
     counts = {"images": len(manifest), "skipped_images": len(skipped)}
-    return manifest, skipped, {k: {"value": float(v), "step": 0} for k, v in counts.items()}
+    return manifest, skipped, _metrics(counts)
 
 
-def load_base(params: dict[str, Any], *upstream: Any) -> tuple[keras.Model, dict[str, Any]]:
-    """The pretrained base, cut below its old classifier, taking raw pixels; and the report of
-    the weights loaded into it by layer name from ``finetune.base.weights_file`` (if any)."""
-    full = parse_finetune(params)
-    cfg, size = full.base, full.data.image_size
-    if cfg.source == "keras_applications":
-        base = bases.keras_application(cfg.name, size, cfg.weights)
-        origin = f"keras.applications {cfg.name}, weights: {cfg.weights}"
+def load_base(
+    pretrained: keras.Model, base: BaseConfig, options: FitOptions
+) -> tuple[keras.Model, dict[str, Any]]:
+    """The pretrained network cut below its old classifier, taking raw pixels; and the report
+    of the weights loaded into it by layer name from ``weights_file`` (if any)."""
+    if base.source == "keras_applications":
+        model, origin = pretrained, f"keras.applications {base.name}, weights: {base.weights}"
     else:
-        base = bases.cut_model(bases.load_model_file(cfg.path, cfg.allow_unsafe), cfg.cut_at)
-        origin = f"model file {cfg.path}, cut at {cfg.cut_at}"
-    bases.check_image_size(base, size)
-    about = {"base": origin, "base_params": base.count_params()}
-    if cfg.weights_file is None:
-        return base, {**about, "weights_file": None}
-    report = weights.load_weights_by_name(base, cfg.weights_file, cfg.allow_unsafe)
+        model = bases.cut_model(pretrained, base.cut_at)
+        origin = f"model file {base.path}, cut at {base.cut_at}"
+    bases.check_image_size(model, options.image_size)
+    about = {"base": origin, "base_params": model.count_params()}
+    if base.weights_file is None:
+        return model, {**about, "weights_file": None}
+    report = weights.load_weights_by_name(model, base.weights_file, base.allow_unsafe)
     logger.info(weights.summarise(report))
-    return base, {**about, **report}
+    return model, {**about, **report}
 
 
-def swap_head(base: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]) -> keras.Model:
+def swap_head(
+    base_model: keras.Model, manifest: pd.DataFrame, head: HeadConfig, options: FitOptions
+) -> keras.Model:
     """Attach a new head sized for the manifest's classes."""
-    cfg = parse_finetune(params)
-    keras.utils.set_random_seed(cfg.seed)
+    keras.utils.set_random_seed(options.seed)
     names = data.class_names(manifest)
-    augment = cfg.training.augmentation
+    augment = options.augmentation
     model = heads.attach_head(
-        base, len(names), cfg.head.pooling, cfg.head.dense, cfg.head.dropout,
+        base_model, len(names), head.pooling, head.dense, head.dropout,
         augmentation=heads.augmentation_layers(
             augment.flip, augment.rotation, augment.zoom, augment.contrast, augment.translation,
-            seed=cfg.seed,
+            seed=options.seed,
         ),
     )
     logger.info("New head for %s classes: %s", len(names), ", ".join(names))
@@ -78,90 +115,58 @@ def swap_head(base: keras.Model, manifest: pd.DataFrame, params: dict[str, Any])
 
 
 def train_head(
-    model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]
-) -> tuple[keras.Model, dict[str, Any]]:
-    """Phase 1: the base frozen (unless phase1.train opens part of it), the new head trains."""
-    cfg = parse_finetune(params)
-    return model, phases.run_training_phase(model, manifest, cfg, "phase1")
+    model: keras.Model, manifest: pd.DataFrame, stages: list[Stage], options: FitOptions
+) -> tuple[keras.Model, History]:
+    """Phase 1: the base frozen (unless a stage opens part of it), the new head trains."""
+    return model, fit(model, manifest, stages, options, name="phase1")
 
 
 def fine_tune(
     model: keras.Model,
     manifest: pd.DataFrame,
-    params: dict[str, Any],
-    phase1_history: dict[str, Any],
-) -> tuple[keras.Model, dict[str, Any]]:
-    """Phase 2: (part of) the base unfrozen, BatchNormalization kept in inference mode."""
-    cfg = parse_finetune(params)
-    start = (phase1_history["epoch"][-1] + 1) if phase1_history.get("epoch") else 0
-    return model, phases.run_training_phase(model, manifest, cfg, "phase2", start)
-
-
-def _predict_test(model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]):
-    """Image paths, true labels and predicted probabilities over the test split."""
-    cfg = parse_finetune(params)
-    test = data.make_dataset(
-        manifest, "test", cfg.data.image_size, bases.input_spec(model)[2], cfg.data.batch_size
-    )
-    y_true, probabilities = evaluation.predict(model, test)
-    return data.split_arrays(manifest, "test")[0], y_true, probabilities
-
-
-def _test_report(
-    y_true: np.ndarray, probabilities: np.ndarray, names: list[str], params: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, float]]:
-    """The report of test predictions and its headline metrics with the top-k accuracy."""
-    report = evaluation.report(y_true, probabilities.argmax(axis=1), names)
-    metrics = evaluation.test_metrics(report, names)
-    k, top_k = evaluation.top_k_accuracy(
-        y_true, probabilities, parse_finetune(params).evaluation.top_k
-    )
-    metrics[f"top_{k}_accuracy"] = top_k
-    return report, metrics
-
-
-def predict_test(
-    model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]
-) -> pd.DataFrame:
-    """The fine-tuned model's prediction for every test image (path, true and predicted class,
-    confidence, each class's probability): computed once, read by the evaluation nodes."""
-    paths, y_true, probabilities = _predict_test(model, manifest, params)
-    return evaluation.predictions_table(paths, y_true, probabilities, data.class_names(manifest))
-
-
-def evaluate(
-    predictions: pd.DataFrame, manifest: pd.DataFrame, params: dict[str, Any]
-) -> tuple[dict[str, Any], str, Figure, dict[str, dict[str, float]]]:
-    """The fine-tuned model on the test split: report (dict and text), confusion matrix, metrics."""
-    names = data.class_names(manifest)
-    _, y_true, probabilities = evaluation.predictions_arrays(predictions, names)
-    report, metrics = _test_report(y_true, probabilities, names, params)
-    y_pred = probabilities.argmax(axis=1)
-    text = evaluation.report_text(y_true, y_pred, names)
-    logger.info("Classification report on %s test images:\n%s", len(y_true), text)
-    return (
-        report,
-        text,
-        evaluation.confusion_matrix_figure(y_true, y_pred, names),
-        {k: {"value": v, "step": 0} for k, v in metrics.items()},
-    )
+    stages: list[Stage],
+    options: FitOptions,
+    phase1_history: History,
+) -> tuple[keras.Model, History]:
+    """Phase 2: (part of) the base unfrozen, BatchNormalization kept in inference mode; its
+    epochs continue phase 1's."""
+    return model, fit(model, manifest, stages, options, next_epoch(phase1_history), "phase2")
 
 
 def evaluate_head_only(
-    model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    model: keras.Model, manifest: pd.DataFrame, options: FitOptions,
+    evaluation_config: EvaluationConfig,
+) -> tuple[dict[str, Any], Metrics]:
     """The phase-1 model on the test split, to show what phase 2 adds."""
-    _, y_true, probabilities = _predict_test(model, manifest, params)
-    report, metrics = _test_report(y_true, probabilities, data.class_names(manifest), params)
-    logger.info(
-        "Phase 1 (head only): test accuracy %.4f, macro F1 %.4f",
-        metrics["accuracy"], metrics["macro_f1"],
-    )
-    return report, {k: {"value": v, "step": 0} for k, v in metrics.items()}
+    result = evaluation.evaluate(model, manifest, options.image_size, options.batch_size,
+                                 top_k=evaluation_config.top_k)
+    metrics = result["metrics"]
+    logger.info("Phase 1 (head only): test accuracy %.4f, macro F1 %.4f",
+                metrics["accuracy"], metrics["macro_f1"])
+    return result["report"], _metrics(metrics)
+
+
+def predict_test(model: keras.Model, manifest: pd.DataFrame, options: FitOptions) -> pd.DataFrame:
+    """The fine-tuned model's prediction for every test image (path, true and predicted class,
+    confidence, each class's probability): computed once, read by the evaluation nodes."""
+    return evaluation.predict_split(model, manifest, "test", options.image_size,
+                                    options.batch_size)
+
+
+def evaluate(
+    predictions: pd.DataFrame, manifest: pd.DataFrame, evaluation_config: EvaluationConfig
+) -> tuple[dict[str, Any], str, Figure, Metrics]:
+    """The fine-tuned model on the test split: report (dict and text), confusion matrix, metrics."""
+    names = data.class_names(manifest)
+    result = evaluation.summarise(predictions, names, evaluation_config.top_k)
+    logger.info("Classification report on %s test images:\n%s", len(predictions), result["text"])
+    _, y_true, probabilities = evaluation.predictions_arrays(predictions, names)
+    figure = evaluation.confusion_matrix_figure(y_true, probabilities.argmax(axis=1), names)
+    return result["report"], result["text"], figure, _metrics(result["metrics"])
 
 
 def evaluate_details(
-    predictions: pd.DataFrame, manifest: pd.DataFrame, params: dict[str, Any]
+    predictions: pd.DataFrame, manifest: pd.DataFrame, evaluation_config: EvaluationConfig
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, Figure]:
     """Confusion matrix (counts, row-normalised), per-class metrics, and the most confidently
     misclassified test images (table and image grid)."""
@@ -170,18 +175,17 @@ def evaluate_details(
     y_pred = probabilities.argmax(axis=1)
     counts, shares = evaluation.confusion_tables(y_true, y_pred, names)
     per_class = evaluation.per_class_table(evaluation.report(y_true, y_pred, names), names)
-    errors = evaluation.confident_errors(
-        paths, y_true, probabilities, names, parse_finetune(params).evaluation.misclassified
-    )
+    errors = evaluation.confident_errors(paths, y_true, probabilities, names,
+                                         evaluation_config.misclassified)
     return counts, shares, per_class, errors, evaluation.confident_errors_figure(errors)
 
 
 def summarise_training(
-    phase1_history: dict[str, Any], phase2_history: dict[str, Any]
+    phase1_history: History, phase2_history: History
 ) -> tuple[Figure, dict[str, list[dict[str, float]]]]:
     """Learning curves over both phases and the per-epoch metrics on one step axis."""
     phases = [("phase 1", phase1_history), ("phase 2", phase2_history)]
-    metrics = training.history_metrics([h for _, h in phases])
+    metrics = history_metrics([h for _, h in phases])
     for label, history in (("phase1", phase1_history), ("phase2", phase2_history)):
         for key, value in history.get("parameter_counts", {}).items():
             metrics[f"{label}.{key}"] = [{"step": 0, "value": float(value)}]
@@ -191,3 +195,25 @@ def summarise_training(
 def package_model(model: keras.Model) -> keras.Model:
     """The fine-tuned model, handed to MLflow as a model taking raw pixels."""
     return model
+
+
+def history_metrics(histories: list[History]) -> dict[str, list[dict[str, float]]]:
+    """Per-epoch metrics of consecutive phases as ``{name: [{"step", "value"}, ...]}``."""
+    metrics: dict[str, list[dict[str, float]]] = {}
+    for history in histories:
+        for name, values in history.items():
+            per_epoch = isinstance(values, list) and len(values) == len(history["epoch"])
+            if name == "epoch" or not per_epoch or not all(
+                isinstance(v, (int, float)) for v in values
+            ):
+                continue
+            metrics.setdefault(name, []).extend(
+                {"step": int(step), "value": float(value)}
+                for step, value in zip(history["epoch"], values, strict=True)
+            )
+    return metrics
+
+
+def _metrics(values: dict[str, float]) -> Metrics:
+    """Single values as kedro-mlflow's metrics dataset takes them."""
+    return {k: {"value": float(v), "step": 0} for k, v in values.items()}

@@ -1,62 +1,75 @@
-"""The ``finetune`` pipeline: image folder -> manifest -> base -> new head -> two phases -> reports."""
+"""The ``finetune`` pipeline: image folder -> manifest -> base -> new head -> two phases ->
+reports. Its inputs are the image folder and the pretrained network: read from the paths in
+the parameters (:func:`create_pipeline`), or another pipeline's outputs (:func:`recipe`)."""
 
 from kedro.pipeline import Node, Pipeline
 
 from .nodes import (
+    check_parameters,
     evaluate,
     evaluate_details,
     evaluate_head_only,
     fine_tune,
     ingest_images,
     load_base,
+    locate_images,
     package_model,
     predict_test,
+    read_pretrained,
     summarise_training,
     swap_head,
     train_head,
 )
 
-P = "params:finetune"
+CONFIGS = ["data_config", "base_config", "head_config", "fit_options", "phase1_stages",
+           "phase2_stages", "evaluation_config"]
 
 
-def create_pipeline(
-    after: dict[str, list[str]] | None = None, params: str = P, **kwargs
-) -> Pipeline:
-    """The finetune pipeline.
+def recipe(params: str = "params:finetune") -> Pipeline:
+    """The recipe on ``image_folder`` (a path) and ``pretrained_model`` (a Keras model).
 
-    ``after`` maps a node name (``ingest_images``, ``load_base``) to datasets it must wait for
-    when this pipeline runs after others in one ``kedro run`` (the example's data and base).
-    ``params`` is the input holding the finetune parameters: another pipeline that reuses these
-    nodes (``compare``) feeds them its own parameters through a dataset.
+    ``params`` holds the finetune parameters: another pipeline that reuses these nodes
+    (``compare``) feeds them its own parameters through a dataset.
     """
-    after = after or {}
-    return Pipeline(
-        [
-            Node(ingest_images, [params, *after.get("ingest_images", [])],
-                 ["manifest", "skipped_images", "data_metrics"], name="ingest_images"),
-            Node(load_base, [params, *after.get("load_base", [])],
-                 ["base_model", "base_weights_report"], name="load_base"),
-            Node(swap_head, ["base_model", "manifest", params], "headswapped_model",
-                 name="swap_head"),
-            Node(train_head, ["headswapped_model", "manifest", params],
-                 ["phase1_model", "phase1_history"], name="train_head"),
-            Node(fine_tune, ["phase1_model", "manifest", params, "phase1_history"],
-                 ["phase2_model", "phase2_history"], name="fine_tune"),
-            Node(evaluate_head_only, ["phase1_model", "manifest", params],
-                 ["phase1_classification_report", "phase1_test_metrics"],
-                 name="evaluate_head_only"),
-            Node(predict_test, ["phase2_model", "manifest", params], "test_predictions",
-                 name="predict_test"),
-            Node(evaluate, ["test_predictions", "manifest", params],
-                 ["classification_report", "classification_report_text",
-                  "confusion_matrix_plot", "test_metrics"],
-                 name="evaluate"),
-            Node(evaluate_details, ["test_predictions", "manifest", params],
-                 ["confusion_matrix_counts", "confusion_matrix_normalised", "per_class_metrics",
-                  "misclassified_images", "misclassified_plot"],
-                 name="evaluate_details"),
-            Node(summarise_training, ["phase1_history", "phase2_history"],
-                 ["learning_curves_plot", "training_metrics"], name="summarise_training"),
-            Node(package_model, "phase2_model", "mlflow_model", name="package_model"),
-        ]
-    )
+    return Pipeline([
+        Node(check_parameters, params, CONFIGS, name="check_parameters"),
+        Node(ingest_images, ["image_folder", "data_config", "fit_options"],
+             ["manifest", "skipped_images", "data_metrics"], name="ingest_images"),
+        Node(load_base, ["pretrained_model", "base_config", "fit_options"],
+             ["base_model", "base_weights_report"], name="load_base"),
+        Node(swap_head, ["base_model", "manifest", "head_config", "fit_options"],
+             "headswapped_model", name="swap_head"),
+        Node(train_head, ["headswapped_model", "manifest", "phase1_stages", "fit_options"],
+             ["phase1_model", "phase1_history"], name="train_head"),
+        Node(fine_tune, ["phase1_model", "manifest", "phase2_stages", "fit_options",
+                         "phase1_history"],
+             ["phase2_model", "phase2_history"], name="fine_tune"),
+        Node(evaluate_head_only, ["phase1_model", "manifest", "fit_options", "evaluation_config"],
+             ["phase1_classification_report", "phase1_test_metrics"],
+             name="evaluate_head_only"),
+        Node(predict_test, ["phase2_model", "manifest", "fit_options"], "test_predictions",
+             name="predict_test"),
+        Node(evaluate, ["test_predictions", "manifest", "evaluation_config"],
+             ["classification_report", "classification_report_text",
+              "confusion_matrix_plot", "test_metrics"], name="evaluate"),
+        Node(evaluate_details, ["test_predictions", "manifest", "evaluation_config"],
+             ["confusion_matrix_counts", "confusion_matrix_normalised", "per_class_metrics",
+              "misclassified_images", "misclassified_plot"], name="evaluate_details"),
+        Node(summarise_training, ["phase1_history", "phase2_history"],
+             ["learning_curves_plot", "training_metrics"], name="summarise_training"),
+        Node(package_model, "phase2_model", "mlflow_model", name="package_model"),
+    ])
+
+
+def inputs_from_parameters() -> Pipeline:
+    """The image folder and the pretrained network that the parameters name."""
+    return Pipeline([
+        Node(locate_images, "data_config", "image_folder", name="locate_images"),
+        Node(read_pretrained, ["base_config", "fit_options"], "pretrained_model",
+             name="read_pretrained"),
+    ])
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    """The finetune pipeline as users run it: inputs from the parameters, then the recipe."""
+    return inputs_from_parameters() + recipe()

@@ -9,7 +9,8 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from headswap import data, evaluation
+from headswap.config import merge_parameters
+from headswap.core import data, evaluation
 from headswap.pipelines.data.nodes import write_target_folder
 
 logger = logging.getLogger(__name__)
@@ -17,21 +18,21 @@ logger = logging.getLogger(__name__)
 
 def write_example_folder(
     example: dict[str, Any], overrides: dict[str, Any], *, labels_per_class: int
-) -> dict[str, Any]:
+) -> str:
     """The example's target folder (``example`` with ``label_efficiency.example`` merged in)
     holding ``labels_per_class`` labelled images per class, the largest count, and all the
     official test images of the target classes."""
-    params = evaluation.merge_parameters(
+    params = merge_parameters(
         example, {**(overrides or {}), "labels_per_class": labels_per_class}
     )
     return write_target_folder(params)
 
 
-def ingest_parameters(finetune: dict[str, Any], folder: dict[str, Any]) -> dict[str, Any]:
+def ingest_parameters(finetune: dict[str, Any], folder: str) -> dict[str, Any]:
     """The finetune parameters that ingest the folder just written (its own split, no earlier
     manifest)."""
-    return evaluation.merge_parameters(
-        finetune, {"data": {"path": folder["path"], "manifest": None}}
+    return merge_parameters(
+        finetune, {"data": {"path": folder, "manifest": None}}
     )
 
 
@@ -39,7 +40,7 @@ def select_labels(
     manifest: pd.DataFrame, seed: int, *after: Any, labels_per_class: int
 ) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
     """The manifest with ``labels_per_class`` labelled images per class (nested across counts,
-    see :func:`headswap.data.labelled_subset`) and its image counts as metrics. ``after``
+    see :func:`headswap.core.data.labelled_subset`) and its image counts as metrics. ``after``
     orders the counts one after the other."""
     subset = data.labelled_subset(manifest, labels_per_class, seed)
     counts = {"labels_per_class": labels_per_class,

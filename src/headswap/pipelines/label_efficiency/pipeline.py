@@ -25,8 +25,8 @@ from collections.abc import Sequence
 
 from kedro.pipeline import Node, Pipeline, pipeline
 
-from headswap.pipelines import compare, finetune
-from headswap.pipelines.compare.pipeline import _bound
+from headswap.pipelines import bound, compare, finetune
+from headswap.pipelines.compare.pipeline import SHARED
 
 from .nodes import (
     collect_counts,
@@ -38,7 +38,6 @@ from .nodes import (
 #: The counts of labelled (train + val) images per class that ``kedro run --pipeline
 #: label_efficiency`` compares (read by ``pipeline_registry.py``).
 LABELS_PER_CLASS = (10, 30, 100, 300)
-SHARED = ("ingest_images", "load_base")
 
 
 def namespace(count: int) -> str:
@@ -62,13 +61,15 @@ def create_pipeline(labels_per_class: Sequence[int] = LABELS_PER_CLASS, **kwargs
     count of ``labels_per_class``; then the table and figure across counts."""
     counts = _counts(labels_per_class)
     prepare = Pipeline([
-        Node(_bound(write_example_folder, labels_per_class=counts[-1]),
+        Node(bound(write_example_folder, labels_per_class=counts[-1]),
              ["params:example", "params:label_efficiency.example"], "label_efficiency_folder",
              name="write_label_efficiency_folder"),
         Node(ingest_parameters, ["params:finetune", "label_efficiency_folder"],
              "label_efficiency_finetune", name="ingest_parameters"),
     ])
-    shared = finetune.create_pipeline(params="label_efficiency_finetune").only_nodes(*SHARED)
+    recipe = finetune.recipe(params="label_efficiency_finetune")
+    shared = (recipe.only_nodes("check_parameters", "ingest_images", "load_base")
+              + finetune.inputs_from_parameters())
     everything = compare.create_pipeline()
     variants = everything - everything.only_nodes(*SHARED)
     parameters = {name.removeprefix("params:") for name in variants.inputs()
@@ -76,7 +77,7 @@ def create_pipeline(labels_per_class: Sequence[int] = LABELS_PER_CLASS, **kwargs
     per_count, previous = [], None
     for count in counts:
         select = Node(
-            _bound(select_labels, labels_per_class=count),
+            bound(select_labels, labels_per_class=count),
             ["ingested_manifest", "params:label_efficiency.seed",
              *([previous] if previous else [])],
             ["manifest", "data_metrics"], name="select_labels",
@@ -90,7 +91,7 @@ def create_pipeline(labels_per_class: Sequence[int] = LABELS_PER_CLASS, **kwargs
         ))
         previous = f"{namespace(count)}.comparison_table"
     collect = Node(
-        _bound(collect_counts, labels_per_class=counts),
+        bound(collect_counts, labels_per_class=counts),
         [f"{namespace(count)}.comparison_table" for count in counts],
         ["label_efficiency_table", "label_efficiency_table_json",
          "label_efficiency_table_markdown", "label_efficiency_plot"],

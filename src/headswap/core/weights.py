@@ -24,7 +24,7 @@ import h5py
 import keras
 import numpy as np
 
-from headswap.bases import PREPROCESS_PREFIX, BaseLoadError, load_model_file
+from headswap.core.bases import PREPROCESS_PREFIX, BaseLoadError, load_model_file
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def read_layer_weights(path: str | Path, allow_unsafe: bool = False) -> list[Lay
     path = Path(path)
     if not path.is_file():
         raise BaseLoadError(
-            f"No weights file at {path}. Set finetune.base.weights_file to an existing .keras, "
+            f"No weights file at {path}. Give `weights_file` as an existing .keras, "
             ".weights.h5 or .h5 file."
         )
     name = path.name.lower()
@@ -86,7 +86,7 @@ def read_layer_weights(path: str | Path, allow_unsafe: bool = False) -> list[Lay
         layers = _read_legacy_h5(path)
     else:
         raise BaseLoadError(
-            f"finetune.base.weights_file={str(path)!r}: unknown format. Give a .keras model, a "
+            f"`weights_file`={str(path)!r}: unknown format. Give a .keras model, a "
             ".weights.h5 file (model.save_weights) or a legacy .h5 model or weights file."
         )
     return [layer for layer in layers if not layer.name.startswith(f"{PREPROCESS_PREFIX}_")]
@@ -232,7 +232,7 @@ def load_weights_by_name(
     its weights. Returns the report: ``matched``, ``missing`` (in the model, not in the file),
     ``unexpected`` (in the file, not in the model: skipped) and ``shape_mismatched`` layers
     with their parameter counts, and the totals under ``params``. Raises
-    :class:`~headswap.bases.BaseLoadError` when no layer matches at all.
+    :class:`~headswap.core.bases.BaseLoadError` when no layer matches at all.
     """
     layers = weighted_layers(model)
     entries = read_layer_weights(path, allow_unsafe)

@@ -23,6 +23,8 @@ import pandas as pd
 import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
+from headswap.core.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
@@ -34,7 +36,7 @@ _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": 
 _SHOWN = 20  # skipped files named one by one in the log
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """An image folder or manifest that cannot be used as given; the message says how to fix it."""
 
 
@@ -48,11 +50,6 @@ def _visible_files(folder: Path) -> list[Path]:
         for p in folder.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files below ``folder`` (any depth), sorted, skipping hidden files and folders."""
-    return [p for p in _visible_files(folder) if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def image_problem(path: str | Path) -> str | None:
@@ -157,7 +154,7 @@ def ingest_image_folder(
     root = Path(path)
     if not root.is_dir():
         raise MissingDataError(
-            f"Image folder {root} does not exist. Set finetune.data.path to a folder holding one "
+            f"Image folder {root} does not exist. Give `path` as a folder holding one "
             "sub-folder per class (or train/ and test/ folders of class sub-folders)."
         )
     subfolders = _class_folders(root)
@@ -292,10 +289,10 @@ def load_manifest(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             if versions else ""
         )
         raise MissingDataError(
-            f"The manifest {file} (finetune.data.manifest) does not exist.{hint} Give the "
+            f"The manifest {file} (`manifest`) does not exist.{hint} Give the "
             "manifest.csv of an earlier run, e.g. "
             "data/02_intermediate/manifest.csv/<version>/manifest.csv, or set "
-            "finetune.data.manifest to null to scan finetune.data.path."
+            "`manifest` to null to scan `path`."
         )
     manifest = pd.read_csv(file, dtype=str, keep_default_na=False)
     check_manifest(manifest)
@@ -305,8 +302,8 @@ def load_manifest(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             f"{len(gone)} of {len(manifest)} images listed in the manifest {file} no longer "
             f"exist (relative paths are read from {Path.cwd()}), e.g. "
             + ", ".join(gone[:3])
-            + ". Restore them, or set finetune.data.manifest to null to scan "
-            "finetune.data.path into a new split."
+            + ". Restore them, or set `manifest` to null to scan "
+            "`path` into a new split."
         )
     unreadable = find_unreadable(manifest["path"].tolist())
     skipped = pd.DataFrame(list(unreadable.items()), columns=SKIPPED_COLUMNS)
@@ -404,17 +401,12 @@ def array_dataset(
     shuffle: bool = False,
     seed: int = 42,
     epoch: tf.Variable | None = None,
-    epochs: tuple[int, int] | None = None,
 ) -> tf.data.Dataset:
     """Batches of in-memory rows (decoded images or a frozen base's features, and labels).
 
-    The order is that of :func:`make_dataset` for the same arguments: unshuffled, seeded and
-    reshuffled each iteration, keyed on the ``epoch`` variable, or, with
-    ``epochs=(first, count)``, the batches of epochs ``first`` to ``first + count - 1`` one
-    after another, each epoch in its ``(seed, epoch)`` order. Shuffled rows are gathered a
-    batch at a time.
+    The order is that of :func:`make_dataset` for the same arguments: as given, or shuffled
+    (see there). Shuffled rows are gathered a batch at a time.
     """
-    _check_epochs(shuffle, epochs)
     if not shuffle:
         return tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
     tensors, count = tuple(tf.constant(a) for a in arrays), len(arrays[0])
@@ -422,11 +414,6 @@ def array_dataset(
     def gather(j: tf.Tensor) -> tuple[tf.Tensor, ...]:
         return tuple(tf.gather(t, j) for t in tensors)
 
-    if count and epochs is not None:
-        first, number = epochs
-        return tf.data.Dataset.range(first, first + number).flat_map(
-            lambda e: _epoch_indices(count, seed, e, batch_size).map(gather)
-        )
     if count and epoch is not None:
         return _epoch_indices(count, seed, epoch, batch_size).map(gather)
     # the same order as make_dataset's streamed shuffle: it depends on the seed alone
@@ -434,14 +421,6 @@ def array_dataset(
         max(count, 1), seed=seed, reshuffle_each_iteration=True
     )
     return indices.batch(batch_size).map(gather)
-
-
-def _check_epochs(shuffle: bool, epochs: tuple[int, int] | None) -> None:
-    if epochs is not None and not shuffle:
-        raise ValueError(
-            "epochs=(first, count) lays out the shuffled epochs of training data; data in a "
-            "fixed order (validation, test) is iterated afresh each epoch, without it."
-        )
 
 
 def decoded_bytes(count: int, image_size: tuple[int, int], channels: int) -> int:
@@ -486,7 +465,6 @@ def make_dataset(
     shuffle: bool = False,
     seed: int = 42,
     epoch: tf.Variable | None = None,
-    epochs: tuple[int, int] | None = None,
     cache_bytes: int = 0,
 ) -> tf.data.Dataset:
     """One split of a manifest as batches of (images, labels).
@@ -497,15 +475,12 @@ def make_dataset(
     default) they are streamed from disk every time, so memory does not grow with the folder.
     Either way the batches are the same.
 
-    Order: as listed in the manifest, unless ``shuffle`` (for training): then seeded and
-    reshuffled each iteration; with ``epoch`` (an integer variable that the caller sets at the
-    start of each epoch) each epoch's order is a stateless function of ``(seed, epoch)``. With
-    ``shuffle`` and ``epochs=(first, count)`` the dataset holds the batches of ``count`` epochs
-    one after another, each in its ``(seed, epoch)`` order, to be iterated once across a whole
-    ``fit`` with ``steps_per_epoch``: a run resumed at epoch k sees the same order as an
-    uninterrupted one, and the next epoch's first batches are prepared while an epoch ends.
+    Order: as listed in the manifest, unless ``shuffle`` (for training): then reshuffled each
+    time the dataset is iterated. With ``epoch`` (an integer variable that the trainer sets at
+    the start of each epoch) each epoch's order is a stateless function of ``(seed, epoch)``,
+    so epoch k has the same order whether or not the run was interrupted before it; without
+    it the order is seeded but depends on how often the dataset was iterated.
     """
-    _check_epochs(shuffle, epochs)
     paths, labels = split_arrays(manifest, split)
     size = tuple(int(s) for s in image_size)
     if fits_in_memory(len(paths), size, channels, cache_bytes):
@@ -515,7 +490,7 @@ def make_dataset(
             cache_bytes / 2**20,
         )
         images = decode_all(paths, size, channels)
-        return array_dataset((images, labels), batch_size, shuffle, seed, epoch, epochs)
+        return array_dataset((images, labels), batch_size, shuffle, seed, epoch)
     if cache_bytes:
         logger.info(
             "Streaming the %s %s images from disk: decoded they would take %.1f MiB, over the "
@@ -526,27 +501,13 @@ def make_dataset(
     def load(p: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return decode_image(p, size, channels), y
 
-    def decoded(rows: tf.data.Dataset) -> tf.data.Dataset:
-        return rows.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(
-            batch_size
-        )
-
-    if shuffle and len(paths) and epochs is not None:
-        tensors, first, number = (tf.constant(paths), tf.constant(labels)), *epochs
-        dataset = tf.data.Dataset.range(first, first + number).flat_map(
-            lambda e: decoded(
-                _epoch_indices(len(paths), seed, e, None).map(
-                    lambda j: tuple(t[j] for t in tensors)
-                )
-            )
-        )
-        return dataset.prefetch(tf.data.AUTOTUNE)
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
     if shuffle and epoch is not None and len(paths):
         dataset = epoch_shuffled((paths, labels), seed, epoch)
     elif shuffle:
         dataset = dataset.shuffle(max(len(paths), 1), seed=seed, reshuffle_each_iteration=True)
-    return decoded(dataset).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def labelled_subset(manifest: pd.DataFrame, per_class: int, seed: int = 42) -> pd.DataFrame:

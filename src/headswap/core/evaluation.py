@@ -12,6 +12,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import classification_report, confusion_matrix
 
+from headswap.core import data
+from headswap.core.bases import input_spec
+
 
 def predict(model, dataset) -> tuple[np.ndarray, np.ndarray]:
     """True labels and predicted class probabilities over a (labelled, unshuffled) dataset."""
@@ -36,6 +39,39 @@ def predictions_table(
     })
     columns = pd.DataFrame(probabilities.astype(float), columns=[f"p[{n}]" for n in class_names])
     return pd.concat([table, columns], axis=1)
+
+
+def predict_split(
+    model, manifest: pd.DataFrame, split: str, image_size: tuple[int, int], batch_size: int = 32
+) -> pd.DataFrame:
+    """The model's :func:`predictions_table` over one split of a manifest."""
+    dataset = data.make_dataset(manifest, split, image_size, input_spec(model)[2], batch_size)
+    y_true, probabilities = predict(model, dataset)
+    paths = data.split_arrays(manifest, split)[0]
+    return predictions_table(paths, y_true, probabilities, data.class_names(manifest))
+
+
+def summarise(predictions: pd.DataFrame, class_names: list[str], top_k: int = 2) -> dict[str, Any]:
+    """A predictions table's ``report`` (scikit-learn's, as a dict), its ``text`` table, and
+    its headline ``metrics`` (accuracy, macro and weighted F1, per-class F1, top-k accuracy)."""
+    _, y_true, probabilities = predictions_arrays(predictions, class_names)
+    y_pred = probabilities.argmax(axis=1)
+    result = report(y_true, y_pred, class_names)
+    metrics = test_metrics(result, class_names)
+    k, accuracy = top_k_accuracy(y_true, probabilities, top_k)
+    metrics[f"top_{k}_accuracy"] = accuracy
+    return {"report": result, "text": report_text(y_true, y_pred, class_names),
+            "metrics": metrics}
+
+
+def evaluate(
+    model, manifest: pd.DataFrame, image_size: tuple[int, int], batch_size: int = 32,
+    split: str = "test", top_k: int = 2,
+) -> dict[str, Any]:
+    """The model on one split: :func:`summarise` of its predictions, with the ``predictions``."""
+    predictions = predict_split(model, manifest, split, image_size, batch_size)
+    return {**summarise(predictions, data.class_names(manifest), top_k),
+            "predictions": predictions}
 
 
 def predictions_arrays(
@@ -165,7 +201,7 @@ def top_k_accuracy(y_true: np.ndarray, probabilities: np.ndarray, k: int) -> tup
     ``k`` is capped at the number of classes (where every image counts as a hit).
     """
     if k < 1:
-        raise ValueError(f"top-k accuracy needs k >= 1; got {k} (finetune.evaluation.top_k).")
+        raise ValueError(f"top-k accuracy needs k >= 1; got {k} (`top_k`).")
     k = min(k, probabilities.shape[1])
     top = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     return k, float(np.mean(np.any(top == np.asarray(y_true)[:, None], axis=1)))
@@ -247,32 +283,6 @@ def confident_errors_figure(errors: pd.DataFrame, columns: int = 4) -> Figure:
 
 
 # --- comparing training variants -----------------------------------------------------------
-
-
-def merge_parameters(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``overrides`` merged in key by key (nested dicts merged, the rest replaced)."""
-    merged = dict(base)
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_parameters(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def from_scratch_parameters(params: dict[str, Any]) -> dict[str, Any]:
-    """Finetune parameters for training the whole model from random weights in one phase.
-
-    Phase 1 trains every layer (BatchNormalization statistics included: random ones mean
-    nothing) for as many epochs as phases 1 and 2 of ``params`` together; phase 2 is empty.
-    """
-    phase1, phase2 = params.get("phase1", {}), params.get("phase2", {})
-    stages = phase2.get("stages") or [phase2]
-    total = int(phase1.get("epochs", 0)) + sum(int(s.get("epochs", 0)) for s in stages)
-    return merge_parameters(params, {
-        "phase1": {"epochs": total, "train": "all", "train_batchnorm": True},
-        "phase2": {"epochs": 0, "stages": []},
-    })
 
 
 def pooled_features(model, dataset, pooling: str = "avg") -> tuple[np.ndarray, np.ndarray]:

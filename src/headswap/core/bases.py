@@ -17,6 +17,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from headswap.core.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 BASE_NAME = "base"
@@ -96,28 +98,15 @@ _TORCH_MEAN_RGB = np.array([0.485, 0.456, 0.406], dtype="float32")
 _TORCH_STD_RGB = np.array([0.229, 0.224, 0.225], dtype="float32")
 
 
-class BaseLoadError(ValueError):
+class BaseLoadError(InputError):
     """A pretrained base cannot be loaded as asked."""
-
-
-def resolve_model_path(path: str | Path) -> Path:
-    """The model file at ``path``; for a Kedro-versioned folder, its latest version."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        versions = sorted(v / path.name for v in path.iterdir() if (v / path.name).is_file())
-        if versions:
-            return versions[-1]
-    raise BaseLoadError(
-        f"No model file at {path}. Set finetune.base.path to a .keras or .h5 file (or run "
-        "`kedro run --pipeline pretrain` to make the example's base)."
-    )
 
 
 def load_model_file(path: str | Path, allow_unsafe: bool = False) -> keras.Model:
     """Load a ``.keras`` or ``.h5`` model in Keras safe mode, without its training config."""
-    file = resolve_model_path(path)
+    file = Path(path)
+    if not file.is_file():
+        raise BaseLoadError(f"No model file at {file}. Give `path` as a .keras or .h5 model file.")
     try:
         model = keras.saving.load_model(file, compile=False, safe_mode=not allow_unsafe)
     except (TypeError, ValueError, OSError) as err:
@@ -125,7 +114,7 @@ def load_model_file(path: str | Path, allow_unsafe: bool = False) -> keras.Model
             raise BaseLoadError(
                 f"{file} contains a Lambda layer (arbitrary Python code), which is refused in "
                 "safe mode. Rebuild the model with built-in layers, or, only if you trust the "
-                "file, set finetune.base.allow_unsafe: true."
+                "file, set `allow_unsafe`: true."
             ) from err
         raise BaseLoadError(
             f"Keras could not load the model in {file}: {_first_line(err)}. It must be a "
@@ -155,7 +144,7 @@ def cut_model(model: keras.Model, cut_at: str | int = "auto") -> keras.Model:
         spatial = [layer for layer in layers if len(layer.output.shape) == 4]
         if not spatial:
             raise BaseLoadError(
-                f"{model.name} has no layer with a spatial output; set finetune.base.cut_at to "
+                f"{model.name} has no layer with a spatial output; set `cut_at` to "
                 "the name or index of the layer to keep up to."
             )
         layer = spatial[-1]
@@ -163,7 +152,7 @@ def cut_model(model: keras.Model, cut_at: str | int = "auto") -> keras.Model:
         index = int(cut_at)
         if not -len(layers) <= index < len(layers):
             raise BaseLoadError(
-                f"finetune.base.cut_at={index} is out of range: {model.name} has {len(layers)} "
+                f"`cut_at`={index} is out of range: {model.name} has {len(layers)} "
                 "layers."
             )
         layer = layers[index]
@@ -171,7 +160,7 @@ def cut_model(model: keras.Model, cut_at: str | int = "auto") -> keras.Model:
         names = [layer.name for layer in layers]
         if cut_at not in names:
             raise BaseLoadError(
-                f"finetune.base.cut_at={cut_at!r} is not a layer of {model.name}. Its layers: "
+                f"`cut_at`={cut_at!r} is not a layer of {model.name}. Its layers: "
                 + ", ".join(names)
             )
         layer = model.get_layer(cut_at)
@@ -244,7 +233,7 @@ def keras_application(
     or finds it there), ``None`` (random initialisation), or the path of that same file: a
     legacy ``.h5`` weights file of this architecture, which Keras loads layer by layer in order
     and checks. Weights from any other file (another head, ``.weights.h5``, ``.keras``) are
-    loaded by layer name and shape with :func:`headswap.weights.load_weights_by_name`.
+    loaded by layer name and shape with :func:`headswap.core.weights.load_weights_by_name`.
     Grayscale images are fed with three channels (the data pipeline decodes them so).
     """
     arch = _architecture(name)
@@ -252,7 +241,7 @@ def keras_application(
     if min(height, width) < arch.min_size:
         raise BaseLoadError(
             f"{name} needs images of at least {arch.min_size}x{arch.min_size} pixels; "
-            f"finetune.data.image_size is {height}x{width}. Raise finetune.data.image_size."
+            f"`image_size` is {height}x{width}. Raise `image_size`."
         )
     shape = (height, width, 3)
     if weights == "imagenet":
@@ -266,10 +255,10 @@ def keras_application(
         except (ValueError, OSError) as err:
             raise BaseLoadError(
                 f"Keras could not load {weights} into {name} without its top: "
-                f"{_first_line(err)}. finetune.base.weights takes the no-top ImageNet file of "
+                f"{_first_line(err)}. `weights` takes the no-top ImageNet file of "
                 f"this architecture ({imagenet_weights_url(name, image_size).rsplit('/', 1)[-1]}"
                 "). To take weights from a file of another model or with another head, set "
-                f"finetune.base.weights: null and finetune.base.weights_file: {weights} "
+                f"`weights`: null and `weights_file`: {weights} "
                 "(matched by layer name and shape, with a report)."
             ) from err
     inputs = keras.Input(shape=shape, name="image")
@@ -282,7 +271,7 @@ def keras_application(
 def _architecture(name: str) -> Architecture:
     if name not in ARCHITECTURES:
         raise BaseLoadError(
-            f"finetune.base.name={name!r} is not a known architecture. Known: "
+            f"`name`={name!r} is not a known architecture. Known: "
             + ", ".join(ARCHITECTURES)
         )
     return ARCHITECTURES[name]
@@ -322,7 +311,7 @@ def _build_with_imagenet_weights(
             f"wanted the file {url.rsplit('/', 1)[-1]} from {url}. Without network, fetch that "
             f"file elsewhere and either copy it into the Keras cache folder "
             f"{keras_cache_folder()}/ (set KERAS_HOME to use another folder) and keep "
-            "finetune.base.weights: imagenet, or set finetune.base.weights to its local path."
+            "`weights`: imagenet, or set `weights` to its local path."
         ) from None  # the reason is in the message; the HTTP client's traceback says no more
     finally:
         socket.setdefaulttimeout(previous)
@@ -333,15 +322,15 @@ def _check_weights_path(name: str, weights: str, image_size: tuple[int, int]) ->
     path = Path(weights)
     if not path.is_file():
         raise BaseLoadError(
-            f"finetune.base.weights={weights!r} is neither 'imagenet', null nor an existing "
+            f"`weights`={weights!r} is neither 'imagenet', null nor an existing "
             "file. Give the path of the weights file (e.g. a *_notop.h5 file)."
         )
     if path.name.endswith(".weights.h5") or path.suffix not in (".h5", ".hdf5"):
         raise BaseLoadError(
-            f"finetune.base.weights={weights!r}: Keras would match this file to {name} by "
-            "position, not by layer name. finetune.base.weights takes the legacy .h5 file "
+            f"`weights`={weights!r}: Keras would match this file to {name} by "
+            "position, not by layer name. `weights` takes the legacy .h5 file "
             f"Keras downloads ({imagenet_weights_url(name, image_size).rsplit('/', 1)[-1]}). "
-            f"For this file set finetune.base.weights: null and finetune.base.weights_file: "
+            f"For this file set `weights`: null and `weights_file`: "
             f"{weights} (matched by layer name and shape, with a report)."
         )
     if name in _NEEDS_IMAGENET_KEYWORD:
@@ -368,6 +357,6 @@ def check_image_size(model: keras.Model, image_size: tuple[int, int]) -> None:
     height, width, _ = input_spec(model)
     if (height, width) != (None, None) and (height, width) != tuple(image_size):
         raise BaseLoadError(
-            f"The base takes {height}x{width} images but finetune.data.image_size is "
-            f"{image_size[0]}x{image_size[1]}. Set finetune.data.image_size: [{height}, {width}]."
+            f"The base takes {height}x{width} images but `image_size` is "
+            f"{image_size[0]}x{image_size[1]}. Set `image_size`: [{height}, {width}]."
         )

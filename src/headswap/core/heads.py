@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from headswap.bases import BASE_NAME, input_spec
+from headswap.core.bases import BASE_NAME, input_spec
 
 OUTPUT_NAME = "predictions"
 
@@ -24,7 +24,7 @@ def attach_head(
     vectors), then ``Dense(units, relu) -> Dropout(dropout)`` for each entry of ``dense``,
     then ``Dense(num_classes, softmax)``. ``augmentation`` layers (see
     :func:`augmentation_layers`) go between the input and the base. Train it with a loss on probabilities
-    (``from_logits=False``), as :func:`headswap.training.compile_model` does.
+    (``from_logits=False``), as :func:`headswap.core.train.compile_model` does.
     """
     if num_classes < 2:
         raise ValueError(f"A classifier needs at least 2 classes; got {num_classes}.")

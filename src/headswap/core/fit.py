@@ -1,0 +1,284 @@
+"""Fine-tuning a model with a head on a base: stages of training on one epoch axis.
+
+:func:`fit` trains a model through a list of :class:`~headswap.core.recipe.Stage` objects
+(phase 1: one stage with the base frozen; phase 2: one or more stages that open the base).
+Each stage sets which layers train and compiles the model again, since a change of
+``trainable`` only takes effect on ``compile``. :func:`fine_tune` runs the whole recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from headswap.core import data, heads
+from headswap.core.bases import input_spec
+from headswap.core.devices import distribution_strategy, rebuild, reseed, strategy_scope
+from headswap.core.recipe import Augmentation, Callbacks, Stage, check_plateau
+from headswap.core.resume import StageState
+from headswap.core.train import (
+    build_optimizer,
+    class_weights,
+    compile_model,
+    make_callbacks,
+    one_hot_labels,
+    parameter_counts,
+    set_trainable,
+    steps_per_epoch,
+)
+
+logger = logging.getLogger(__name__)
+
+History = dict[str, Any]
+
+
+@dataclass
+class FitOptions:
+    """How the stages are trained, whatever they train.
+
+    ``cache_memory_mb``: a split's decoded images (and a frozen base's features) are kept in
+    memory when they fit in this many MiB. ``cache_features``: while the base is frozen (and
+    nothing random runs before the head), the base's features are computed once per image and
+    the head trains on them. ``distribution``: ``none``, ``mirrored`` or
+    ``multi_worker_mirrored``. ``backup_dir``: keep what an interrupted run needs to continue
+    (see :mod:`headswap.core.resume`); None keeps nothing. ``extra_callbacks`` are added to
+    every stage's.
+    """
+
+    image_size: tuple[int, int]
+    batch_size: int = 32
+    seed: int = 42
+    cache_memory_mb: int = 1024
+    cache_features: bool = True
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    callbacks: Callbacks = field(default_factory=Callbacks)
+    class_weight: str | dict[str, float] | None = None
+    distribution: str = "none"
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    backup_dir: str | Path | None = None
+    extra_callbacks: list[keras.callbacks.Callback] = field(default_factory=list)
+    verbose: int = 2
+
+
+class EpochOrder(keras.callbacks.Callback):
+    """Sets the variable that keys the training data's order to each epoch as it begins."""
+
+    def __init__(self, variable: tf.Variable) -> None:
+        super().__init__()
+        self.variable = variable
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.variable.assign(epoch)
+
+
+def fit(
+    model: keras.Model,
+    manifest: pd.DataFrame,
+    stages: list[Stage],
+    options: FitOptions,
+    first_epoch: int = 0,
+    name: str = "phase",
+) -> History:
+    """Train ``model`` (made by :func:`headswap.core.heads.attach_head`) through ``stages``.
+
+    Epochs are numbered on one axis from ``first_epoch``. Returns the merged per-epoch history
+    (``epoch``, ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ``learning_rate``...)
+    with ``stage_starts``, ``trainable_layers`` (per stage) and ``parameter_counts`` (of the
+    last stage). Under a tf.distribute strategy, or in mixed precision, each stage trains a
+    copy built in its scope and hands the weights back to ``model``.
+    """
+    check_plateau(stages, options.callbacks)
+    names = data.class_names(manifest)
+    labels = data.split_arrays(manifest, "train")[1]
+    steps = steps_per_epoch(len(labels), options.batch_size)
+    weights = class_weights(labels, names, options.class_weight)
+    strategy = distribution_strategy(options.distribution)
+    order = tf.Variable(first_epoch, dtype=tf.int64, trainable=False)  # outside the strategy
+    histories, layers_per_stage, counts = [], [], {}
+    epoch = first_epoch
+    with strategy_scope(strategy):
+        for i, stage in enumerate(stages, start=1):
+            label = f"{name} stage {i}" if len(stages) > 1 else name
+            trainable = set_trainable(model, stage.train, stage.train_batchnorm)
+            work = (rebuild(model, options.mixed_precision, synchronized=strategy is not None)
+                    if strategy is not None or options.mixed_precision else model)
+            optimizer, logged = build_optimizer(work, stage, steps)
+            compile_model(work, optimizer, stage.label_smoothing, options.jit_compile)
+            counts = parameter_counts(work)
+            logger.info(
+                "%s: %s base layers train; %s trainable and %s non-trainable parameters; "
+                "%s epochs, %s at learning rate %g (%s schedule)",
+                label, len(trainable), f"{counts['trainable_params']:,}",
+                f"{counts['non_trainable_params']:,}", stage.epochs, stage.optimizer,
+                stage.learning_rate, stage.schedule,
+            )
+            keras.utils.set_random_seed(options.seed + epoch)
+            reseed(work, options.seed + epoch)
+            state = (StageState(Path(options.backup_dir) / f"{name}_stage{i}",
+                                _stage_key(manifest, stage, options, epoch))
+                     if options.backup_dir else None)
+            history = state.reuse(work) if state else None
+            if history is not None:
+                logger.info("%s finished before the interruption; reusing its weights", label)
+            else:
+                history = _fit_stage(work, manifest, stage, options, label, logged, epoch,
+                                     steps, weights, order, state)
+            if work is not model:
+                model.set_weights(work.get_weights())
+            histories.append(history)
+            layers_per_stage.append(trainable)
+            if history["epoch"]:
+                epoch = history["epoch"][-1] + 1
+    merged = merge_histories(histories)
+    merged["parameter_counts"] = counts
+    merged["trainable_layers"] = layers_per_stage
+    return merged
+
+
+def fine_tune(
+    model: keras.Model,
+    manifest: pd.DataFrame,
+    phase1: list[Stage],
+    phase2: list[Stage],
+    options: FitOptions,
+) -> tuple[History, History]:
+    """The two-phase recipe: ``phase1`` (the new head; the base frozen unless a stage opens
+    part of it), then ``phase2`` (part or all of the base opened), on one epoch axis."""
+    first = fit(model, manifest, phase1, options, name="phase1")
+    return first, fit(model, manifest, phase2, options, next_epoch(first), name="phase2")
+
+
+def next_epoch(history: History) -> int:
+    """The epoch after the last one of ``history`` (0 for an empty one)."""
+    return history["epoch"][-1] + 1 if history.get("epoch") else 0
+
+
+def _fit_stage(
+    work: keras.Model,
+    manifest: pd.DataFrame,
+    stage: Stage,
+    options: FitOptions,
+    label: str,
+    logged: dict[str, keras.optimizers.Optimizer],
+    first: int,
+    steps: int,
+    weights: dict[int, float] | None,
+    order: tf.Variable,
+    state: StageState | None,
+) -> History:
+    """Fit one stage from epoch ``first``, on cached features when the base is frozen."""
+    size, batch = options.image_size, options.batch_size
+    if _can_cache(options, stage, work, manifest):
+        trained, (train, val) = _cached_head(work, manifest, options, order)
+        # A step of the head alone takes microseconds: one call runs a whole epoch's steps
+        # (on one device; Keras' multi-step loop fails under a tf.distribute strategy).
+        compile_model(trained, work.optimizer, stage.label_smoothing, options.jit_compile,
+                      steps_per_execution=steps if options.distribution == "none" else 1)
+        logger.info("%s: the base is frozen, so the head trains on features computed once "
+                    "per image", label)
+    else:
+        channels, budget = input_spec(work)[2], options.cache_memory_mb * 2**20
+        trained = work
+        train, val = (
+            data.make_dataset(manifest, split, size, channels, batch, shuffle=split == "train",
+                              seed=options.seed, epoch=order, cache_bytes=budget)
+            for split in ("train", "val")
+        )
+    if stage.label_smoothing:
+        classes = len(data.class_names(manifest))
+        train, val = (one_hot_labels(d, classes) for d in (train, val))
+    callbacks = [EpochOrder(order),
+                 *make_callbacks(options.callbacks, logged, _checkpoint_path(options, label)),
+                 *(state.callbacks() if state else []), *options.extra_callbacks]
+    result = trained.fit(train, validation_data=val, epochs=first + stage.epochs,
+                         initial_epoch=first, callbacks=callbacks, class_weight=weights,
+                         verbose=options.verbose, shuffle=False)
+    if state is None:
+        history = {k: [float(v) for v in values] for k, values in result.history.items()}
+        return {"epoch": [int(e) for e in result.epoch], **history}
+    history = state.history()
+    state.finish(work, history)
+    return history
+
+
+def _stage_key(manifest: pd.DataFrame, stage: Stage, options: FitOptions, first: int) -> str:
+    """What a stage's result depends on, as a digest: its images and their split, its settings,
+    the training options and the epoch it starts at."""
+    digest = hashlib.sha256(manifest[["path", "label", "split"]].to_csv(index=False).encode())
+    settings = {k: v for k, v in vars(options).items()
+                if k not in ("backup_dir", "extra_callbacks", "verbose", "cache_memory_mb")}
+    digest.update(repr((stage.model_dump(), settings, first)).encode())
+    return digest.hexdigest()
+
+
+def _can_cache(options: FitOptions, stage: Stage, model: keras.Model,
+               manifest: pd.DataFrame) -> bool:
+    """Features can be computed once when nothing below the head changes between epochs,
+    and are, when each split's features fit in the memory budget."""
+    if not (options.cache_features and stage.train is None
+            and not options.augmentation.active
+            and not options.callbacks.checkpoint):  # a checkpoint is of the whole model
+        return False
+    width = int(np.prod(heads.split_at_head(model)[0].output.shape[1:]))
+    largest = max(len(data.split_arrays(manifest, split)[0]) for split in ("train", "val"))
+    size = largest * width * np.dtype("float32").itemsize
+    if size > options.cache_memory_mb * 2**20:
+        logger.info(
+            "Not caching the base's features: %.1f MiB for the largest split is over the cache "
+            "budget of %s MiB; streaming the images instead", size / 2**20,
+            options.cache_memory_mb,
+        )
+        return False
+    return True
+
+
+def _cached_head(
+    model: keras.Model, manifest: pd.DataFrame, options: FitOptions, order: tf.Variable
+) -> tuple[keras.Model, tuple[tf.data.Dataset, tf.data.Dataset]]:
+    """The model's head (sharing its layers) and train/val datasets of the frozen base's
+    features, each image passed through the base once."""
+    extractor, head = heads.split_at_head(model)
+    channels = input_spec(model)[2]
+    datasets = []
+    for split in ("train", "val"):
+        images = data.make_dataset(manifest, split, options.image_size, channels,
+                                   options.batch_size)
+        features = extractor.predict(images, verbose=0)
+        labels = data.split_arrays(manifest, split)[1]
+        datasets.append(data.array_dataset((features, labels), options.batch_size,
+                                           shuffle=split == "train", seed=options.seed,
+                                           epoch=order))
+    return head, (datasets[0], datasets[1])
+
+
+def _checkpoint_path(options: FitOptions, label: str) -> str | None:
+    if not options.callbacks.checkpoint:
+        return None
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H.%M.%S.%fZ")
+    folder = Path(options.callbacks.checkpoint_dir) / stamp
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / f"{label.replace(' ', '_')}_best.keras")
+
+
+def merge_histories(histories: list[History]) -> History:
+    """Consecutive histories (stages of one phase) as one; ``stage_starts`` marks each start."""
+    merged: History = {"epoch": []}
+    starts = []
+    for history in histories:
+        if history.get("epoch"):
+            starts.append(history["epoch"][0])
+        for key, values in history.items():
+            if isinstance(values, list):
+                merged.setdefault(key, []).extend(values)
+    merged["stage_starts"] = starts
+    return merged

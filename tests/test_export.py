@@ -1,0 +1,217 @@
+"""Exports of a small trained classifier (SavedModel, float32 and quantized TFLite) give the
+Keras model's predictions, with the class names beside them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from headswap.core.export import (
+    FORMATS,
+    LABELS_FILE,
+    export_model,
+    export_saved_model,
+    export_tflite,
+    read_labels,
+    tflite_predict,
+)
+
+CLASS_NAMES = ["circle", "square", "stripes"]
+SIZE = 32
+
+
+def shapes(count: int, channels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` noisy pictures (raw pixels, float32) of a filled circle, a filled square or
+    horizontal stripes, in a random bright colour when ``channels`` is 3, and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(count) % len(CLASS_NAMES))
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    cy, cx = rng.integers(SIZE // 3, 2 * SIZE // 3, (2, count, 1, 1))
+    r = rng.integers(SIZE // 6, SIZE // 4, (count, 1, 1))
+    phase = rng.integers(0, 6, (count, 1, 1))
+    circle = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+    square = (np.abs(yy - cy) < r) & (np.abs(xx - cx) < r)
+    stripes = ((yy + phase) // 3) % 2 == 0
+    kind = labels[:, None, None]
+    mask = np.where(kind == 0, circle, np.where(kind == 1, square, stripes))[..., None]
+    background = rng.normal(40, 15, (count, SIZE, SIZE, channels))
+    colour = rng.uniform(150, 255, (count, 1, 1, channels)) if channels == 3 else 220
+    images = np.clip(np.where(mask, colour, background), 0, 255).astype("float32")
+    return images, labels
+
+
+def classifier(channels: int) -> keras.Model:
+    """A small Functional CNN taking raw pixels, shaped like this project's models: an
+    augmentation layer, rescaling, a nested ``base`` model with BatchNormalization, pooling,
+    dropout and a softmax layer named ``predictions``. The augmentation layer is there on
+    purpose: called without ``training``, Keras 3 would run the whole model in training mode,
+    so an export that does not ask for inference gives other probabilities."""
+    layers = keras.layers
+    base_inputs = keras.Input(shape=(SIZE, SIZE, channels))
+    x = base_inputs
+    for i, filters in enumerate((16, 32, 64), start=1):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
+        x = layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
+        x = layers.ReLU(name=f"relu{i}")(x)
+        if i < 3:
+            x = layers.MaxPooling2D(name=f"pool{i}")(x)
+    base = keras.Model(base_inputs, x, name="base")
+    inputs = keras.Input(shape=(SIZE, SIZE, channels), name="image")
+    x = layers.RandomFlip("horizontal", seed=1, name="augment_flip")(inputs)
+    x = layers.Rescaling(1 / 255, name="rescale")(x)
+    x = base(x)
+    x = layers.GlobalAveragePooling2D(name="head_pool")(x)
+    x = layers.Dense(64, activation="relu", name="head_dense1")(x)
+    x = layers.Dropout(0.3, name="head_dropout1")(x)
+    outputs = layers.Dense(len(CLASS_NAMES), activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="headswapped")
+
+
+@dataclass
+class Exported:
+    model: keras.Model
+    images: np.ndarray  # held-out raw pixels
+    keras_probs: np.ndarray  # the Keras model's probabilities for them
+    paths: dict[str, Path]
+
+
+@pytest.fixture(scope="module", params=[1, 3], ids=["gray", "rgb"])
+def exported(request, tmp_path_factory) -> Exported:
+    """A classifier trained for a few epochs on drawn shapes, exported in every format."""
+    channels = request.param
+    keras.utils.set_random_seed(0)
+    train_x, train_y = shapes(600, channels, seed=1)
+    model = classifier(channels)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(train_x, train_y, batch_size=32, epochs=4, verbose=0)
+    # A few epochs are too few for BatchNormalization's moving statistics to catch up with
+    # the weights: recompute them with forward passes in training mode (weights unchanged).
+    for _ in range(3):
+        for start in range(0, len(train_x), 100):
+            model(train_x[start : start + 100], training=True)
+    images, labels = shapes(300, channels, seed=2)
+    keras_probs = model.predict(images, batch_size=100, verbose=0)
+    accuracy = float(np.mean(keras_probs.argmax(axis=1) == labels))
+    assert accuracy >= 0.9, f"the test model did not learn the shapes ({accuracy:.2f})"
+    folder = tmp_path_factory.mktemp(f"export_{channels}")
+    paths = export_model(model, folder, CLASS_NAMES, FORMATS)
+    return Exported(model, images, keras_probs, paths)
+
+
+def test_export_model_writes_every_format(exported):
+    folder = exported.paths["saved_model"].parent
+    assert list(exported.paths) == list(FORMATS)
+    assert exported.paths == {
+        "saved_model": folder / "saved_model",
+        "tflite": folder / "model.tflite",
+        "tflite_quantized": folder / "model_quantized.tflite",
+    }
+    assert (folder / "saved_model" / "saved_model.pb").is_file()
+
+
+def test_float32_tflite_matches_keras(exported):
+    probs = tflite_predict(exported.paths["tflite"], exported.images[:32])
+    assert probs.shape == (32, len(CLASS_NAMES))
+    assert np.abs(probs - exported.keras_probs[:32]).max() <= 1e-4
+
+
+def test_quantized_tflite_is_smaller_and_agrees_on_top1(exported):
+    float_size = exported.paths["tflite"].stat().st_size
+    quantized_size = exported.paths["tflite_quantized"].stat().st_size
+    assert quantized_size < float_size / 2
+    probs = tflite_predict(exported.paths["tflite_quantized"], exported.images)
+    agreement = np.mean(probs.argmax(axis=1) == exported.keras_probs.argmax(axis=1))
+    assert len(exported.images) >= 300
+    assert agreement >= 0.98
+
+
+def test_saved_model_serves_keras_outputs(exported):
+    loaded = tf.saved_model.load(str(exported.paths["saved_model"]))
+    assert {"serve", "serving_default"} <= set(loaded.signatures)
+    serving = loaded.signatures["serving_default"]
+    (input_name,) = serving.structured_input_signature[1]
+    outputs = serving(**{input_name: tf.constant(exported.images)})
+    assert list(outputs) == ["output_0"]
+    np.testing.assert_allclose(outputs["output_0"].numpy(), exported.keras_probs, atol=1e-5)
+    np.testing.assert_allclose(
+        loaded.serve(tf.constant(exported.images[:8])).numpy(),
+        exported.keras_probs[:8], atol=1e-5,
+    )
+
+
+def test_labels_hold_the_class_names_in_order(exported):
+    folder = exported.paths["saved_model"].parent
+    for labels in (folder / LABELS_FILE, folder / "saved_model" / LABELS_FILE):
+        assert labels.read_text(encoding="utf-8") == "circle\nsquare\nstripes\n"
+        assert read_labels(labels) == CLASS_NAMES
+
+
+def test_tflite_predict_takes_one_image_and_any_batch_size(exported):
+    path = exported.paths["tflite"]
+    one = tflite_predict(path, exported.images[0])
+    assert one.shape == (1, len(CLASS_NAMES))
+    by_one = tflite_predict(path, exported.images[:5], batch_size=1)
+    by_four = tflite_predict(path, exported.images[:5], batch_size=4)
+    np.testing.assert_allclose(by_one[:1], one, atol=1e-6)
+    np.testing.assert_allclose(by_one, by_four, atol=1e-6)
+    np.testing.assert_allclose(by_one, exported.keras_probs[:5], atol=1e-4)
+
+
+def test_tflite_predict_refuses_images_of_another_shape(exported):
+    channels = exported.images.shape[-1]
+    with pytest.raises(ValueError, match=rf"takes images of shape \(32, 32, {channels}\)"):
+        tflite_predict(exported.paths["tflite"], np.zeros((2, 16, 16, channels)))
+    with pytest.raises(FileNotFoundError, match="export_tflite"):
+        tflite_predict(exported.paths["tflite"].with_name("missing.tflite"), exported.images)
+
+
+def test_unknown_format_is_refused(exported, tmp_path):
+    with pytest.raises(ValueError) as refused:
+        export_model(exported.model, tmp_path, CLASS_NAMES, ["tflite", "onnx"])
+    message = str(refused.value)
+    assert "'onnx'" in message
+    assert all(name in message for name in FORMATS)
+    assert not any(tmp_path.iterdir())
+
+
+def test_single_exports_and_their_checks(tmp_path):
+    model = classifier(channels=1)  # untrained: these checks need no trained weights
+    images, _ = shapes(4, channels=1, seed=3)
+    path = export_tflite(model, tmp_path / "edge" / "classifier.tflite", CLASS_NAMES)
+    assert read_labels(tmp_path / "edge" / LABELS_FILE) == CLASS_NAMES
+    np.testing.assert_allclose(tflite_predict(path, images), model.predict(images, verbose=0),
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="ends in .tflite"):
+        export_tflite(model, tmp_path / "classifier.bin", CLASS_NAMES)
+    with pytest.raises(ValueError, match="gives 3 class probabilities but 2 class names"):
+        export_tflite(model, tmp_path / "classifier.tflite", CLASS_NAMES[:2])
+
+    folder = export_saved_model(model, tmp_path / "serving", CLASS_NAMES)
+    again = export_saved_model(model, folder, ["a", "b", "c"])  # a previous export is replaced
+    assert read_labels(again / LABELS_FILE) == ["a", "b", "c"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_saved_model(model, tmp_path / "notes", CLASS_NAMES)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+class BesselLayer(keras.layers.Layer):
+    """A layer computing an op TFLite has no built-in kernel for."""
+
+    def call(self, inputs):
+        return tf.math.bessel_i1e(inputs)
+
+
+def test_op_without_tflite_kernel_is_named(tmp_path):
+    inputs = keras.Input(shape=(8, 8, 1))
+    x = keras.layers.Flatten()(BesselLayer()(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    with pytest.raises(ValueError, match="TFLite's built-in ops lack: BesselI1e"):
+        export_tflite(model, tmp_path / "odd.tflite", ["a", "b"])
