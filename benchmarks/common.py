@@ -1,5 +1,6 @@
-"""Shared helpers of the benchmarks: the example's files, a throw-away copy of the project to
-run ``kedro run`` in, timed subprocesses with their peak memory, medians, tables and JSON.
+"""Shared helpers of the benchmarks: the command line, the example's files and model, the
+project's parameters as ``kedro run`` reads them, a throw-away copy of the project to run
+``kedro run`` in, timed subprocesses with their peak memory, medians, tables and JSON.
 
 Each benchmark prints a table and writes ``benchmarks/results/<name>.json`` with every
 repeat, the medians, the machine (CPU count, load averages before and after) and the command.
@@ -7,6 +8,7 @@ repeat, the medians, the machine (CPU count, load averages before and after) and
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,7 +22,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import keras
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -76,29 +81,57 @@ def require_example() -> None:
         raise SystemExit(f"The example's image folder or base is missing. {EXAMPLE_HINT}")
 
 
-def finetune_parameters() -> dict[str, Any]:
-    """``params:finetune`` as ``kedro run`` sees it (conf/base with conf/local, resolved)."""
-    from kedro.config import OmegaConfigLoader
+def argument_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """A benchmark's command line: described by its docstring's first line, with ``--repeats``
+    (default ``repeats``); add its own options, then :func:`start`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser
 
-    loader = OmegaConfigLoader(str(ROOT / "conf"), base_env="base", default_run_env="local")
-    return loader["parameters"]["finetune"]
+
+def start(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[float]]:
+    """The parsed command line and the load averages before any work, once the example's image
+    folder and base are known to be there."""
+    args = parser.parse_args()
+    require_example()
+    return args, load()
 
 
-def write_example_folder(out: Path, labels_per_class: int) -> dict[str, Any]:
+def project_parameters(section: str = "finetune") -> dict[str, Any]:
+    """``params:<section>`` as ``kedro run`` sees it: read by the project's own config loader
+    with its settings (``CONFIG_LOADER_ARGS``: soft merges, globals), conf/base with conf/local."""
+    from kedro.framework.project import settings
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(ROOT)
+    loader = settings.CONFIG_LOADER_CLASS(
+        conf_source=str(ROOT / settings.CONF_SOURCE), env="local", **settings.CONFIG_LOADER_ARGS
+    )
+    return loader["parameters"][section]
+
+
+def write_example_folder(out: Path, labels_per_class: int) -> Path:
     """The example's target folder with ``labels_per_class`` training images per class,
     written by the data pipeline's own node (test: all official test images)."""
-    from kedro.config import OmegaConfigLoader
-
     from headswap.pipelines.data.nodes import write_target_folder
 
-    params = OmegaConfigLoader(str(ROOT / "conf"), base_env="base", default_run_env="local")[
-        "parameters"
-    ]["example"]
+    params = project_parameters("example")
     dirs = [str(ROOT / d) if not Path(d).is_absolute() else d for d in params["fashion_mnist_dirs"]]
-    return write_target_folder(
+    return Path(write_target_folder(
         {**params, "fashion_mnist_dirs": dirs, "target_path": str(out),
          "labels_per_class": labels_per_class}
-    )
+    ))
+
+
+def example_model(
+    dense: Sequence[int] = (64,), dropout: float = 0.3, classes: int = 5
+) -> keras.Model:
+    """The example's pretrained base (its latest version) cut at its last feature map, with a
+    new head of ``dense`` hidden units and ``dropout`` for ``classes`` classes."""
+    from headswap.core import bases, heads
+
+    base = bases.cut_model(bases.load_model_file(latest_model_file(PRETRAINED)))
+    return heads.attach_head(base, classes, dense=list(dense), dropout=dropout)
 
 
 @contextmanager
@@ -155,6 +188,12 @@ def run_measured(command: Sequence[str], cwd: Path = ROOT) -> Measured:
 
 def kedro_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "kedro", *args]
+
+
+def finetune_command(overrides: dict[str, Any]) -> list[str]:
+    """``kedro run --pipeline finetune`` with ``finetune.<key>=<value>`` for each override."""
+    params = ",".join(f"finetune.{key}={value}" for key, value in overrides.items())
+    return kedro_command("run", "--pipeline", "finetune", "--params", params)
 
 
 def repeat(times: int, measure: Callable[[int], dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Images per second of the input pipeline alone against the training step.
 
-On the example's 5,000 test images: the input pipeline of ``headswap.data.make_dataset``
+On the example's 5,000 test images: the input pipeline of ``headswap.core.data.make_dataset``
 streaming from disk (read, decode, resize in parallel, batch, prefetch) and serving decoded
 images kept in memory; and ``fit`` of the head-swapped model on batches already in memory,
 with the base frozen (phase 1 on images) and with it trained (phase 2). The input pipeline
@@ -12,24 +12,23 @@ writes benchmarks/results/input_pipeline.json.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import keras
 import numpy as np
 from common import (
     EXAMPLE,
-    PRETRAINED,
-    load,
+    argument_parser,
+    example_model,
     medians,
     repeat,
-    require_example,
+    start,
     table,
     write_results,
 )
 
-from headswap import bases, data, heads, training
-from headswap.config import LayerSelection
+from headswap.core import LayerSelection, data
+from headswap.core.train import compile_model, make_optimizer, set_trainable
 
 
 def images_per_second(dataset, count: int) -> float:
@@ -55,10 +54,9 @@ def step_images_per_second(images: np.ndarray, labels: np.ndarray, batch_size: i
                            train_base: bool, epochs: int = 3) -> float:
     """Images per second of ``fit`` on in-memory batches (epochs after the first)."""
     keras.utils.set_random_seed(0)
-    model = heads.attach_head(bases.cut_model(bases.load_model_file(str(PRETRAINED))), 5,
-                              dense=[64], dropout=0.3)
-    training.set_trainable(model, LayerSelection(all=True) if train_base else None)
-    training.compile_model(model, "adam", 3e-4)
+    model = example_model(dense=[64], dropout=0.3)
+    set_trainable(model, LayerSelection(all=True) if train_base else None)
+    compile_model(model, make_optimizer("adam", 3e-4))
     batches = data.array_dataset((images, labels), batch_size)
     clock = EpochClock()
     model.fit(batches, epochs=epochs, callbacks=[clock], verbose=0)
@@ -66,12 +64,9 @@ def step_images_per_second(images: np.ndarray, labels: np.ndarray, batch_size: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = argument_parser(__doc__, repeats=5)
     parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args()
-    require_example()
-    before = load()
+    args, before = start(parser)
     manifest = data.scan_image_folder(EXAMPLE)
     size, channels, bs = (28, 28), 1, args.batch_size
     paths, labels = data.split_arrays(manifest, "test")

@@ -12,40 +12,37 @@ ratio (target: at most 1.15); writes benchmarks/results/peak_memory.json.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 from common import (
     EXAMPLE,
-    finetune_parameters,
-    kedro_command,
-    load,
+    argument_parser,
+    finetune_command,
     medians,
     project_copy,
+    project_parameters,
     repeat,
-    require_example,
     run_measured,
+    start,
     table,
     write_example_folder,
     write_results,
 )
 
-from headswap import data
+from headswap.config import parse_finetune
+from headswap.core import data
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argument_parser(__doc__, repeats=3)
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each phase")
     parser.add_argument("--cache-mb", type=int, default=None,
                         help="finetune.data.cache_memory_mb (default: the parameters')")
-    args = parser.parse_args()
-    require_example()
-    before = load()
-    params = finetune_parameters()
-    budget = args.cache_mb if args.cache_mb is not None else params["data"]["cache_memory_mb"]
-    size, channels = tuple(params["data"]["image_size"]), 1
+    args, before = start(parser)
+    cfg = parse_finetune(project_parameters())
+    budget = args.cache_mb if args.cache_mb is not None else cfg.data.cache_memory_mb
+    size, channels = cfg.data.image_size, 1
     with tempfile.TemporaryDirectory(prefix="headswap-10x-") as tmp, project_copy() as project:
         big = Path(tmp) / "fashion-mnist-target-10x"
         print(f"writing the 10x folder to {big} ...", flush=True)
@@ -53,19 +50,18 @@ def main() -> None:
         folders = {"1x": EXAMPLE, "10x": big}
         splits = {}
         for name, folder in folders.items():
-            manifest = data.scan_image_folder(folder, params["data"]["val_fraction"],
-                                              params["data"]["test_fraction"], params["seed"])
+            manifest = data.scan_image_folder(folder, cfg.data.val_fraction,
+                                              cfg.data.test_fraction, cfg.seed)
             counts = manifest["split"].value_counts().to_dict()
             train_mb = data.decoded_bytes(counts["train"], size, channels) / 2**20
             splits[name] = {"images": counts, "decoded_train_mb": train_mb,
                             "train_kept_in_memory": bool(budget) and train_mb <= budget}
 
         def command(folder: Path) -> list[str]:
-            return kedro_command(
-                "run", "--pipeline", "finetune", "--params",
-                f"finetune.data.path={folder},finetune.phase1.epochs={args.epochs},"
-                f"finetune.phase2.epochs={args.epochs},finetune.data.cache_memory_mb={budget}",
-            )
+            return finetune_command({
+                "data.path": folder, "phase1.epochs": args.epochs,
+                "phase2.epochs": args.epochs, "data.cache_memory_mb": budget,
+            })
 
         def measure(_: int) -> dict:
             row = {}

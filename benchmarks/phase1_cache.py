@@ -7,13 +7,20 @@ disk every epoch (``cache_memory_mb: 0``). Prints the median per-epoch time (epo
 first), the whole phase and the test accuracy of each, and the per-epoch speed-up of the
 cached features; writes benchmarks/results/phase1_cache.json.
 
+Phase 1 runs as the finetune pipeline runs it: ``headswap.core.fit`` with the options
+``parse_finetune`` makes of these parameters (per-epoch backups included, since
+``training.resume`` is on by default; each run backs up into a folder of its own). The
+training data, images or features, is iterated afresh each epoch, in an order keyed on an
+``epoch`` variable that a callback sets as each epoch begins. (Figures recorded before that
+came from one dataset laid out over all the epochs of the phase, ``make_dataset``'s former
+``epochs=(first, count)``, iterated once across the whole ``fit``.)
+
     kedro run --pipeline data && kedro run --pipeline pretrain   # the example, once
     python benchmarks/phase1_cache.py [--repeats 3] [--epochs 30]
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 
@@ -22,16 +29,18 @@ import numpy as np
 from common import (
     EXAMPLE,
     PRETRAINED,
-    load,
+    argument_parser,
+    example_model,
+    latest_model_file,
     medians,
     repeat,
-    require_example,
+    start,
     table,
     write_results,
 )
 
-from headswap import bases, data, evaluation, heads, phases
 from headswap.config import parse_finetune
+from headswap.core import data, evaluation, fit
 
 WAYS = {
     "cached features": {"cache_features": True},
@@ -55,34 +64,27 @@ class EpochTimer(keras.callbacks.Callback):
         self._last = now
 
 
-def run(way: dict, epochs: int, state: str) -> dict[str, float]:
-    params = {
-        "data": {"path": str(EXAMPLE), "image_size": 28,
-                 **({"cache_memory_mb": way["cache_memory_mb"]} if "cache_memory_mb" in way
-                    else {})},
-        "base": {"path": str(PRETRAINED)},
-        "head": {"dense": [64], "dropout": 0.3},
-        "phase1": {"epochs": epochs, "optimizer": "rmsprop", "learning_rate": 1e-3},
-        "training": {"cache_features": way["cache_features"], "resume_dir": state},
-    }
-    cfg = parse_finetune(params)
-    manifest = data.scan_image_folder(cfg.data.path, seed=cfg.seed)
-    keras.utils.set_random_seed(cfg.seed)
-    base = bases.cut_model(bases.load_model_file(cfg.base.path))
-    model = heads.attach_head(base, 5, dense=cfg.head.dense, dropout=cfg.head.dropout)
-    timer = EpochTimer()
-    original_fit = keras.Model.fit
-
-    def timed_fit(self, *args, callbacks=None, **kwargs):
-        return original_fit(self, *args, callbacks=[*(callbacks or []), timer], **kwargs)
-
-    keras.Model.fit = timed_fit
-    try:
+def run(way: dict, epochs: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="headswap-phase1-") as state:
+        params = {
+            "data": {"path": str(EXAMPLE), "image_size": 28,
+                     **({"cache_memory_mb": way["cache_memory_mb"]} if "cache_memory_mb" in way
+                        else {})},
+            "base": {"path": str(latest_model_file(PRETRAINED))},
+            "head": {"dense": [64], "dropout": 0.3},
+            "phase1": {"epochs": epochs, "optimizer": "rmsprop", "learning_rate": 1e-3},
+            "training": {"cache_features": way["cache_features"], "resume_dir": state},
+        }
+        cfg = parse_finetune(params)
+        manifest = data.scan_image_folder(cfg.data.path, seed=cfg.seed)
+        keras.utils.set_random_seed(cfg.seed)
+        model = example_model(cfg.head.dense, cfg.head.dropout)
+        timer = EpochTimer()
+        options = cfg.fit_options()
+        options.extra_callbacks = [timer]
         start = time.perf_counter()
-        phases.run_training_phase(model, manifest, cfg, "phase1")
+        fit(model, manifest, cfg.phase1.stages_list(), options, name="phase1")
         total = time.perf_counter() - start
-    finally:
-        keras.Model.fit = original_fit
     test = data.make_dataset(manifest, "test", cfg.data.image_size, 1, 256)
     y_true, probabilities = evaluation.predict(model, test)
     return {
@@ -93,22 +95,19 @@ def run(way: dict, epochs: int, state: str) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argument_parser(__doc__, repeats=3)
     parser.add_argument("--epochs", type=int, default=30)
-    args = parser.parse_args()
-    require_example()
-    before = load()
+    args, before = start(parser)
     results: dict[str, list[dict]] = {name: [] for name in WAYS}
-    with tempfile.TemporaryDirectory() as state:
-        def measure(_: int) -> dict:
-            row = {}
-            for name, way in WAYS.items():
-                results[name].append(run(way, args.epochs, state))
-                row[f"{name}: s/epoch"] = results[name][-1]["epoch_s"]
-            return row
 
-        loads = repeat(args.repeats, measure)
+    def measure(_: int) -> dict:
+        row = {}
+        for name, way in WAYS.items():
+            results[name].append(run(way, args.epochs))
+            row[f"{name}: s/epoch"] = results[name][-1]["epoch_s"]
+        return row
+
+    loads = repeat(args.repeats, measure)
     summary = {name: medians(runs) for name, runs in results.items()}
     cached = summary["cached features"]
     speedup = {name: row["epoch_s"] / cached["epoch_s"] for name, row in summary.items()

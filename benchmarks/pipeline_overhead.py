@@ -16,7 +16,6 @@ benchmarks/results/pipeline_overhead.json (pipeline_overhead_epochs<N>.json with
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -26,45 +25,50 @@ from common import (
     EXAMPLE,
     PRETRAINED,
     ROOT,
-    finetune_parameters,
-    kedro_command,
+    argument_parser,
+    finetune_command,
     latest_model_file,
-    load,
     medians,
     project_copy,
+    project_parameters,
     repeat,
-    require_example,
     run_measured,
+    start,
     table,
     write_results,
 )
 
+from headswap.config import FinetuneConfig, parse_finetune
+from headswap.core import LayerSelection
 
-def plain_command(params: dict, epochs1: int, epochs2: int) -> list[str]:
-    data, head, phase1, phase2 = (params[k] for k in ("data", "head", "phase1", "phase2"))
+
+def plain_command(cfg: FinetuneConfig, epochs1: int, epochs2: int) -> list[str]:
+    head, phase1, phase2 = cfg.head, cfg.phase1, cfg.phase2
     unsupported = {
-        "head.dense": head["dense"] if len(head["dense"]) != 1 else None,
-        "head.pooling": head["pooling"] if head["pooling"] != "avg" else None,
-        "phase1.optimizer": phase1["optimizer"] if phase1["optimizer"] != "rmsprop" else None,
-        "phase2.optimizer": phase2["optimizer"] if phase2["optimizer"] != "adam" else None,
-        "phase2.train": phase2["train"] if phase2["train"] != "all" else None,
-        "base.source": params["base"]["source"] if params["base"]["source"] != "file" else None,
+        "head.dense": head.dense if len(head.dense) != 1 else None,
+        "head.pooling": head.pooling if head.pooling != "avg" else None,
+        "phase1.stages": len(phase1.stages) or None,
+        "phase2.stages": len(phase2.stages) or None,
+        "phase1.optimizer": phase1.optimizer if phase1.optimizer != "rmsprop" else None,
+        "phase2.optimizer": phase2.optimizer if phase2.optimizer != "adam" else None,
+        "phase2.train": phase2.train if phase2.train != LayerSelection(all=True) else None,
+        "base.source": cfg.base.source if cfg.base.source != "file" else None,
     }
     unsupported = {k: v for k, v in unsupported.items() if v is not None}
     if unsupported:
         raise SystemExit(f"The plain Keras program mirrors the example's settings only; the "
                          f"parameters set {unsupported}.")
-    cut = params["base"]["cut_at"]
+    cut = cfg.base.cut_at
     return [
         sys.executable, str(ROOT / "benchmarks" / "plain_keras.py"),
         "--folder", str(EXAMPLE), "--base", str(latest_model_file(PRETRAINED)),
         "--cut-at", "features" if cut == "auto" else str(cut),
-        "--image-size", *map(str, data["image_size"]),
-        "--batch-size", str(data["batch_size"]), "--val-fraction", str(data["val_fraction"]),
-        "--dense", str(head["dense"][0]), "--dropout", str(head["dropout"]),
-        "--epochs1", str(epochs1), "--rate1", str(phase1["learning_rate"]),
-        "--epochs2", str(epochs2), "--rate2", str(phase2["learning_rate"]),
-        "--seed", str(params["seed"]),
+        "--image-size", *map(str, cfg.data.image_size),
+        "--batch-size", str(cfg.data.batch_size), "--val-fraction", str(cfg.data.val_fraction),
+        "--dense", str(head.dense[0]), "--dropout", str(head.dropout),
+        "--epochs1", str(epochs1), "--rate1", str(phase1.learning_rate),
+        "--epochs2", str(epochs2), "--rate2", str(phase2.learning_rate),
+        "--seed", str(cfg.seed),
     ]
 
 
@@ -93,25 +97,20 @@ def pipeline_accuracy(output: str) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = argument_parser(__doc__, repeats=3)
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs of each phase (default: the parameters')")
-    args = parser.parse_args()
-    require_example()
-    before = load()
-    params = finetune_parameters()
-    epochs1 = args.epochs if args.epochs is not None else params["phase1"]["epochs"]
-    epochs2 = args.epochs if args.epochs is not None else params["phase2"]["epochs"]
-    plain = plain_command(params, epochs1, epochs2)
-    overrides = f"finetune.phase1.epochs={epochs1},finetune.phase2.epochs={epochs2}"
+    args, before = start(parser)
+    cfg = parse_finetune(project_parameters())
+    epochs1 = args.epochs if args.epochs is not None else cfg.phase1.epochs
+    epochs2 = args.epochs if args.epochs is not None else cfg.phase2.epochs
+    plain = plain_command(cfg, epochs1, epochs2)
     print(f"finetune pipeline vs plain Keras: {epochs1} + {epochs2} epochs, batch size "
-          f"{params['data']['batch_size']}, {args.repeats} repeats")
+          f"{cfg.data.batch_size}, {args.repeats} repeats")
     with project_copy() as project:
-        pipeline = kedro_command("run", "--pipeline", "finetune", "--params", overrides)
+        pipeline = finetune_command({"phase1.epochs": epochs1, "phase2.epochs": epochs2})
         # once untimed: MLflow creates its database at the first run of a new project
-        run_measured(kedro_command("run", "--pipeline", "finetune", "--params",
-                                   "finetune.phase1.epochs=1,finetune.phase2.epochs=1"),
+        run_measured(finetune_command({"phase1.epochs": 1, "phase2.epochs": 1}),
                      project).check("warm-up kedro run")
 
         def measure(_: int) -> dict:
@@ -150,7 +149,7 @@ def main() -> None:
           f"{summary['difference_s']:.1f} s longer (median)")
     name = "pipeline_overhead" if args.epochs is None else f"pipeline_overhead_epochs{args.epochs}"
     write_results(name, {
-        "epochs": [epochs1, epochs2], "batch_size": params["data"]["batch_size"],
+        "epochs": [epochs1, epochs2], "batch_size": cfg.data.batch_size,
         "repeats": args.repeats, "pipeline_command": " ".join(pipeline[1:]),
         "plain_keras_command": " ".join(Path(c).name if c == sys.executable else c
                                         for c in plain),

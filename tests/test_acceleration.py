@@ -10,10 +10,13 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 
 from headswap.config import parse_finetune
 from headswap.core import bases, data, devices, fine_tune, heads, train
 from tests.conftest import small_cnn
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +65,7 @@ def test_mirrored_strategy_on_two_logical_cpus_learns(image_folder: Path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=300, env=env, cwd=ROOT, check=False)
-    line = [l for l in result.stdout.splitlines() if l.startswith("RESULT")]
+    line = [x for x in result.stdout.splitlines() if x.startswith("RESULT")]
     assert line, result.stdout[-2000:] + result.stderr[-3000:]
     found = json.loads(line[0][len("RESULT"):])
     assert found["replicas"] == 2

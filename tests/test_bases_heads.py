@@ -36,7 +36,9 @@ def test_functional_model_is_cut_by_name_index_or_feature_map(cut_at, last):
     assert "output" not in [layer.name for layer in base.layers]
 
 
-@pytest.mark.parametrize("cut_at, shape", [("auto", (None, 14, 14, 4)), (-2, (None, 6)), ("pool", (None, 4))])
+@pytest.mark.parametrize(
+    "cut_at, shape", [("auto", (None, 14, 14, 4)), (-2, (None, 6)), ("pool", (None, 4))]
+)
 def test_sequential_model_is_cut(cut_at, shape):
     base = bases.cut_model(_sequential(), cut_at)
     assert tuple(base.outputs[0].shape) == shape

@@ -53,6 +53,7 @@ def _legacy_weights_file(model: keras.Model, path: Path) -> Path:
 # --- keras.applications -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(bases.ARCHITECTURES))
 def test_architecture_runs_at_its_minimum_size_and_imagenet_offline_fails_fast(
     name, offline, capsys
@@ -112,6 +113,7 @@ def test_mobilenet_v2_file_name_follows_the_input_size():
     assert bases.imagenet_weights_url("MobileNetV2", (100, 100)).endswith("_1.0_224_no_top.h5")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["MobileNetV2", "EfficientNetB0", "Xception"])
 def test_local_no_top_file_loads_like_the_keras_download(name, tmp_path: Path):
     size = bases.ARCHITECTURES[name].min_size
@@ -123,7 +125,7 @@ def test_local_no_top_file_loads_like_the_keras_download(name, tmp_path: Path):
     base = bases.keras_application(name, (size, size), weights=str(file))
     loaded = base.layers[-1].get_weights()
     assert len(loaded) == len(source.get_weights())
-    for got, want in zip(loaded, source.get_weights()):
+    for got, want in zip(loaded, source.get_weights(), strict=True):
         np.testing.assert_array_equal(got, want)
 
 

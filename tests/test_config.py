@@ -35,7 +35,8 @@ def test_bad_parameters_name_key_and_value(override, message):
         ({"head": {"dropuot": 0.1}},
          (r"finetune.head.dropuot: unknown key \(given 0.1\); allowed keys here: pooling, "
           r"dense, dropout")),
-        ({"epochs": 3}, r"finetune.epochs: unknown key \(given 3\); allowed keys here: seed, .*phase1, phase2"),
+        ({"epochs": 3},
+         r"finetune.epochs: unknown key \(given 3\); allowed keys here: seed, .*phase1, phase2"),
         ({"data": {"path": "x", "image_size": 28, "val_fraction": 0.5, "test_fraction": 0.5}},
          r"finetune.data: val_fraction \+ test_fraction is 0.5 \+ 0.5; it must be below 1"),
     ],

@@ -21,7 +21,9 @@ def test_class_folder_is_split_stratified_and_seeded(image_folder: Path):
     again = data.scan_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2, seed=1)
     pd.testing.assert_frame_equal(manifest, again)
     other = data.scan_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2, seed=2)
-    test_paths = lambda m: set(m.loc[m["split"] == "test", "path"])
+    def test_paths(m):
+        return set(m.loc[m["split"] == "test", "path"])
+
     assert test_paths(manifest) != test_paths(other)
 
 
@@ -73,7 +75,8 @@ def test_dataset_streams_resized_images_with_the_model_channels(image_folder: Pa
         total = sum(int(b[1].shape[0]) for b in batches)
         assert total == (manifest["split"] == "train").sum()
     _, labels = data.split_arrays(manifest, "test")
-    ordered = np.concatenate([y.numpy() for _, y in data.make_dataset(manifest, "test", (24, 24), 1, 5)])
+    test = data.make_dataset(manifest, "test", (24, 24), 1, 5)
+    ordered = np.concatenate([y.numpy() for _, y in test])
     np.testing.assert_array_equal(ordered, labels)
 
 
@@ -97,7 +100,7 @@ def test_every_format_and_colour_mode_is_read_and_faulty_files_are_listed(tmp_pa
     assert set(manifest["label"]) == set(MESSY_CLASSES)
     assert len(manifest) == len(MESSY_CLASSES) * PER_CLASS
     assert not manifest["path"].str.contains(r"/\.|notes\.txt").any()
-    reasons = dict(zip(skipped["path"], skipped["reason"]))
+    reasons = dict(zip(skipped["path"], skipped["reason"], strict=True))
     assert {Path(p).name for p in reasons} == set(faulty)
     for path, reason in reasons.items():
         assert faulty[Path(path).name] in reason, (path, reason)
@@ -108,7 +111,7 @@ def test_every_format_and_colour_mode_is_read_and_faulty_files_are_listed(tmp_pa
                 [x.numpy() for x, _ in data.make_dataset(manifest, split, (20, 24), channels, 7)]
             )
             assert images.shape == ((manifest["split"] == split).sum(), 20, 24, channels)
-            assert 0.0 <= images.min() and images.max() <= 255.0
+            assert images.min() >= 0.0 and images.max() <= 255.0
 
 
 def test_decoding_converts_channels_the_same_way_for_every_mode(tmp_path: Path):

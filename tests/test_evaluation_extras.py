@@ -11,8 +11,8 @@ import pytest
 from kedro_datasets.pandas import CSVDataset
 from sklearn.metrics import confusion_matrix, top_k_accuracy_score
 
-from headswap.core import bases, data, evaluation, heads, train
 from headswap.config import ParameterError, parse_finetune
+from headswap.core import bases, data, evaluation, heads, train
 from headswap.pipelines.finetune import nodes
 from tests.conftest import small_cnn
 

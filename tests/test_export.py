@@ -21,6 +21,8 @@ from headswap.core.export import (
     tflite_predict,
 )
 
+pytestmark = pytest.mark.slow
+
 CLASS_NAMES = ["circle", "square", "stripes"]
 SIZE = 32
 

@@ -358,7 +358,11 @@ def test_runs_are_versioned_and_never_overwrite_earlier_artifacts(project: Path,
 def test_a_failure_in_a_later_stage_keeps_earlier_artifacts_and_fails_the_run(
     project: Path, twin_runs
 ):
-    with pytest.raises(ValueError, match="no_such_layer"):
+    from headswap.hooks import RunStopped
+
+    # a user's error, so one readable message (the CLI prints it as one Error: line)
+    with pytest.raises(RunStopped, match=r"Node fine_tune stopped: No base layer named "
+                                         r"\['no_such_layer'\]. Base layers: rescale, conv1"):
         run_finetune(project, {"finetune": {"phase2": {"train": {"names": ["no_such_layer"]}}}})
     client, runs = mlflow_runs(project)
     failed = runs[-1]

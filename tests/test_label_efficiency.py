@@ -97,7 +97,7 @@ def test_the_long_table_has_every_count_and_variant_with_sane_numbers(project: P
     table = pd.read_csv(_latest(project, "data/08_reporting/label_efficiency.csv"))
     assert list(table.columns) == ["labels_per_class", "variant", "test_accuracy", "macro_f1",
                                    "trainable_params", "wall_time_s"]
-    assert list(zip(table["labels_per_class"], table["variant"])) == [
+    assert list(zip(table["labels_per_class"], table["variant"], strict=True)) == [
         (n, v) for n in COUNTS for v in VARIANTS]
     assert table["test_accuracy"].between(0, 1).all() and table["macro_f1"].between(0, 1).all()
     assert (table["wall_time_s"] > 0).all() and (table["trainable_params"] > 0).all()

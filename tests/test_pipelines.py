@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 
 TARGET_CLASSES = ["Ankle boot", "Bag", "Sandal", "Shirt", "Sneaker"]
 FINETUNE_NODES = [
-    "check_parameters", "locate_images", "read_pretrained", "ingest_images", "load_base", "swap_head", "train_head", "evaluate_head_only",
+    "check_parameters", "locate_images", "read_pretrained", "ingest_images", "load_base",
+    "swap_head", "train_head", "evaluate_head_only",
     "fine_tune", "predict_test", "evaluate", "evaluate_details", "summarise_training",
     "package_model",
 ]
@@ -191,10 +192,9 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrup
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while process.poll() is None:  # killed once phase 2 has completed an epoch
-            assert time.monotonic() < deadline, "phase 2 never completed an epoch"
-            logs = list(state.glob("*/phase2_stage1/epochs.csv"))
-            if logs and len(logs[0].read_text().splitlines()) >= 2:
+        while process.poll() is None:  # killed once phase 2 has backed up an epoch
+            assert time.monotonic() < deadline, "phase 2 never backed up an epoch"
+            if list(state.glob("*/phase2_stage1/backup/epoch-*")):
                 process.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.05)

@@ -117,6 +117,7 @@ def test_history_metrics_skip_what_is_not_one_number_per_epoch():
     assert set(history_metrics([history])) == {"loss"}
 
 
+@pytest.mark.slow
 def test_metrics_history_dataset_logs_every_value_in_batches(tmp_path: Path):
     """1,500 epoch values (two MLflow batches) land in a real SQLite-backed run with their
     steps, exactly as kedro-mlflow's own dataset would put them there."""

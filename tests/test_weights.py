@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from keras.src.legacy.saving import legacy_h5_format
 
-from headswap.core import bases, heads, weights
 from headswap.config import parse_finetune
+from headswap.core import bases, heads, weights
 from headswap.pipelines.finetune.nodes import load_base, read_pretrained
 from tests.conftest import small_cnn
 
@@ -56,7 +56,7 @@ def test_new_head_never_receives_the_old_heads_weights(file_name, tmp_path: Path
     np.testing.assert_array_equal(new.get_layer("conv").get_weights()[0],
                                   old.get_layer("conv").get_weights()[0])
     for name, values in fresh.items():
-        for got, want in zip(new.get_layer(name).get_weights(), values):
+        for got, want in zip(new.get_layer(name).get_weights(), values, strict=True):
             np.testing.assert_array_equal(got, want)
     assert [m["layer"] for m in report["matched"]] == ["conv"]
     assert [m["layer"] for m in report["missing"]] == ["new_fc", "predictions"]
@@ -100,7 +100,7 @@ def test_layers_keras_named_are_paired_in_order_of_their_kind(file_name, tmp_pat
     assert new.layers[1].name != old.layers[1].name
     report = weights.load_weights_by_name(new, path)
     assert len(report["matched"]) == 4 and not report["missing"] and not report["unexpected"]
-    for got, want in zip(new.get_weights(), old.get_weights()):
+    for got, want in zip(new.get_weights(), old.get_weights(), strict=True):
         np.testing.assert_array_equal(got, want)
 
 
@@ -111,10 +111,12 @@ def test_weights_of_a_fine_tuned_model_go_back_into_a_new_base(tmp_path: Path):
     report = weights.load_weights_by_name(base, path)
     assert {m["layer"] for m in report["matched"]} == {"conv1", "bn1", "conv2", "bn2"}
     assert {m["layer"] for m in report["unexpected"]} == {"head_dense1", "predictions"}
-    for got, want in zip(base.get_weights(), tuned.get_layer("base").get_weights()):
+    for got, want in zip(base.get_weights(), tuned.get_layer("base").get_weights(),
+                              strict=True):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file_name", ["top.h5", "top.weights.h5"])
 def test_weights_only_file_of_an_application_with_its_top(file_name, tmp_path: Path):
     source = keras.applications.EfficientNetB0(
@@ -133,7 +135,7 @@ def test_weights_only_file_of_an_application_with_its_top(file_name, tmp_path: P
     assert report["params"]["matched"] == base.count_params()
     # EfficientNet's Normalization layer has an automatic name: paired, not lost.
     assert any(m["file_layer"].startswith("normalization") for m in report["matched"])
-    for got, want in zip(base.layers[-1].get_weights(), source.get_weights()):
+    for got, want in zip(base.layers[-1].get_weights(), source.get_weights(), strict=True):
         np.testing.assert_array_equal(got, want)
 
 

@@ -7,9 +7,9 @@ import atexit
 import logging
 import os
 import shutil
-from pathlib import Path
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import click

@@ -32,7 +32,9 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 UNSUPPORTED_EXTENSIONS = frozenset({".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".ico"})
 SPLITS = ("train", "val", "test")
 SKIPPED_COLUMNS = ["path", "reason"]
-_SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+_SPLIT_ALIASES = {
+    "train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"
+}
 _SHOWN = 20  # skipped files named one by one in the log
 
 
@@ -101,7 +103,7 @@ def find_unreadable(paths: list[str]) -> dict[str, str]:
     workers = max(1, min(16, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         problems = pool.map(image_problem, suspects)
-        return {path: problem for path, problem in zip(suspects, problems) if problem}
+        return {path: problem for path, problem in zip(suspects, problems, strict=True) if problem}
 
 
 def _unsupported(path: Path) -> str:

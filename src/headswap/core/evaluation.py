@@ -168,7 +168,7 @@ def learning_curves_figure(phases: list[tuple[str, dict[str, Any]]]) -> Figure:
     """
     fig = Figure(figsize=(11, 4))
     axes = fig.subplots(1, 2)
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
         for key, style in ((metric, "-"), (f"val_{metric}", "--")):
             epochs = [e + 1 for _, h in phases for e in h.get("epoch", [])]
             values = [v for _, h in phases for v in h.get(key, [])]
@@ -270,7 +270,7 @@ def confident_errors_figure(errors: pd.DataFrame, columns: int = 4) -> Figure:
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
     for ax in axes:
         ax.axis("off")
-    for ax, row in zip(axes, errors.itertuples()):
+    for ax, row in zip(axes, errors.itertuples(), strict=False):
         with Image.open(row.path) as image:
             pixels = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
         ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,35 +94,20 @@ def fit(
 
     Epochs are numbered on one axis from ``first_epoch``. Returns the merged per-epoch history
     (``epoch``, ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ``learning_rate``...)
-    with ``stage_starts``, ``trainable_layers`` (per stage) and ``parameter_counts`` (of the
-    last stage). Under a tf.distribute strategy, or in mixed precision, each stage trains a
-    copy built in its scope and hands the weights back to ``model``.
+    with ``stage_starts``, ``trainable_layers`` (per stage), ``parameter_counts`` (of the
+    last stage) and ``seconds`` (the time it took). Under a tf.distribute strategy, or in
+    mixed precision, each stage trains a copy built in its scope and hands the weights back to
+    ``model``.
     """
     check_plateau(stages, options.callbacks)
-    names = data.class_names(manifest)
-    labels = data.split_arrays(manifest, "train")[1]
-    steps = steps_per_epoch(len(labels), options.batch_size)
-    weights = class_weights(labels, names, options.class_weight)
-    strategy = distribution_strategy(options.distribution)
-    order = tf.Variable(first_epoch, dtype=tf.int64, trainable=False)  # outside the strategy
+    started = time.perf_counter()
+    run = _Run.start(manifest, options, first_epoch)
     histories, layers_per_stage, counts = [], [], {}
     epoch = first_epoch
-    with strategy_scope(strategy):
+    with strategy_scope(run.strategy):
         for i, stage in enumerate(stages, start=1):
             label = f"{name} stage {i}" if len(stages) > 1 else name
-            trainable = set_trainable(model, stage.train, stage.train_batchnorm)
-            work = (rebuild(model, options.mixed_precision, synchronized=strategy is not None)
-                    if strategy is not None or options.mixed_precision else model)
-            optimizer, logged = build_optimizer(work, stage, steps)
-            compile_model(work, optimizer, stage.label_smoothing, options.jit_compile)
-            counts = parameter_counts(work)
-            logger.info(
-                "%s: %s base layers train; %s trainable and %s non-trainable parameters; "
-                "%s epochs, %s at learning rate %g (%s schedule)",
-                label, len(trainable), f"{counts['trainable_params']:,}",
-                f"{counts['non_trainable_params']:,}", stage.epochs, stage.optimizer,
-                stage.learning_rate, stage.schedule,
-            )
+            work, logged, trainable, counts = _compiled(model, stage, run, label)
             keras.utils.set_random_seed(options.seed + epoch)
             reseed(work, options.seed + epoch)
             state = (StageState(Path(options.backup_dir) / f"{name}_stage{i}",
@@ -131,17 +117,16 @@ def fit(
             if history is not None:
                 logger.info("%s finished before the interruption; reusing its weights", label)
             else:
-                history = _fit_stage(work, manifest, stage, options, label, logged, epoch,
-                                     steps, weights, order, state)
+                history = _fit_stage(run, work, stage, label, logged, epoch, state)
             if work is not model:
                 model.set_weights(work.get_weights())
             histories.append(history)
             layers_per_stage.append(trainable)
-            if history["epoch"]:
-                epoch = history["epoch"][-1] + 1
+            epoch = next_epoch(history) or epoch
     merged = merge_histories(histories)
     merged["parameter_counts"] = counts
     merged["trainable_layers"] = layers_per_stage
+    merged["seconds"] = time.perf_counter() - started
     return merged
 
 
@@ -163,23 +148,65 @@ def next_epoch(history: History) -> int:
     return history["epoch"][-1] + 1 if history.get("epoch") else 0
 
 
+@dataclass
+class _Run:
+    """What every stage of one :func:`fit` shares."""
+
+    manifest: pd.DataFrame
+    options: FitOptions
+    steps: int  # batches per epoch
+    class_weight: dict[int, float] | None
+    strategy: tf.distribute.Strategy | None
+    order: tf.Variable  # the epoch the training data's order is keyed on
+
+    @classmethod
+    def start(cls, manifest: pd.DataFrame, options: FitOptions, first_epoch: int) -> _Run:
+        labels = data.split_arrays(manifest, "train")[1]
+        return cls(
+            manifest, options, steps_per_epoch(len(labels), options.batch_size),
+            class_weights(labels, data.class_names(manifest), options.class_weight),
+            distribution_strategy(options.distribution),
+            tf.Variable(first_epoch, dtype=tf.int64, trainable=False),  # outside the strategy
+        )
+
+
+def _compiled(
+    model: keras.Model, stage: Stage, run: _Run, label: str
+) -> tuple[keras.Model, dict[str, keras.optimizers.Optimizer], list[str], dict[str, int]]:
+    """The model to train in ``stage`` (``model``, or a copy built in the strategy's scope or
+    in mixed precision), compiled with the stage's optimizer; the optimizers whose rates are
+    logged, the base layers that train, and the parameter counts."""
+    options = run.options
+    trainable = set_trainable(model, stage.train, stage.train_batchnorm)
+    work = (rebuild(model, options.mixed_precision, synchronized=run.strategy is not None)
+            if run.strategy is not None or options.mixed_precision else model)
+    optimizer, logged = build_optimizer(work, stage, run.steps)
+    compile_model(work, optimizer, stage.label_smoothing, options.jit_compile)
+    counts = parameter_counts(work)
+    logger.info(
+        "%s: %s base layers train; %s trainable and %s non-trainable parameters; "
+        "%s epochs, %s at learning rate %g (%s schedule)",
+        label, len(trainable), f"{counts['trainable_params']:,}",
+        f"{counts['non_trainable_params']:,}", stage.epochs, stage.optimizer,
+        stage.learning_rate, stage.schedule,
+    )
+    return work, logged, trainable, counts
+
+
 def _fit_stage(
+    run: _Run,
     work: keras.Model,
-    manifest: pd.DataFrame,
     stage: Stage,
-    options: FitOptions,
     label: str,
     logged: dict[str, keras.optimizers.Optimizer],
     first: int,
-    steps: int,
-    weights: dict[int, float] | None,
-    order: tf.Variable,
     state: StageState | None,
 ) -> History:
     """Fit one stage from epoch ``first``, on cached features when the base is frozen."""
+    manifest, options, steps = run.manifest, run.options, run.steps
     size, batch = options.image_size, options.batch_size
     if _can_cache(options, stage, work, manifest):
-        trained, (train, val) = _cached_head(work, manifest, options, order)
+        trained, (train, val) = _cached_head(work, manifest, options, run.order)
         # A step of the head alone takes microseconds: one call runs a whole epoch's steps
         # (on one device; Keras' multi-step loop fails under a tf.distribute strategy).
         compile_model(trained, work.optimizer, stage.label_smoothing, options.jit_compile,
@@ -191,18 +218,20 @@ def _fit_stage(
         trained = work
         train, val = (
             data.make_dataset(manifest, split, size, channels, batch, shuffle=split == "train",
-                              seed=options.seed, epoch=order, cache_bytes=budget)
+                              seed=options.seed, epoch=run.order, cache_bytes=budget)
             for split in ("train", "val")
         )
     if stage.label_smoothing:
         classes = len(data.class_names(manifest))
         train, val = (one_hot_labels(d, classes) for d in (train, val))
-    callbacks = [EpochOrder(order),
+    callbacks = [EpochOrder(run.order),
                  *make_callbacks(options.callbacks, logged, _checkpoint_path(options, label)),
                  *(state.callbacks() if state else []), *options.extra_callbacks]
+    resumed = state.backup.restore(trained) if state else None
     result = trained.fit(train, validation_data=val, epochs=first + stage.epochs,
-                         initial_epoch=first, callbacks=callbacks, class_weight=weights,
-                         verbose=options.verbose, shuffle=False)
+                         initial_epoch=max(first, resumed or 0), callbacks=callbacks,
+                         class_weight=run.class_weight, verbose=options.verbose,
+                         shuffle=False)
     if state is None:
         history = {k: [float(v) for v in values] for k, values in result.history.items()}
         return {"epoch": [int(e) for e in result.epoch], **history}

@@ -23,7 +23,8 @@ def attach_head(
     The head is pooling (``avg``, ``max`` or ``flatten``, skipped if the base already gives
     vectors), then ``Dense(units, relu) -> Dropout(dropout)`` for each entry of ``dense``,
     then ``Dense(num_classes, softmax)``. ``augmentation`` layers (see
-    :func:`augmentation_layers`) go between the input and the base. Train it with a loss on probabilities
+    :func:`augmentation_layers`) go between the input and the base. Train it with a loss on
+    probabilities
     (``from_logits=False``), as :func:`headswap.core.train.compile_model` does.
     """
     if num_classes < 2:
@@ -75,11 +76,13 @@ def augmentation_layers(
         chosen.append(layers.RandomZoom(zoom, seed=seed, name="augment_zoom"))
     if translation:
         chosen.append(
-            layers.RandomTranslation(translation, translation, seed=seed, name="augment_translation")
+            layers.RandomTranslation(translation, translation, seed=seed,
+                                     name="augment_translation")
         )
     if contrast:
         chosen.append(
-            layers.RandomContrast(contrast, value_range=(0, 255), seed=seed, name="augment_contrast")
+            layers.RandomContrast(contrast, value_range=(0, 255), seed=seed,
+                                  name="augment_contrast")
         )
     return chosen
 

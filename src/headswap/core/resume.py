@@ -1,13 +1,17 @@
 """Resuming an interrupted stage: all that exists only for resuming lives here.
 
-A stage given a folder keeps in it Keras' own ``BackupAndRestore`` files (weights and
-optimizer state after each epoch, written twice so that a process killed mid-write leaves the
-previous one), the random layers' seed states (which Keras does not save with the weights),
-the per-epoch log (Keras' ``CSVLogger``, appended across interruptions) and, once the stage
-has finished, its weights and history. Run again with the same folder, a finished stage is
-reused and an interrupted one continues after its last completed epoch: with the data order
-keyed on the epoch (see :func:`headswap.core.data.make_dataset`), the result is that of an
-uninterrupted run.
+A stage given a folder keeps in it a backup after each epoch (the weights and optimizer state,
+saved by Keras' ``save_weights``, and the random layers' seed states, which Keras does not
+save with the weights), the per-epoch log (Keras' ``CSVLogger``, appended across
+interruptions) and, once the stage has finished, its weights and history. Run again with the
+same folder, a finished stage is reused and an interrupted one continues after its last
+completed epoch: with the data order keyed on the epoch (see
+:func:`headswap.core.data.make_dataset`), the result is that of an uninterrupted run.
+
+Each backup is written into a folder of its own and renamed into place once complete, so a
+process killed at any moment leaves the previous backup whole. (Keras' ``BackupAndRestore``
+does not: its first backup is written in place, and its weights and epoch are two files
+written one after the other, so a kill between them resumes the wrong epoch.)
 """
 
 from __future__ import annotations
@@ -27,43 +31,41 @@ from headswap.core.devices import seed_states
 
 logger = logging.getLogger(__name__)
 
-_KEEP_SEEDS = 3  # seed files kept: the weights on disk may be an epoch behind the newest
+WEIGHTS = "weights.weights.h5"
+SEEDS = "seeds.npy"
 
 
-class SeededBackup(keras.callbacks.BackupAndRestore):
-    """Keras' ``BackupAndRestore``, plus the random layers' seed states of each epoch."""
+class EpochBackup(keras.callbacks.Callback):
+    """After each epoch, the model's state in ``<folder>/epoch-<epochs completed>/``."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        super().__init__(os.fspath(folder), double_checkpoint=True, delete_checkpoint=True)
-        self._resumed = False
+        super().__init__()
+        self.folder = Path(folder)
 
-    def _seeds(self, epoch: int) -> Path:
-        return Path(self.backup_dir) / f"seeds-{epoch:05d}.npy"
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        super().on_train_begin(logs)
-        self._resumed = False
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        # The first epoch of a fit is the one Keras resumes at: restore the seeds it began with.
-        if not self._resumed and self._seeds(epoch).is_file():
-            for variable, value in zip(seed_states(self.model), np.load(self._seeds(epoch)),
-                                       strict=True):
-                variable.assign(value)
-            logger.info("Resumed at epoch %s from the backup in %s", epoch, self.backup_dir)
-        self._resumed = True
+    def restore(self, model: keras.Model) -> int | None:
+        """Load the newest backup into ``model`` (compiled); return the epoch to continue at."""
+        done = sorted(self.folder.glob("epoch-*")) if self.folder.is_dir() else []
+        if not done:
+            return None
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(done[-1] / WEIGHTS)
+        for variable, value in zip(seed_states(model), np.load(done[-1] / SEEDS), strict=True):
+            variable.assign(value)
+        epoch = int(done[-1].name.split("-")[1])
+        logger.info("Resumed at epoch %s from the backup in %s", epoch, done[-1])
+        return epoch
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        # seeds first: the weights on disk are then never ahead of the seeds
-        os.makedirs(self.backup_dir, exist_ok=True)
+        partial = self.folder / "partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        self.model.save_weights(partial / WEIGHTS)
         states = [keras.ops.convert_to_numpy(v) for v in seed_states(self.model)]
-        partial = self._seeds(epoch + 1).with_suffix(".partial")
-        with open(partial, "wb") as f:
-            np.save(f, np.stack(states) if states else np.zeros((0, 2)))
-        os.replace(partial, self._seeds(epoch + 1))
-        for old in sorted(Path(self.backup_dir).glob("seeds-*.npy"))[:-_KEEP_SEEDS]:
-            old.unlink()
-        super().on_epoch_end(epoch, logs)
+        np.save(partial / SEEDS, np.stack(states) if states else np.zeros((0, 2)))
+        final = self.folder / f"epoch-{epoch + 1:05d}"
+        os.replace(partial, final)
+        for old in sorted(self.folder.glob("epoch-*"))[:-1]:
+            shutil.rmtree(old)
 
 
 class StageState:
@@ -84,6 +86,7 @@ class StageState:
         self._done = self.folder / "done.weights.h5"
         self._history = self.folder / "history.json"
         self._log = self.folder / "epochs.csv"
+        self.backup = EpochBackup(self.folder / "backup")
 
     def reuse(self, model: keras.Model) -> dict[str, Any] | None:
         """The history of the finished stage, its weights loaded into ``model``; else None."""
@@ -94,8 +97,7 @@ class StageState:
         return json.loads(self._history.read_text())
 
     def callbacks(self) -> list[keras.callbacks.Callback]:
-        return [keras.callbacks.CSVLogger(str(self._log), append=True),
-                SeededBackup(self.folder / "backup")]
+        return [keras.callbacks.CSVLogger(str(self._log), append=True), self.backup]
 
     def history(self) -> dict[str, Any]:
         """Every epoch logged across interruptions; a repeated epoch keeps its last row."""
@@ -116,3 +118,4 @@ class StageState:
         partial = self.folder / "history.partial"
         partial.write_text(json.dumps(history))
         os.replace(partial, self._history)
+        shutil.rmtree(self.backup.folder, ignore_errors=True)

@@ -172,8 +172,8 @@ def rate_groups(model: keras.Model, settings: Stage) -> list[RateGroup]:
     if settings.layer_rates:
         groups, taken = [], set()
         for i, spec in enumerate(settings.layer_rates):
-            chosen = [l for l in select_layers(layers, spec.layers) if id(l) not in taken]
-            taken |= {id(l) for l in chosen}
+            chosen = [x for x in select_layers(layers, spec.layers) if id(x) not in taken]
+            taken |= {id(x) for x in chosen}
             groups.append(RateGroup(f"group{i}", chosen, spec.learning_rate))
         return groups
     if settings.discriminative:
@@ -201,10 +201,12 @@ def build_optimizer(
         schedule = learning_rate_schedule(
             rate, settings.schedule, settings.epochs, settings.warmup_epochs, steps_per_epoch
         )
-        return make_optimizer(settings.optimizer, schedule, settings.weight_decay, settings.momentum)
+        return make_optimizer(settings.optimizer, schedule, settings.weight_decay,
+                              settings.momentum)
 
     head = make(settings.learning_rate)
-    groups = [g for g in rate_groups(model, settings) if any(l.trainable_weights for l in g.layers)]
+    groups = [g for g in rate_groups(model, settings)
+              if any(layer.trainable_weights for layer in g.layers)]
     if not groups:
         return head, {"learning_rate": head}
     mapping, logged = {}, {"learning_rate": head}

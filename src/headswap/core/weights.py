@@ -211,7 +211,7 @@ def pair_layers(
     for kind in auto_kinds:
         own = [layer for layer in layers if kinds[id(layer)] == kind]
         theirs = [e for e in entries if entry_kind(e) == kind]
-        pairs.extend(zip(own, theirs))
+        pairs.extend(zip(own, theirs, strict=False))
     paired_layers = {id(layer) for layer, _ in pairs}
     paired_entries = {id(entry) for _, entry in pairs}
     order = {id(layer): i for i, layer in enumerate(layers)}

@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import keras
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -26,14 +25,11 @@ logger = logging.getLogger(__name__)
 
 
 def start_variant(
-    finetune: dict[str, Any],
-    overrides: dict[str, Any],
-    *after: Any,
-    variant: str,
+    finetune: dict[str, Any], overrides: dict[str, Any], *, variant: str,
     from_scratch: bool = False,
-) -> tuple[dict[str, Any], float]:
+) -> dict[str, Any]:
     """The variant's finetune parameters (``compare.variants.<variant>`` merged into
-    ``finetune``), checked, and the time it starts. ``after`` orders variants one by one."""
+    ``finetune``), checked."""
     params = merge_parameters(finetune, overrides)
     if from_scratch:
         params = from_scratch_parameters(params)
@@ -44,8 +40,7 @@ def start_variant(
             f"{err}\n(the finetune parameters with compare.variants.{variant} merged in: correct "
             "either, see conf/base/parameters_compare.yml)"
         ) from None
-    logger.info("Variant %s starts", variant)
-    return params, time.perf_counter()
+    return params
 
 
 def reinitialise_base(base: keras.Model, options: FitOptions) -> keras.Model:
@@ -54,12 +49,19 @@ def reinitialise_base(base: keras.Model, options: FitOptions) -> keras.Model:
     return keras.models.clone_model(base)
 
 
-def extract_features(
-    base: keras.Model, manifest: pd.DataFrame, options: FitOptions, head: HeadConfig
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The pretrained base as a fixed feature extractor: pooled features of every split, once."""
+def fit_logistic_regression(
+    base: keras.Model,
+    manifest: pd.DataFrame,
+    options: FitOptions,
+    head: HeadConfig,
+    regression: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The pretrained base as a fixed feature extractor (pooled features of every split,
+    computed once) and logistic regression on them: the test report and a one-point history
+    with the seconds both took."""
+    started = time.perf_counter()
     channels = base.inputs[0].shape[-1]
-    return {
+    features = {
         split: evaluation.pooled_features(
             base,
             data.make_dataset(manifest, split, options.image_size, channels, options.batch_size),
@@ -67,31 +69,23 @@ def extract_features(
         )
         for split in data.SPLITS
     }
-
-
-def fit_logistic_regression(
-    features: dict[str, tuple[np.ndarray, np.ndarray]],
-    manifest: pd.DataFrame,
-    options: FitOptions,
-    regression: dict[str, Any],
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Logistic regression on the fixed features: the test report and a one-point history."""
     predicted, val_accuracy, size = evaluation.logistic_regression_baseline(
         features, float(regression["C"]), int(regression["max_iter"]), options.seed
     )
     report = evaluation.report(features["test"][1], predicted, data.class_names(manifest))
     history = {"epoch": [], "val_accuracy": [val_accuracy],
+               "seconds": time.perf_counter() - started,
                "parameter_counts": {"trainable_params": size, "non_trainable_params": 0}}
     return report, history
 
 
 def summarise_variant(
-    started: float, report: dict[str, Any], *histories: dict[str, Any], variant: str
+    report: dict[str, Any], *histories: dict[str, Any], variant: str
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, float]]]]:
-    """The variant's row of the comparison and its metrics (logged to its nested MLflow run)."""
-    summary = evaluation.variant_summary(
-        variant, report, list(histories), time.perf_counter() - started
-    )
+    """The variant's row of the comparison and its metrics (logged to its nested MLflow run);
+    its time is the seconds its training took (its histories' ``seconds``)."""
+    seconds = sum(float(h.get("seconds", 0.0)) for h in histories)
+    summary = evaluation.variant_summary(variant, report, list(histories), seconds)
     logger.info(
         "Variant %s: test accuracy %.4f, macro F1 %.4f, %s trainable parameters, %.1f s",
         variant, summary["test_accuracy"], summary["macro_f1"],
@@ -101,7 +95,7 @@ def summarise_variant(
                for k in evaluation.TABLE_COLUMNS[1:]}
     metrics["val_accuracy"] = [
         {"step": step, "value": value}
-        for step, value in zip(summary["epoch"] or [0], summary["val_accuracy"])
+        for step, value in zip(summary["epoch"] or [0], summary["val_accuracy"], strict=True)
     ]
     return summary, metrics
 

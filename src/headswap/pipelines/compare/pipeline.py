@@ -1,7 +1,7 @@
 """The ``compare`` pipeline: on one manifest and one base, five ways to use the base.
 
 * ``feature_extraction``: the base as a fixed feature extractor, features computed once,
-  scikit-learn's logistic regression on them;
+  scikit-learn's logistic regression on them (one node);
 * ``head_only``: phase 1 alone (the new head on the frozen base);
 * ``full``: phase 1 then phase 2, the whole recipe;
 * ``scratch``: the same architecture from random weights, every layer trained for as many
@@ -9,9 +9,9 @@
 * ``partial``: phase 2 training only the base's top block (``compare.variants.partial``).
 
 The Keras variants are the finetune pipeline's own nodes in a Kedro namespace each; a variant's
-parameters are ``finetune`` with ``compare.variants.<variant>`` merged in. Variants run one
-after the other (each starts after the previous one's summary), so each one's wall time is its
-own, and each logs into its own MLflow run nested under the pipeline's run (see
+parameters are ``finetune`` with ``compare.variants.<variant>`` merged in. A variant's time is
+the seconds its own training took (whatever order the runner runs the variants in), and each
+logs into its own MLflow run nested under the pipeline's run (see
 ``headswap.hooks.NamespaceRunsHook``).
 """
 
@@ -23,7 +23,6 @@ from headswap.pipelines import bound, finetune
 
 from .nodes import (
     compare_variants,
-    extract_features,
     fit_logistic_regression,
     reinitialise_base,
     start_variant,
@@ -41,10 +40,9 @@ def _body(variant: str) -> tuple[Pipeline, str, list[str]]:
     recipe = finetune.recipe(params="finetune_params")
     if variant == "feature_extraction":
         nodes = recipe.only_nodes("check_parameters") + Pipeline([
-            Node(extract_features, ["base_model", "manifest", "fit_options", "head_config"],
-                 "features", name="extract_features"),
             Node(fit_logistic_regression,
-                 ["features", "manifest", "fit_options", "params:compare.logistic_regression"],
+                 ["base_model", "manifest", "fit_options", "head_config",
+                  "params:compare.logistic_regression"],
                  ["classification_report", "logistic_regression_history"],
                  name="fit_logistic_regression"),
         ])
@@ -64,29 +62,24 @@ def _body(variant: str) -> tuple[Pipeline, str, list[str]]:
 def create_pipeline(**kwargs) -> Pipeline:
     """Shared manifest and base, then each variant in its namespace, then the comparison."""
     shared = finetune.create_pipeline().only_nodes(*SHARED)
-    variants, previous = [], None
+    variants = []
     for variant in VARIANTS:
         body, report, histories = _body(variant)
         start = Node(
             bound(start_variant, variant=variant, from_scratch=variant == "scratch"),
-            # The first variant waits for the shared datasets, each next for the one before.
-            ["params:finetune", f"params:compare.variants.{variant}",
-             *(["previous_summary"] if previous else ["manifest", "base_model"])],
-            ["finetune_params", "started_at"], name="start",
+            ["params:finetune", f"params:compare.variants.{variant}"], "finetune_params",
+            name="start",
         )
-        summary = Node(bound(summarise_variant, variant=variant),
-                       ["started_at", report, *histories],
+        summary = Node(bound(summarise_variant, variant=variant), [report, *histories],
                        ["summary", "comparison_metrics"], name="summarise")
         variants.append(pipeline(
             Pipeline([start]) + body + Pipeline([summary]),
             namespace=variant,
-            inputs={"manifest": "manifest", "base_model": "base_model",
-                    **({"previous_summary": previous} if previous else {})},
+            inputs={"manifest": "manifest", "base_model": "base_model"},
             parameters={"finetune", f"compare.variants.{variant}",
                         *(["compare.logistic_regression"] if variant == "feature_extraction"
                           else [])},
         ))
-        previous = f"{variant}.summary"
     table = Node(compare_variants, [f"{v}.summary" for v in VARIANTS],
                  ["comparison_table", "comparison_table_json", "comparison_table_markdown",
                   "comparison_curves_plot"], name="compare_variants")

@@ -37,11 +37,10 @@ def ingest_parameters(finetune: dict[str, Any], folder: str) -> dict[str, Any]:
 
 
 def select_labels(
-    manifest: pd.DataFrame, seed: int, *after: Any, labels_per_class: int
+    manifest: pd.DataFrame, seed: int, *, labels_per_class: int
 ) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
     """The manifest with ``labels_per_class`` labelled images per class (nested across counts,
-    see :func:`headswap.core.data.labelled_subset`) and its image counts as metrics. ``after``
-    orders the counts one after the other."""
+    see :func:`headswap.core.data.labelled_subset`) and its image counts as metrics."""
     subset = data.labelled_subset(manifest, labels_per_class, seed)
     counts = {"labels_per_class": labels_per_class,
               **{f"{split}_images": int((subset["split"] == split).sum()) for split in data.SPLITS}}
@@ -55,7 +54,7 @@ def collect_counts(
 ) -> tuple[pd.DataFrame, list[dict[str, Any]], str, Figure]:
     """Every count's comparison in one long table (CSV, JSON records, Markdown), and test
     accuracy against labels per class for each variant."""
-    table = evaluation.label_efficiency_table(dict(zip(labels_per_class, tables)))
+    table = evaluation.label_efficiency_table(dict(zip(labels_per_class, tables, strict=True)))
     logger.info("Label efficiency:\n%s", table.to_string(index=False))
     return (
         table,

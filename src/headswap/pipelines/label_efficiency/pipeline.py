@@ -14,9 +14,10 @@ labelled images per class, on the example.
 
 The counts shape the pipeline (one namespace each), so they are an argument of
 :func:`create_pipeline`, not a parameter; ``pipeline_registry.py`` passes
-:data:`LABELS_PER_CLASS`. Counts run one after the other, and within a count the variants, so
-each wall time is its own. In MLflow each count has a run nested under the pipeline's run and
-each variant a run nested under its count's (see ``headswap.hooks.NamespaceRunsHook``).
+:data:`LABELS_PER_CLASS`. Each variant's time is the seconds its own training took, whatever
+order the runner runs the counts and variants in. In MLflow each count has a run nested under
+the pipeline's run and each variant a run nested under its count's (see
+``headswap.hooks.NamespaceRunsHook``).
 """
 
 from __future__ import annotations
@@ -74,22 +75,17 @@ def create_pipeline(labels_per_class: Sequence[int] = LABELS_PER_CLASS, **kwargs
     variants = everything - everything.only_nodes(*SHARED)
     parameters = {name.removeprefix("params:") for name in variants.inputs()
                   if name.startswith("params:")} | {"label_efficiency.seed"}
-    per_count, previous = [], None
-    for count in counts:
-        select = Node(
-            bound(select_labels, labels_per_class=count),
-            ["ingested_manifest", "params:label_efficiency.seed",
-             *([previous] if previous else [])],
-            ["manifest", "data_metrics"], name="select_labels",
-        )
-        per_count.append(pipeline(
-            Pipeline([select]) + variants,
+    per_count = [
+        pipeline(
+            Pipeline([Node(bound(select_labels, labels_per_class=count),
+                           ["ingested_manifest", "params:label_efficiency.seed"],
+                           ["manifest", "data_metrics"], name="select_labels")]) + variants,
             namespace=namespace(count),
-            inputs={"ingested_manifest": "manifest", "base_model": "base_model",
-                    **({previous: previous} if previous else {})},
+            inputs={"ingested_manifest": "manifest", "base_model": "base_model"},
             parameters=parameters,
-        ))
-        previous = f"{namespace(count)}.comparison_table"
+        )
+        for count in counts
+    ]
     collect = Node(
         bound(collect_counts, labels_per_class=counts),
         [f"{namespace(count)}.comparison_table" for count in counts],
