@@ -117,10 +117,11 @@ def write_example_folder(out: Path, labels_per_class: int) -> Path:
 
     params = project_parameters("example")
     dirs = [str(ROOT / d) if not Path(d).is_absolute() else d for d in params["fashion_mnist_dirs"]]
-    return Path(write_target_folder(
+    path, _ = write_target_folder(
         {**params, "fashion_mnist_dirs": dirs, "target_path": str(out),
          "labels_per_class": labels_per_class}
-    ))
+    )
+    return Path(path)
 
 
 def example_model(

@@ -23,19 +23,21 @@ def extract_source_task(params: dict[str, Any]) -> dict[str, Any]:
     return {"images": images[idx], "labels": labels[idx], "class_names": names}
 
 
-def write_target_folder(params: dict[str, Any]) -> str:
+def write_target_folder(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Write the target task as an image folder: ``train/`` (few labels) and ``test/``.
 
     ``train/`` holds ``labels_per_class`` seeded training images of each target class (the
     finetune pipeline carves its validation images out of them); ``test/`` holds all the
-    official test images of those classes. Files already there are kept. Returns the folder.
+    official test images of those classes. Files already there are kept. Returns the folder's
+    path and a summary of it (path, source, images per class in each split).
     """
     folder = example.find_fashion_mnist(params["fashion_mnist_dirs"])
     out = Path(params["target_path"])
+    summary: dict[str, Any] = {"path": str(out), "source": str(folder)}
     for split, per_class in (("train", params["labels_per_class"]), ("test", None)):
         images, labels = example.load_split(folder, split)
         idx = example.select_classes(labels, params["target_classes"], per_class, params["seed"])
-        counts = example.write_image_folder(out, images, labels, idx, split)
-        logger.info("Target %s: %s images in %s (from %s)", split,
-                    int(np.sum(list(counts.values()))), out / split, folder)
-    return str(out)
+        summary[split] = example.write_image_folder(out, images, labels, idx, split)
+        logger.info("Target %s: %s images in %s", split,
+                    int(np.sum(list(summary[split].values()))), out / split)
+    return str(out), summary

@@ -18,21 +18,21 @@ logger = logging.getLogger(__name__)
 
 def write_example_folder(
     example: dict[str, Any], overrides: dict[str, Any], *, labels_per_class: int
-) -> str:
+) -> dict[str, Any]:
     """The example's target folder (``example`` with ``label_efficiency.example`` merged in)
     holding ``labels_per_class`` labelled images per class, the largest count, and all the
     official test images of the target classes."""
     params = merge_parameters(
         example, {**(overrides or {}), "labels_per_class": labels_per_class}
     )
-    return write_target_folder(params)
+    return write_target_folder(params)[1]
 
 
-def ingest_parameters(finetune: dict[str, Any], folder: str) -> dict[str, Any]:
+def ingest_parameters(finetune: dict[str, Any], folder: dict[str, Any]) -> dict[str, Any]:
     """The finetune parameters that ingest the folder just written (its own split, no earlier
     manifest)."""
     return merge_parameters(
-        finetune, {"data": {"path": folder, "manifest": None}}
+        finetune, {"data": {"path": folder["path"], "manifest": None}}
     )
 
 
