@@ -84,3 +84,16 @@ def test_a_phase_given_in_part_keeps_its_own_defaults_and_unused_keys_are_listed
         {"epochs": 1, "learning_rate": 1e-4, "train": {"top": 2}}]}})
     assert staged.ignored == {"phase2": ["learning_rate"]}
     assert [s.learning_rate for s in staged.phase2.stages_list()] == [1e-4]
+
+
+def test_core_messages_get_the_parameter_keys_of_the_node_that_raised_them():
+    from headswap.config import parameter_keys
+
+    assert parameter_keys("`cut_at`=9 is out of range; or set `allow_unsafe`: true",
+                          "load_base") == ("finetune.base.cut_at=9 is out of range; or set "
+                                           "finetune.base.allow_unsafe: true")
+    assert parameter_keys("Give `path` as a folder.", "ingest_images") == (
+        "Give finetune.data.path as a folder.")
+    assert parameter_keys("Set `image_size`: [32, 32].", "load_base") == (
+        "Set finetune.data.image_size: [32, 32].")
+    assert parameter_keys("`unknown` stays", "train_head") == "`unknown` stays"

@@ -267,7 +267,7 @@ def test_faulty_files_are_skipped_listed_logged_and_counted(project: Path, twin_
 @pytest.mark.parametrize(
     "setup, message",
     [
-        (lambda p: shutil.rmtree(p), "Image folder .* does not exist"),
+        (lambda p: shutil.rmtree(p), "Image folder .* does not exist. Give finetune.data.path"),
         (lambda p: [shutil.rmtree(c) for c in p.iterdir()], "No images found"),
         (lambda p: [shutil.rmtree(p / c) for c in ("007", "filled circle")], "Only one class"),
         (lambda p: [f.unlink() for f in sorted((p / "007").glob("img*"))[:6]],

@@ -169,7 +169,7 @@ class FinetuneConfig(_Strict):
         return FitOptions(
             image_size=self.data.image_size, batch_size=self.data.batch_size, seed=self.seed,
             cache_memory_mb=self.data.cache_memory_mb, cache_features=training.cache_features,
-            augmentation=training.augmentation, callbacks=training.callbacks,
+            callbacks=training.callbacks,
             class_weight=training.class_weight, distribution=self.distribution,
             mixed_precision=self.mixed_precision, jit_compile=self.jit_compile,
             backup_dir=state_dir(self) if training.resume else None,

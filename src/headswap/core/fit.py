@@ -24,7 +24,7 @@ import tensorflow as tf
 from headswap.core import data, heads
 from headswap.core.bases import input_spec
 from headswap.core.devices import distribution_strategy, rebuild, reseed, strategy_scope
-from headswap.core.recipe import Augmentation, Callbacks, Stage, check_plateau
+from headswap.core.recipe import Callbacks, Stage, check_plateau
 from headswap.core.resume import StageState
 from headswap.core.train import (
     build_optimizer,
@@ -48,7 +48,7 @@ class FitOptions:
 
     ``cache_memory_mb``: a split's decoded images (and a frozen base's features) are kept in
     memory when they fit in this many MiB. ``cache_features``: while the base is frozen (and
-    nothing random runs before the head), the base's features are computed once per image and
+    the model has no augmentation layers), the base's features are computed once per image and
     the head trains on them. ``distribution``: ``none``, ``mirrored`` or
     ``multi_worker_mirrored``. ``backup_dir``: keep what an interrupted run needs to continue
     (see :mod:`headswap.core.resume`); None keeps nothing. ``extra_callbacks`` are added to
@@ -60,7 +60,6 @@ class FitOptions:
     seed: int = 42
     cache_memory_mb: int = 1024
     cache_features: bool = True
-    augmentation: Augmentation = field(default_factory=Augmentation)
     callbacks: Callbacks = field(default_factory=Callbacks)
     class_weight: str | dict[str, float] | None = None
     distribution: str = "none"
@@ -255,7 +254,7 @@ def _can_cache(options: FitOptions, stage: Stage, model: keras.Model,
     """Features can be computed once when nothing below the head changes between epochs,
     and are, when each split's features fit in the memory budget."""
     if not (options.cache_features and stage.train is None
-            and not options.augmentation.active
+            and not heads.has_augmentation(model)
             and not options.callbacks.checkpoint):  # a checkpoint is of the whole model
         return False
     width = int(np.prod(heads.split_at_head(model)[0].output.shape[1:]))

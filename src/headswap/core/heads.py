@@ -7,6 +7,7 @@ import keras
 from headswap.core.bases import BASE_NAME, input_spec
 
 OUTPUT_NAME = "predictions"
+AUGMENT_PREFIX = "augment_"
 
 
 def attach_head(
@@ -69,22 +70,27 @@ def augmentation_layers(
     layers = keras.layers
     chosen: list[keras.layers.Layer] = []
     if flip:
-        chosen.append(layers.RandomFlip(flip, seed=seed, name="augment_flip"))
+        chosen.append(layers.RandomFlip(flip, seed=seed, name=f"{AUGMENT_PREFIX}flip"))
     if rotation:
-        chosen.append(layers.RandomRotation(rotation, seed=seed, name="augment_rotation"))
+        chosen.append(layers.RandomRotation(rotation, seed=seed, name=f"{AUGMENT_PREFIX}rotation"))
     if zoom:
-        chosen.append(layers.RandomZoom(zoom, seed=seed, name="augment_zoom"))
+        chosen.append(layers.RandomZoom(zoom, seed=seed, name=f"{AUGMENT_PREFIX}zoom"))
     if translation:
         chosen.append(
             layers.RandomTranslation(translation, translation, seed=seed,
-                                     name="augment_translation")
+                                     name=f"{AUGMENT_PREFIX}translation")
         )
     if contrast:
         chosen.append(
             layers.RandomContrast(contrast, value_range=(0, 255), seed=seed,
-                                  name="augment_contrast")
+                                  name=f"{AUGMENT_PREFIX}contrast")
         )
     return chosen
+
+
+def has_augmentation(model: keras.Model) -> bool:
+    """Whether ``model`` has the random layers of :func:`augmentation_layers`."""
+    return any(layer.name.startswith(AUGMENT_PREFIX) for layer in model.layers)
 
 
 def split_at_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
@@ -97,7 +103,7 @@ def split_at_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     """
     names = [layer.name for layer in model.layers]
     after = model.layers[names.index(BASE_NAME) + 1 :]
-    if any(name.startswith("augment_") for name in names):
+    if has_augmentation(model):
         raise ValueError("A model with augmentation layers cannot train on cached features.")
     cut = after[0].input
     if after[0].name == "head_pool":

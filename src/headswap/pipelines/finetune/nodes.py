@@ -20,7 +20,7 @@ from headswap.config import (
     HeadConfig,
     parse_finetune,
 )
-from headswap.core import Stage, bases, data, evaluation, fit, heads, weights
+from headswap.core import Augmentation, Stage, bases, data, evaluation, fit, heads, weights
 from headswap.core.fit import FitOptions, History, next_epoch
 
 logger = logging.getLogger(__name__)
@@ -29,15 +29,16 @@ Metrics = dict[str, dict[str, float]]
 
 
 def check_parameters(params: dict[str, Any]) -> tuple[
-    DataConfig, BaseConfig, HeadConfig, FitOptions, list[Stage], list[Stage], EvaluationConfig
+    DataConfig, BaseConfig, HeadConfig, Augmentation, FitOptions, list[Stage], list[Stage],
+    EvaluationConfig,
 ]:
     """The ``finetune`` parameters, validated, as the typed parts the other nodes take."""
     cfg = parse_finetune(params)
     for phase, keys in cfg.ignored.items():
         logger.warning("finetune.%s.%s not used: finetune.%s.stages sets them for each stage",
                        phase, ", ".join(keys) + (" is" if len(keys) == 1 else " are"), phase)
-    return (cfg.data, cfg.base, cfg.head, cfg.fit_options(), cfg.phase1.stages_list(),
-            cfg.phase2.stages_list(), cfg.evaluation)
+    return (cfg.data, cfg.base, cfg.head, cfg.training.augmentation, cfg.fit_options(),
+            cfg.phase1.stages_list(), cfg.phase2.stages_list(), cfg.evaluation)
 
 
 def locate_images(data_config: DataConfig) -> str:
@@ -97,12 +98,12 @@ def load_base(
 
 
 def swap_head(
-    base_model: keras.Model, manifest: pd.DataFrame, head: HeadConfig, options: FitOptions
+    base_model: keras.Model, manifest: pd.DataFrame, head: HeadConfig, augment: Augmentation,
+    options: FitOptions,
 ) -> keras.Model:
-    """Attach a new head sized for the manifest's classes."""
+    """Attach a new head sized for the manifest's classes (after augmentation layers, if any)."""
     keras.utils.set_random_seed(options.seed)
     names = data.class_names(manifest)
-    augment = options.augmentation
     model = heads.attach_head(
         base_model, len(names), head.pooling, head.dense, head.dropout,
         augmentation=heads.augmentation_layers(

@@ -21,8 +21,8 @@ from .nodes import (
     train_head,
 )
 
-CONFIGS = ["data_config", "base_config", "head_config", "fit_options", "phase1_stages",
-           "phase2_stages", "evaluation_config"]
+CONFIGS = ["data_config", "base_config", "head_config", "augmentation", "fit_options",
+           "phase1_stages", "phase2_stages", "evaluation_config"]
 
 
 def recipe(params: str = "params:finetune") -> Pipeline:
@@ -37,7 +37,7 @@ def recipe(params: str = "params:finetune") -> Pipeline:
              ["manifest", "skipped_images", "data_metrics"], name="ingest_images"),
         Node(load_base, ["pretrained_model", "base_config", "fit_options"],
              ["base_model", "base_weights_report"], name="load_base"),
-        Node(swap_head, ["base_model", "manifest", "head_config", "fit_options"],
+        Node(swap_head, ["base_model", "manifest", "head_config", "augmentation", "fit_options"],
              "headswapped_model", name="swap_head"),
         Node(train_head, ["headswapped_model", "manifest", "phase1_stages", "fit_options"],
              ["phase1_model", "phase1_history"], name="train_head"),
