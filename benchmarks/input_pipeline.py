@@ -67,7 +67,7 @@ def main() -> None:
     parser = argument_parser(__doc__, repeats=5)
     parser.add_argument("--batch-size", type=int, default=32)
     args, before = start(parser)
-    manifest = data.scan_image_folder(EXAMPLE)
+    manifest = data.ingest_image_folder(EXAMPLE)[0]
     size, channels, bs = (28, 28), 1, args.batch_size
     paths, labels = data.split_arrays(manifest, "test")
     images = data.decode_all(paths, size, channels)

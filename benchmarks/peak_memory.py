@@ -50,8 +50,8 @@ def main() -> None:
         folders = {"1x": EXAMPLE, "10x": big}
         splits = {}
         for name, folder in folders.items():
-            manifest = data.scan_image_folder(folder, cfg.data.val_fraction,
-                                              cfg.data.test_fraction, cfg.seed)
+            manifest, _ = data.ingest_image_folder(folder, cfg.data.val_fraction,
+                                                   cfg.data.test_fraction, cfg.seed)
             counts = manifest["split"].value_counts().to_dict()
             train_mb = data.decoded_bytes(counts["train"], size, channels) / 2**20
             splits[name] = {"images": counts, "decoded_train_mb": train_mb,

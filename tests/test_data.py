@@ -12,15 +12,16 @@ from tests.test_faults import MESSY_CLASSES, PER_CLASS, make_messy_folder
 
 
 def test_class_folder_is_split_stratified_and_seeded(image_folder: Path):
-    manifest = data.scan_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2, seed=1)
+    manifest, _ = data.ingest_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2,
+                                           seed=1)
     assert list(manifest.columns) == ["path", "label", "split"]
     assert len(manifest) == 60 and manifest["path"].is_unique
     counts = manifest.groupby(["split", "label"]).size().unstack()
     assert (counts.loc["test"] == 4).all() and (counts.loc["val"] == 4).all()
     assert (counts.loc["train"] == 12).all()
-    again = data.scan_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2, seed=1)
+    again = data.ingest_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2, seed=1)[0]
     pd.testing.assert_frame_equal(manifest, again)
-    other = data.scan_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2, seed=2)
+    other = data.ingest_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2, seed=2)[0]
     def test_paths(m):
         return set(m.loc[m["split"] == "test", "path"])
 
@@ -30,7 +31,7 @@ def test_class_folder_is_split_stratified_and_seeded(image_folder: Path):
 def test_existing_train_test_layout_is_honoured_and_val_carved_from_train(tmp_path: Path):
     make_image_folder(tmp_path / "train", per_class=10)
     make_image_folder(tmp_path / "test", per_class=5, seed=9)
-    manifest = data.scan_image_folder(tmp_path, val_fraction=0.2, seed=0)
+    manifest = data.ingest_image_folder(tmp_path, val_fraction=0.2, seed=0)[0]
     test = manifest[manifest["split"] == "test"]
     assert len(test) == 15 and test["path"].str.contains("/test/").all()
     assert (manifest.loc[manifest["split"] == "val", "path"].str.contains("/train/")).all()
@@ -42,7 +43,7 @@ def test_hidden_and_non_image_files_are_ignored(image_folder: Path):
     (image_folder / "circle" / ".hidden.png").write_bytes(b"")
     (image_folder / "circle" / "notes.txt").write_text("not an image")
     (image_folder / ".cache").mkdir()
-    manifest = data.scan_image_folder(image_folder)
+    manifest = data.ingest_image_folder(image_folder)[0]
     assert len(manifest) == 60
 
 
@@ -59,13 +60,13 @@ def test_bad_folders_stop_with_a_clear_message(tmp_path: Path, setup, message):
     folder = tmp_path / "images"
     setup(folder)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        data.scan_image_folder(folder)
+        data.ingest_image_folder(folder)[0]
 
 
 def test_dataset_streams_resized_images_with_the_model_channels(image_folder: Path, tmp_path):
     rgb = image_folder / "circle" / "rgb_big.jpg"
     Image.fromarray(np.full((50, 70, 3), 128, dtype="uint8")).save(rgb)
-    manifest = data.scan_image_folder(image_folder, seed=0)
+    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
     manifest.loc[0, "path"] = str(rgb)
     for channels in (1, 3):
         batches = list(data.make_dataset(manifest, "train", (24, 24), channels, batch_size=8))
@@ -81,7 +82,7 @@ def test_dataset_streams_resized_images_with_the_model_channels(image_folder: Pa
 
 
 def test_shuffled_order_depends_only_on_the_seed(image_folder: Path):
-    manifest = data.scan_image_folder(image_folder, seed=0)
+    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
 
     def first_epoch(seed):
         ds = data.make_dataset(manifest, "train", (8, 8), 1, 64, shuffle=True, seed=seed)
@@ -159,7 +160,7 @@ def test_only_faulty_files_stop_with_the_reason(tmp_path: Path):
 
 
 def test_a_saved_manifest_is_reused_as_it_is(image_folder: Path, tmp_path: Path):
-    manifest = data.scan_image_folder(image_folder, seed=3)
+    manifest = data.ingest_image_folder(image_folder, seed=3)[0]
     file = tmp_path / "manifest.csv"
     manifest.to_csv(file, index=False)
     again, skipped = data.load_manifest(file)
@@ -168,7 +169,7 @@ def test_a_saved_manifest_is_reused_as_it_is(image_folder: Path, tmp_path: Path)
 
 
 def test_a_reused_manifest_skips_images_that_no_longer_decode(image_folder: Path, tmp_path):
-    manifest = data.scan_image_folder(image_folder, seed=3)
+    manifest = data.ingest_image_folder(image_folder, seed=3)[0]
     broken = manifest.loc[manifest["split"] == "test", "path"].iloc[0]
     Path(broken).write_bytes(Path(broken).read_bytes()[:30])
     manifest.to_csv(tmp_path / "manifest.csv", index=False)
@@ -183,7 +184,7 @@ def test_a_missing_manifest_or_missing_images_stop_with_the_fix(image_folder: Pa
     versioned = tmp_path / "manifest.csv"
     file = versioned / "2024-01-01T00.00.00.000Z" / "manifest.csv"
     file.parent.mkdir(parents=True)
-    data.scan_image_folder(image_folder).to_csv(file, index=False)
+    data.ingest_image_folder(image_folder)[0].to_csv(file, index=False)
     with pytest.raises(data.MissingDataError, match="versioned folder.*2024-01-01"):
         data.load_manifest(versioned)
     (image_folder / "square" / "img_000.png").unlink()
@@ -193,7 +194,7 @@ def test_a_missing_manifest_or_missing_images_stop_with_the_fix(image_folder: Pa
 
 def test_manifest_labels_that_look_like_numbers_stay_text(tmp_path: Path):
     folder = make_image_folder(tmp_path / "images", classes=("007", "NA", "1.5"), per_class=5)
-    data.scan_image_folder(folder).to_csv(tmp_path / "manifest.csv", index=False)
+    data.ingest_image_folder(folder)[0].to_csv(tmp_path / "manifest.csv", index=False)
     manifest, _ = data.load_manifest(tmp_path / "manifest.csv")
     assert data.class_names(manifest) == ["007", "1.5", "NA"]
 
@@ -211,7 +212,7 @@ def _batches(dataset) -> tuple[np.ndarray, np.ndarray, list[int]]:
 
 
 def test_each_epoch_has_its_seeded_order_read_when_the_dataset_is_iterated(image_folder: Path):
-    manifest = data.scan_image_folder(image_folder, seed=0)
+    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
     n = int((manifest["split"] == "train").sum())
     epoch = tf.Variable(0, dtype=tf.int64)
     dataset = data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True, seed=7,
@@ -238,7 +239,7 @@ def test_each_epoch_has_its_seeded_order_read_when_the_dataset_is_iterated(image
     [{}, {"shuffle": True}, {"shuffle": True, "epoch": 3}],
 )
 def test_cached_images_give_the_same_batches_as_streamed_ones(image_folder: Path, order):
-    manifest = data.scan_image_folder(image_folder, seed=0)
+    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
     if "epoch" in order:
         order = {**order, "epoch": tf.Variable(order["epoch"], dtype=tf.int64)}
     streamed, cached = (
@@ -254,7 +255,7 @@ def test_cached_images_give_the_same_batches_as_streamed_ones(image_folder: Path
 def test_images_are_kept_in_memory_only_when_the_split_fits_the_budget(
     image_folder: Path, caplog
 ):
-    manifest = data.scan_image_folder(image_folder, seed=0)
+    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
     n = int((manifest["split"] == "train").sum())
     size = data.decoded_bytes(n, (16, 16), 1)
     assert size == n * 16 * 16 * 4

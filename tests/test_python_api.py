@@ -34,12 +34,12 @@ def _pretrained_base(path: Path) -> None:
     keras.utils.set_random_seed(1)
     model = small_cnn(input_shape=(28, 28, 1), num_classes=4)
     model.compile("adam", "sparse_categorical_crossentropy")
-    model.fit(images, labels, epochs=10, batch_size=32, verbose=0)
+    model.fit(images, labels, epochs=20, batch_size=32, verbose=0)
     model.save(path)
 
 
 def test_the_readme_python_example_fine_tunes_and_prints_the_report(tmp_path: Path):
-    make_image_folder(tmp_path / "images", per_class=60, size=28)
+    make_image_folder(tmp_path / "images", per_class=100, size=28)
     _pretrained_base(tmp_path / "base.keras")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run([sys.executable, "-c", _readme_example()], cwd=tmp_path, env=env,

@@ -8,7 +8,6 @@ and every error names the key, the value that was given and what is allowed.
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -24,13 +23,8 @@ from headswap.core.recipe import (
     check_plateau,
 )
 
-logger = logging.getLogger(__name__)
 
-
-_Strict = Settings
-
-
-class DataConfig(_Strict):
+class DataConfig(Settings):
     path: str
     image_size: tuple[int, int]
     batch_size: int = Field(32, ge=1)
@@ -63,7 +57,7 @@ class DataConfig(_Strict):
         return self
 
 
-class BaseConfig(_Strict):
+class BaseConfig(Settings):
     """Where the pretrained base comes from (see conf/base/parameters_finetune.yml)."""
 
     source: Literal["file", "keras_applications"] = "file"
@@ -79,7 +73,7 @@ class BaseConfig(_Strict):
     allow_unsafe: bool = False
 
 
-class HeadConfig(_Strict):
+class HeadConfig(Settings):
     pooling: Literal["avg", "max", "flatten"] = "avg"
     dense: list[int] = Field(default_factory=lambda: [64])
     dropout: float = Field(0.3, ge=0, lt=1)
@@ -102,7 +96,7 @@ class PhaseConfig(Stage):
         return list(self.stages) or [Stage(**self.model_dump(exclude={"stages"}))]
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(Settings):
     """Settings shared by both phases."""
 
     class_weight: Literal["balanced"] | dict[str, float] | None = None
@@ -115,7 +109,7 @@ class TrainingConfig(_Strict):
     resume_dir: str = "data/05_model_input/resume"
 
 
-class EvaluationConfig(_Strict):
+class EvaluationConfig(Settings):
     """What the test-set evaluation adds to the classification report."""
 
     top_k: int = Field(2, ge=1)  # top-k accuracy (capped at the number of classes)
@@ -129,7 +123,7 @@ PHASE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class FinetuneConfig(_Strict):
+class FinetuneConfig(Settings):
     """Every key of ``finetune``; the defaults are those of conf/base/parameters_finetune.yml."""
 
     seed: int = 42

@@ -7,7 +7,8 @@ From Python (the Kedro project's ``finetune`` pipeline does the same, node by no
 
     manifest, skipped = data.ingest_image_folder("images/")          # path, label, split
     base = bases.cut_model(bases.load_model_file("base.keras"))       # or keras_application
-    model = heads.attach_head(base, len(data.class_names(manifest)), dense=[64], dropout=0.3)
+    model = heads.attach_head(base, len(data.class_names(manifest)), dense=[64], dropout=0.3,
+                              seed=42)
     options = FitOptions(image_size=(28, 28), batch_size=32, seed=42)
     phase1 = [Stage(epochs=30, learning_rate=1e-3, optimizer="rmsprop")]
     phase2 = [Stage(epochs=30, learning_rate=3e-4, train="all")]

@@ -130,13 +130,6 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def scan_image_folder(
-    path: str | Path, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 42
-) -> pd.DataFrame:
-    """The manifest of :func:`ingest_image_folder` (skipped files are only logged)."""
-    return ingest_image_folder(path, val_fraction, test_fraction, seed)[0]
-
-
 def ingest_image_folder(
     path: str | Path, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 42
 ) -> tuple[pd.DataFrame, pd.DataFrame]:

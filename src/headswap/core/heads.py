@@ -18,6 +18,7 @@ def attach_head(
     dropout: float = 0.5,
     name: str = "headswapped",
     augmentation: list[keras.layers.Layer] | None = None,
+    seed: int | None = None,
 ) -> keras.Model:
     """Put a new, randomly initialised head on ``base`` (kept as one nested layer).
 
@@ -25,11 +26,14 @@ def attach_head(
     vectors), then ``Dense(units, relu) -> Dropout(dropout)`` for each entry of ``dense``,
     then ``Dense(num_classes, softmax)``. ``augmentation`` layers (see
     :func:`augmentation_layers`) go between the input and the base. Train it with a loss on
-    probabilities
-    (``from_logits=False``), as :func:`headswap.core.train.compile_model` does.
+    probabilities (``from_logits=False``), as :func:`headswap.core.train.compile_model` does.
+    With ``seed``, Keras' random generators are seeded first, so the new head's initial weights
+    are the same from run to run.
     """
     if num_classes < 2:
         raise ValueError(f"A classifier needs at least 2 classes; got {num_classes}.")
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     if base.name != BASE_NAME:
         base = keras.Model(base.inputs, base.outputs, name=BASE_NAME)
     height, width, channels = input_spec(base)

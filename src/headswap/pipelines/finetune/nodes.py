@@ -102,7 +102,6 @@ def swap_head(
     options: FitOptions,
 ) -> keras.Model:
     """Attach a new head sized for the manifest's classes (after augmentation layers, if any)."""
-    keras.utils.set_random_seed(options.seed)
     names = data.class_names(manifest)
     model = heads.attach_head(
         base_model, len(names), head.pooling, head.dense, head.dropout,
@@ -110,6 +109,7 @@ def swap_head(
             augment.flip, augment.rotation, augment.zoom, augment.contrast, augment.translation,
             seed=options.seed,
         ),
+        seed=options.seed,
     )
     logger.info("New head for %s classes: %s", len(names), ", ".join(names))
     return model
