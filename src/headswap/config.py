@@ -27,13 +27,13 @@ from headswap.core.recipe import (
 class DataConfig(Settings):
     path: str
     image_size: tuple[int, int]
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(FitOptions.batch_size, ge=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     manifest: str | None = None
     # A split's decoded images (and a frozen base's features) are kept in memory when they
     # fit in this many MiB; larger splits are streamed from disk. 0: always stream.
-    cache_memory_mb: int = Field(1024, ge=0)
+    cache_memory_mb: int = Field(FitOptions.cache_memory_mb, ge=0)
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -102,7 +102,7 @@ class TrainingConfig(Settings):
     class_weight: Literal["balanced"] | dict[str, float] | None = None
     augmentation: Augmentation = Field(default_factory=Augmentation)
     callbacks: Callbacks = Field(default_factory=Callbacks)
-    cache_features: bool = True
+    cache_features: bool = FitOptions.cache_features
     # Keep per-epoch backups so that the same command, run again after an interruption,
     # continues where it stopped (false: keep none and always start afresh).
     resume: bool = True
@@ -126,10 +126,11 @@ PHASE_DEFAULTS: dict[str, dict[str, Any]] = {
 class FinetuneConfig(Settings):
     """Every key of ``finetune``; the defaults are those of conf/base/parameters_finetune.yml."""
 
-    seed: int = 42
-    distribution: Literal["none", "mirrored", "multi_worker_mirrored"] = "none"
-    mixed_precision: bool = False
-    jit_compile: bool = False
+    # the core's defaults (FitOptions), stated once
+    seed: int = FitOptions.seed
+    distribution: Literal["none", "mirrored", "multi_worker_mirrored"] = FitOptions.distribution
+    mixed_precision: bool = FitOptions.mixed_precision
+    jit_compile: bool = FitOptions.jit_compile
     data: DataConfig
     base: BaseConfig
     head: HeadConfig = Field(default_factory=HeadConfig)
