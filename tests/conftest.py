@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
@@ -130,3 +132,29 @@ def versions(project: Path, relative: str) -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(v.name for v in folder.iterdir() if (v / folder.name).is_file())
+
+
+def run_finetune(
+    project: Path, params: dict[str, Any] | None = None, env: str = "test", **run_args: Any
+) -> str:
+    """Run the finetune pipeline in ``project`` through a real KedroSession; return the run
+    version (the session id)."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        bootstrap_project(project)
+        with KedroSession.create(project_path=project, env=env, runtime_params=params) as session:
+            session.run(pipeline_names=["finetune"], **run_args)
+            return session.store["session_id"]
+    finally:
+        os.chdir(cwd)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

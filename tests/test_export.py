@@ -13,13 +13,12 @@ import tensorflow as tf
 
 from headswap.core.export import (
     FORMATS,
-    LABELS_FILE,
     export_model,
     export_saved_model,
     export_tflite,
-    read_labels,
     tflite_predict,
 )
+from headswap.core.predict import LABELS_FILE, read_labels
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,8 +32,10 @@ from PIL import Image
 from tests.conftest import (
     copy_project,
     draw,
+    free_port,
     kedro_cli,
     mlflow_runs,
+    run_finetune,
     small_cnn,
     versions,
 )
@@ -122,25 +123,6 @@ def make_project(root: Path) -> Path:
     (project / "models").mkdir()
     small_cnn((32, 32, 1), num_classes=4).save(project / "models" / "user_cnn.keras")
     return project
-
-
-def run_finetune(
-    project: Path, params: dict[str, Any] | None = None, env: str = "test", **run_args: Any
-) -> str:
-    """Run the finetune pipeline in ``project`` through a real KedroSession; return the run
-    version (the session id)."""
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-
-    cwd = os.getcwd()
-    os.chdir(project)
-    try:
-        bootstrap_project(project)
-        with KedroSession.create(project_path=project, env=env, runtime_params=params) as session:
-            session.run(pipeline_names=["finetune"], **run_args)
-            return session.store["session_id"]
-    finally:
-        os.chdir(cwd)
 
 
 def manifest_file(project: Path, version: str) -> Path:
@@ -376,13 +358,6 @@ def test_a_failure_in_a_later_stage_keeps_earlier_artifacts_and_fails_the_run(
     artifacts = {a.path for a in client.list_artifacts(failed.info.run_id, "data")}
     assert "data/manifest.csv" in artifacts
     assert _digests(project, twin_runs["first"]) == twin_runs["digests_before"]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_an_unreachable_tracking_server_stops_the_run_before_anything(project: Path):

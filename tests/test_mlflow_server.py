@@ -21,16 +21,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from PIL import Image
 
-from tests.test_faults import (
-    IMAGES,
-    MESSY_CLASSES,
-    PER_CLASS,
-    free_port,
-    make_project,
-    run_finetune,
-)
+from tests.conftest import free_port, run_finetune
+from tests.test_faults import IMAGES, MESSY_CLASSES, PER_CLASS, make_project
 
 pytestmark = pytest.mark.slow
 
@@ -116,12 +109,10 @@ def test_a_finetune_run_is_recorded_on_the_tracking_server(server, tmp_path: Pat
     # The artifacts went to the server's store, not to a folder of the project.
     assert list((folder / "artifacts").rglob("skipped_images.csv"))
 
+    # The model comes back from the server's store and answers with the class names.
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     files = sorted((project / IMAGES / "filled circle").glob("img 0[0-3].png"))
-    pixels = np.stack([
-        np.asarray(Image.open(f).convert("L").resize((32, 32)), dtype="float32")[..., None]
-        for f in files
-    ])
-    probabilities = np.asarray(model.predict(pixels))
-    assert probabilities.shape == (len(files), len(MESSY_CLASSES))
+    answer = model.predict(pd.DataFrame({"image": [str(f) for f in files]}))
+    assert set(answer["predicted"]) <= set(MESSY_CLASSES) and len(answer) == len(files)
+    probabilities = answer[[f"p[{name}]" for name in sorted(MESSY_CLASSES)]].to_numpy()
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)

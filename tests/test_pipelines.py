@@ -27,7 +27,7 @@ FINETUNE_NODES = [
     "check_parameters", "locate_images", "read_pretrained", "ingest_images", "load_base",
     "swap_head", "train_head", "evaluate_head_only",
     "fine_tune", "predict_test", "evaluate", "evaluate_details", "summarise_training",
-    "package_model",
+    "package_model", "publish_model", "export_model",
 ]
 VERSIONED = [
     "data/02_intermediate/manifest.csv",
@@ -49,6 +49,7 @@ VERSIONED = [
     "data/08_reporting/per_class_metrics.csv",
     "data/08_reporting/misclassified_images.csv",
     "data/08_reporting/misclassified.png",
+    "data/08_reporting/model_registry.json",
 ]
 
 
@@ -118,7 +119,7 @@ def test_mlflow_run_holds_params_metrics_of_both_phases_artifacts_and_model(proj
             "reports/per_class_metrics.csv", "reports/confusion_matrix_normalised.csv",
             "reports/misclassified_plot.png"} <= artifacts
 
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/keras_model")
     files = sorted((project / "data/01_raw/fashion-mnist-target/test/Bag").glob("*.png"))[:4]
     raw = np.stack([np.asarray(Image.open(f), dtype="float32")[..., None] for f in files])
     probabilities = np.asarray(model.predict(raw))

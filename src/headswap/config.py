@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from headswap.core.export import FORMATS
 from headswap.core.fit import FitOptions
 from headswap.core.recipe import (
     Augmentation,
@@ -116,6 +117,56 @@ class EvaluationConfig(Settings):
     misclassified: int = Field(16, ge=0)  # most confident errors shown in the grid
 
 
+class RegistryConfig(Settings):
+    """Where each run's model is registered in the MLflow Model Registry."""
+
+    # "auto": named after the image folder (finetune.data.path); null: not registered.
+    name: str | None = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[\w][\w.\- ]*", value):
+            raise ValueError("use letters, digits, '_', '-', '.' or spaces (or auto, or null)")
+        return value
+
+    def model_name(self, data_path: str) -> str | None:
+        """The registered model's name: as given, or (auto) the image folder's name."""
+        if self.name != "auto":
+            return self.name
+        folder = Path(data_path).resolve().name or "images"
+        return re.sub(r"[^\w.\-]+", "-", folder).strip("-.") or "images"
+
+
+class ExportConfig(Settings):
+    """The files the fine-tuned model is exported to, for serving and for devices."""
+
+    formats: list[Literal[FORMATS]] = Field(default_factory=lambda: list(FORMATS))
+
+
+class PredictConfig(Settings):
+    """The ``predict`` pipeline's parameters (conf/base/parameters_predict.yml)."""
+
+    path: str
+    # null: the latest fine-tuned model; or a Kedro version of it, a .keras/.h5 file (with
+    # labels.txt beside it, or `labels`), or an MLflow model URI.
+    model: str | None = None
+    labels: str | None = None
+    top_k: int = Field(3, ge=1)
+    batch_size: int = Field(FitOptions.batch_size, ge=1)
+    allow_unsafe: bool = False
+    # where finetune runs keep the fine-tuned model and the manifest (the catalog's paths)
+    fine_tuned_model: str = "data/06_models/phase2_model.keras"
+    manifest: str = "data/02_intermediate/manifest.csv"
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _given(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("give the folder of images to classify: --params predict.path=...")
+        return value
+
+
 #: Phase 1 trains the new head on the frozen base; phase 2 opens the whole base at a lower rate.
 PHASE_DEFAULTS: dict[str, dict[str, Any]] = {
     "phase1": {"epochs": 30, "learning_rate": 1e-3, "optimizer": "rmsprop"},
@@ -136,6 +187,8 @@ class FinetuneConfig(Settings):
     head: HeadConfig = Field(default_factory=HeadConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     # keys of a phase that its stages make unused (see parse_finetune)
     ignored: dict[str, list[str]] = Field(default_factory=dict, exclude=True)
     phase1: PhaseConfig = Field(default_factory=lambda: PhaseConfig(**PHASE_DEFAULTS["phase1"]))
@@ -176,7 +229,8 @@ def state_dir(cfg: FinetuneConfig) -> Path:
 
     Settings that change no result (resuming itself, the memory budget) leave it as it is."""
     key = hashlib.sha256(
-        cfg.model_dump_json(exclude={"training": {"resume"}, "data": {"cache_memory_mb"}}).encode()
+        cfg.model_dump_json(exclude={"training": {"resume"}, "data": {"cache_memory_mb"},
+                                     "registry": True, "export": True}).encode()
     ).hexdigest()[:16]
     return Path(cfg.training.resume_dir) / key
 
@@ -219,11 +273,17 @@ ARGUMENT_KEYS = {"image_size": "data.image_size", "manifest": "data.manifest",
                  "class_weight": "training.class_weight", "top_k": "evaluation.top_k"}
 
 
+#: Nodes of the ``predict`` pipeline: their arguments are ``predict.<argument>``.
+PREDICT_NODES = {"list_images", "load_classifier", "classify_images"}
+
+
 def parameter_keys(message: str, node: str, prefix: str = "finetune") -> str:
     """``message`` of a core error with each `argument` replaced by its parameter key."""
 
     def key(match: re.Match) -> str:
         argument = match.group(1)
+        if node in PREDICT_NODES:
+            return f"predict.{argument}"
         if argument in ARGUMENT_KEYS:
             return f"{prefix}.{ARGUMENT_KEYS[argument]}"
         section = NODE_SECTIONS.get(node)
@@ -263,7 +323,17 @@ def parse_finetune(params: dict[str, Any], prefix: str = "finetune") -> Finetune
     return config
 
 
-def _describe(err: ValidationError, prefix: str) -> str:
+def parse_predict(params: dict[str, Any] | None) -> PredictConfig:
+    """Validate the ``predict`` parameters; raise :class:`ParameterError` naming each bad key."""
+    try:
+        return PredictConfig.model_validate(params or {})
+    except ValidationError as err:
+        raise ParameterError(_describe(err, "predict", PredictConfig)) from None
+
+
+def _describe(
+    err: ValidationError, prefix: str, root: type[BaseModel] | None = None
+) -> str:
     """One message with a line per problem: the key, the value given and what is allowed."""
     lines = []
     for problem in err.errors():
@@ -271,11 +341,11 @@ def _describe(err: ValidationError, prefix: str) -> str:
         value = problem.get("input")
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
-            allowed = _allowed_keys(problem["loc"])
+            allowed = _allowed_keys(problem["loc"], root or FinetuneConfig)
             lines.append(
                 f"{key}: unknown key (given {value!r}); "
                 + (f"allowed keys here: {', '.join(allowed)}" if allowed else "check its spelling")
-                + " (see conf/base/parameters_finetune.yml)"
+                + f" (see conf/base/parameters_{prefix.split('.')[0]}.yml)"
             )
         elif problem["type"] == "missing":
             lines.append(f"{key}: missing (it has no default; set it in the parameters)")
@@ -286,9 +356,9 @@ def _describe(err: ValidationError, prefix: str) -> str:
     return "Invalid parameters:\n  " + "\n  ".join(lines)
 
 
-def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
+def _allowed_keys(loc: tuple[int | str, ...], root: type[BaseModel]) -> list[str]:
     """The keys the section holding ``loc[-1]`` accepts (empty when it cannot be told)."""
-    model: type[BaseModel] | None = FinetuneConfig
+    model: type[BaseModel] | None = root
     for part in loc[:-1]:
         if isinstance(part, int):
             continue

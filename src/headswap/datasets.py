@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import mlflow
-from kedro.io import AbstractDataset, DatasetError
+from kedro.io import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
 from mlflow.entities import Metric
 from mlflow.utils.time import get_current_time_millis
 
@@ -62,3 +63,37 @@ class MetricsHistoryDataset(AbstractDataset[dict, dict]):
 
     def _describe(self) -> dict[str, Any]:
         return {"prefix": self.prefix}
+
+
+class FilesDataset(AbstractVersionedDataset[dict, dict]):
+    """A folder of files, given and returned as ``{relative path: bytes}``; versioned like
+    Kedro's file datasets (``<filepath>/<version>/<folder name>/...``)."""
+
+    def __init__(self, filepath: str, version: Version | None = None,
+                 metadata: dict[str, Any] | None = None):
+        super().__init__(PurePosixPath(filepath), version)
+        self.metadata = metadata
+
+    def save(self, data: dict[str, bytes]) -> None:
+        folder = Path(self._get_save_path())
+        folder.mkdir(parents=True, exist_ok=True)
+        for relative, content in data.items():
+            path = folder / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+
+    def load(self) -> dict[str, bytes]:
+        folder = Path(self._get_load_path())
+        if not folder.is_dir():
+            raise DatasetError(f"No folder {folder} to load.")
+        return {p.relative_to(folder).as_posix(): p.read_bytes()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    def _exists(self) -> bool:
+        try:
+            return Path(self._get_load_path()).is_dir()
+        except DatasetError:
+            return False
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath, "version": self._version}

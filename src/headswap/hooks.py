@@ -7,6 +7,7 @@ import atexit
 import logging
 import os
 import shutil
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,7 +21,13 @@ from kedro.framework.hooks import hook_impl
 from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
 
-from headswap.config import ParameterError, parameter_keys, parse_finetune, state_dir
+from headswap.config import (
+    ParameterError,
+    parameter_keys,
+    parse_finetune,
+    parse_predict,
+    state_dir,
+)
 from headswap.core.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -33,18 +40,20 @@ class RunStopped(click.ClickException):
 
 
 class UserErrorHook:
-    """Stops a run on input the user can fix with one readable message (no traceback): invalid
-    ``finetune`` parameters before the first node (and before an MLflow run starts), and a
-    node's :class:`~headswap.core.InputError` or :class:`ParameterError`, naming the parameter
-    keys. The pipeline error hooks still run: the MLflow run is marked FAILED."""
+    """Stops a run on input the user can fix with one readable message (no traceback):
+    invalid ``finetune`` or ``predict`` parameters before the first node (and before an
+    MLflow run starts), and a node's :class:`~headswap.core.InputError` or
+    :class:`ParameterError`, naming the parameter keys. The pipeline error hooks still run:
+    the MLflow run is marked FAILED."""
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        if "params:finetune" in pipeline.inputs():
-            try:
-                parse_finetune(catalog.load("params:finetune"))
-            except ParameterError as err:
-                raise RunStopped(str(err)) from err
+        for name, parse in (("finetune", parse_finetune), ("predict", parse_predict)):
+            if f"params:{name}" in pipeline.inputs():
+                try:
+                    parse(catalog.load(f"params:{name}"))
+                except ParameterError as err:
+                    raise RunStopped(str(err)) from err
 
     @hook_impl(trylast=True)
     def on_node_error(self, error: Exception, node) -> None:
@@ -192,12 +201,26 @@ class MlflowArtifactHook:
             return
         if isinstance(data, Figure):
             mlflow.log_figure(data, f"{folder}/{dataset_name}.png")
+        elif isinstance(data, dict) and all(isinstance(v, bytes) for v in data.values()):
+            _log_files(data, folder)  # a folder of files (FilesDataset); nothing if empty
         elif isinstance(data, pd.DataFrame):
             mlflow.log_text(data.to_csv(index=False), f"{folder}/{dataset_name}.csv")
         elif isinstance(data, (dict, list)):
             mlflow.log_dict(data, f"{folder}/{dataset_name}.json")
         else:
             mlflow.log_text(str(data), f"{folder}/{dataset_name}.txt")
+
+
+def _log_files(files: dict[str, bytes], folder: str) -> None:
+    """Log ``{relative path: bytes}`` to the active MLflow run under ``folder/``."""
+    if not files:
+        return
+    with tempfile.TemporaryDirectory(prefix="headswap_artifacts_") as tmp:
+        for relative, content in files.items():
+            path = Path(tmp) / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+        mlflow.log_artifacts(tmp, folder)
 
 
 class ResumeHook:

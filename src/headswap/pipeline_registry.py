@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline, pipeline
 
-from headswap.pipelines import compare, data, finetune, label_efficiency, pretrain
+from headswap.pipelines import compare, data, finetune, label_efficiency, predict, pretrain
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     """``data``, ``pretrain`` and ``finetune``; the default runs all three as the example.
+    ``predict`` classifies a folder of new images with a fine-tuned model.
     ``compare`` (not in the default) sets the finetune recipe against its alternatives;
     ``label_efficiency`` (not in the default) runs that comparison at each count of labelled
     images per class in ``label_efficiency.LABELS_PER_CLASS`` (10, 30, 100, 300).
@@ -17,13 +18,14 @@ def register_pipelines() -> dict[str, Pipeline]:
     the data pipeline writes and the base the pretrain pipeline trains.
     """
     example = data.create_pipeline() + pretrain.create_pipeline() + pipeline(
-        finetune.recipe(),
+        finetune.recipe() + finetune.packaging(),
         inputs={"image_folder": "example_folder", "pretrained_model": "pretrained_base"},
     )
     return {
         "data": data.create_pipeline(),
         "pretrain": pretrain.create_pipeline(),
         "finetune": finetune.create_pipeline(),
+        "predict": predict.create_pipeline(),
         "compare": compare.create_pipeline(),
         "label_efficiency": label_efficiency.create_pipeline(
             labels_per_class=label_efficiency.LABELS_PER_CLASS

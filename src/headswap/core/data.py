@@ -63,6 +63,11 @@ def image_problem(path: str | Path) -> str | None:
         raw = Path(path).read_bytes()
     except OSError as err:
         return f"cannot be read: {err.strerror or err}"
+    return bytes_problem(raw)
+
+
+def bytes_problem(raw: bytes) -> str | None:
+    """Why ``raw`` cannot be decoded as an image (empty, corrupt, truncated), or None."""
     if not raw:
         return "empty file (0 bytes)"
     try:
@@ -104,6 +109,20 @@ def find_unreadable(paths: list[str]) -> dict[str, str]:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         problems = pool.map(image_problem, suspects)
         return {path: problem for path, problem in zip(suspects, problems, strict=True) if problem}
+
+
+def image_files(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
+    """The image files under ``folder`` (any depth; hidden ones and files that are no images,
+    such as ``notes.txt``, ignored), sorted; appends files in an image format that cannot be
+    decoded (TIFF, HEIC, ...) to ``skipped`` as ``(path, reason)``."""
+    images = []
+    for path in _visible_files(folder):
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS:
+            images.append(path)
+        elif suffix in UNSUPPORTED_EXTENSIONS:
+            skipped.append((str(path), _unsupported(path)))
+    return images
 
 
 def _unsupported(path: Path) -> str:
@@ -201,12 +220,7 @@ def _scan_classes(folder: Path, skipped: list[tuple[str, str]]) -> pd.DataFrame:
     ``skipped`` as ``(path, reason)``."""
     rows = []
     for class_dir in _class_folders(folder):
-        for p in _visible_files(class_dir):
-            suffix = p.suffix.lower()
-            if suffix in IMAGE_EXTENSIONS:
-                rows.append((str(p), class_dir.name))
-            elif suffix in UNSUPPORTED_EXTENSIONS:
-                skipped.append((str(p), _unsupported(p)))
+        rows += [(str(p), class_dir.name) for p in image_files(class_dir, skipped)]
     unreadable = find_unreadable([path for path, _ in rows])
     skipped.extend(unreadable.items())
     rows = [row for row in rows if row[0] not in unreadable]
@@ -323,13 +337,19 @@ def split_arrays(manifest: pd.DataFrame, split: str) -> tuple[np.ndarray, np.nda
 
 
 def decode_image(path: tf.Tensor, image_size: tuple[int, int], channels: int) -> tf.Tensor:
-    """Read, decode and resize one image file to float32 pixels in [0, 255].
+    """Read, decode and resize one image file to float32 pixels in [0, 255]
+    (:func:`decode_bytes` of the file's bytes)."""
+    return decode_bytes(tf.io.read_file(path), image_size, channels)
+
+
+def decode_bytes(raw: tf.Tensor, image_size: tuple[int, int], channels: int) -> tf.Tensor:
+    """Decode and resize one encoded image (JPEG, PNG, GIF, BMP or WebP bytes) to float32
+    pixels in [0, 255]: how every image is read, in training and in prediction.
 
     Every format and colour mode ``tf.io.decode_image`` reads gives ``channels`` (1 or 3)
     channels: grayscale is repeated or colour converted to grayscale, alpha is dropped,
     palettes are expanded and an animated GIF gives its first frame.
     """
-    raw = tf.io.read_file(path)
     image = tf.io.decode_image(raw, channels=0, expand_animations=False)
     image = _with_channels(image, channels)
     image.set_shape([None, None, channels])

@@ -82,10 +82,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from headswap.core.predict import LABELS_FILE, check_classifier, write_labels
+
 FORMATS: tuple[str, ...] = ("saved_model", "tflite", "tflite_quantized")
 """The format names :func:`export_model` accepts."""
 
-LABELS_FILE = "labels.txt"
 SERVING_SIGNATURE = "serving_default"
 SAVED_MODEL_FOLDER = "saved_model"
 TFLITE_FILES = {"tflite": "model.tflite", "tflite_quantized": "model_quantized.tflite"}
@@ -93,20 +94,6 @@ TFLITE_FILES = {"tflite": "model.tflite", "tflite_quantized": "model_quantized.t
 # What Keras' SavedModel export and :func:`export_saved_model` put in a folder: a folder
 # holding only these is a previous export, which a new export replaces.
 _SAVED_MODEL_ENTRIES = {"saved_model.pb", "fingerprint.pb", "variables", "assets", LABELS_FILE}
-
-
-def write_labels(path: str | Path, class_names: Sequence[str]) -> Path:
-    """Write ``class_names`` one a line, in output order, to ``path``; return ``path``."""
-    names = _check_class_names(class_names)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
-    return path
-
-
-def read_labels(path: str | Path) -> list[str]:
-    """The class names in a labels file written by :func:`write_labels`, in output order."""
-    return Path(path).read_text(encoding="utf-8").splitlines()
 
 
 def export_saved_model(
@@ -121,7 +108,7 @@ def export_saved_model(
     TensorFlow Serving does, or in Keras with ``keras.layers.TFSMLayer``. ``folder`` must be
     new, empty, or a previous export, which is replaced.
     """
-    _check_classifier(model, class_names)
+    check_classifier(model, class_names)
     folder = _prepare_folder(folder)
     _write_saved_model(model, folder)
     write_labels(folder / LABELS_FILE, class_names)
@@ -145,7 +132,7 @@ def export_tflite(
     output the class probabilities; run it with :func:`tflite_predict`.
     """
     path = _check_tflite_path(path)
-    _check_classifier(model, class_names)
+    check_classifier(model, class_names)
     with tempfile.TemporaryDirectory(prefix="headswap_export_") as tmp:
         saved_model = _write_saved_model(model, Path(tmp) / SAVED_MODEL_FOLDER)
         path.write_bytes(_convert_saved_model(saved_model, quantize))
@@ -169,7 +156,7 @@ def export_model(
     are converted from it.
     """
     chosen = _check_formats(formats)
-    _check_classifier(model, class_names)
+    check_classifier(model, class_names)
     folder = Path(folder)
     if folder.is_file():
         raise FileExistsError(f"{folder} is a file. Give a folder path to export into.")
@@ -332,51 +319,6 @@ def _check_formats(formats: str | Iterable[str]) -> list[str]:
     if not chosen:
         raise ValueError(f"No export format chosen. Choose one or more of: {allowed}.")
     return list(dict.fromkeys(chosen))
-
-
-def _check_class_names(class_names: Sequence[str]) -> list[str]:
-    """``class_names`` as a list, checked to be distinct one-line strings."""
-    if isinstance(class_names, str):
-        raise TypeError(
-            f"class_names must be a list of class names, not the string {class_names!r}."
-        )
-    names = list(class_names)
-    bad = [name for name in names if not isinstance(name, str) or not name.strip()]
-    bad += [name for name in names if isinstance(name, str) and ("\n" in name or "\r" in name)]
-    if bad:
-        raise ValueError(
-            f"Class names must be non-empty strings on one line; got {bad!r}. "
-            "Give each class a one-line name."
-        )
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ValueError(
-            f"Class names must be distinct; repeated: {', '.join(map(repr, repeated))}. "
-            "Give each class its own name."
-        )
-    return names
-
-
-def _check_classifier(model: keras.Model, class_names: Sequence[str]) -> None:
-    """Refuse what is not a one-input, one-output Keras model with one output per class."""
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"Expected a Keras model; got {type(model).__name__}. Load a saved one with "
-            "keras.models.load_model first."
-        )
-    names = _check_class_names(class_names)
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ValueError(
-            f"Model {model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} "
-            "outputs; export takes classifiers with one image input and one output."
-        )
-    units = model.outputs[0].shape[-1]
-    if units != len(names):
-        raise ValueError(
-            f"Model {model.name!r} gives {units} class probabilities but {len(names)} class "
-            f"names were given ({', '.join(names)}). Pass the class names the model was "
-            "trained with, in output order."
-        )
 
 
 def _check_tflite_path(path: str | Path) -> Path:

@@ -4,24 +4,31 @@ of the parameters it needs (made once by :func:`check_parameters`), and calls th
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import keras
+import mlflow
 import pandas as pd
 from kedro.io import Version
 from kedro_datasets.tensorflow import TensorFlowModelDataset
 from matplotlib.figure import Figure
 
+from headswap import registry, serving
 from headswap.config import (
     BaseConfig,
     DataConfig,
     EvaluationConfig,
+    ExportConfig,
     HeadConfig,
+    RegistryConfig,
     parse_finetune,
 )
 from headswap.core import Augmentation, Stage, bases, data, evaluation, fit, heads, weights
+from headswap.core import export as exports
 from headswap.core.fit import FitOptions, History, next_epoch
+from headswap.core.predict import Classifier
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +37,7 @@ Metrics = dict[str, dict[str, float]]
 
 def check_parameters(params: dict[str, Any]) -> tuple[
     DataConfig, BaseConfig, HeadConfig, Augmentation, FitOptions, list[Stage], list[Stage],
-    EvaluationConfig,
+    EvaluationConfig, RegistryConfig, ExportConfig,
 ]:
     """The ``finetune`` parameters, validated, as the typed parts the other nodes take."""
     cfg = parse_finetune(params)
@@ -38,7 +45,8 @@ def check_parameters(params: dict[str, Any]) -> tuple[
         logger.warning("finetune.%s.%s not used: finetune.%s.stages sets them for each stage",
                        phase, ", ".join(keys) + (" is" if len(keys) == 1 else " are"), phase)
     return (cfg.data, cfg.base, cfg.head, cfg.training.augmentation, cfg.fit_options(),
-            cfg.phase1.stages_list(), cfg.phase2.stages_list(), cfg.evaluation)
+            cfg.phase1.stages_list(), cfg.phase2.stages_list(), cfg.evaluation, cfg.registry,
+            cfg.export)
 
 
 def locate_images(data_config: DataConfig) -> str:
@@ -75,7 +83,7 @@ def ingest_images(
             image_folder, data_config.val_fraction, data_config.test_fraction, options.seed
         )
     counts = {"images": len(manifest), "skipped_images": len(skipped)}
-    return manifest, skipped, _metrics(counts)
+    return manifest, skipped, metrics_points(counts)
 
 
 def load_base(
@@ -144,7 +152,7 @@ def evaluate_head_only(
     metrics = result["metrics"]
     logger.info("Phase 1 (head only): test accuracy %.4f, macro F1 %.4f",
                 metrics["accuracy"], metrics["macro_f1"])
-    return result["report"], _metrics(metrics)
+    return result["report"], metrics_points(metrics)
 
 
 def predict_test(model: keras.Model, manifest: pd.DataFrame, options: FitOptions) -> pd.DataFrame:
@@ -163,7 +171,7 @@ def evaluate(
     logger.info("Classification report on %s test images:\n%s", len(predictions), result["text"])
     _, y_true, probabilities = evaluation.predictions_arrays(predictions, names)
     figure = evaluation.confusion_matrix_figure(y_true, probabilities.argmax(axis=1), names)
-    return result["report"], result["text"], figure, _metrics(result["metrics"])
+    return result["report"], result["text"], figure, metrics_points(result["metrics"])
 
 
 def evaluate_details(
@@ -194,8 +202,76 @@ def summarise_training(
 
 
 def package_model(model: keras.Model) -> keras.Model:
-    """The fine-tuned model, handed to MLflow as a model taking raw pixels."""
+    """The fine-tuned Keras model, handed to MLflow as it is (raw pixels in, probabilities
+    out): the ``keras_model`` of the run."""
     return model
+
+
+def export_model(
+    model: keras.Model, manifest: pd.DataFrame, export: ExportConfig
+) -> dict[str, bytes]:
+    """The fine-tuned model exported in ``finetune.export.formats`` (SavedModel, TFLite
+    float32, TFLite with dynamic-range quantization), each with its ``labels.txt``."""
+    if not export.formats:
+        logger.info("No export: finetune.export.formats is empty.")
+        return {}
+    with tempfile.TemporaryDirectory(prefix="headswap_export_") as tmp:
+        paths = exports.export_model(model, tmp, data.class_names(manifest), export.formats)
+        files = {p.relative_to(tmp).as_posix(): p.read_bytes()
+                 for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
+    logger.info("Exported the model: %s", ", ".join(
+        f"{name} ({_size(paths[name]):.2f} MB)" for name in export.formats))
+    return files
+
+
+def publish_model(
+    model: keras.Model, manifest: pd.DataFrame, report: dict[str, Any],
+    data_config: DataConfig, registry_config: RegistryConfig, options: FitOptions,
+) -> dict[str, Any]:
+    """Log the fine-tuned model to the MLflow run as ``model``, an MLflow model that takes
+    images (paths or base64 bytes) and answers with class names; register it as a new version
+    of ``finetune.registry.name``, tagged with its test results, and move the ``champion``
+    alias to it if it beats the current champion on the same test split."""
+    run = mlflow.active_run()
+    if run is None:
+        logger.info("MLflow tracking is off for this run: the model is neither logged nor "
+                    "registered.")
+        return {"logged": False, "registered_model": None}
+    classifier = Classifier(model, tuple(data.class_names(manifest)), options.image_size)
+    name = registry_config.model_name(data_config.path) if registry_config.name else None
+    example = data.split_arrays(manifest, "test")[0][0]
+    info = serving.log_classifier(classifier, example, name)
+    result: dict[str, Any] = {"logged": True, "model_uri": info.model_uri,
+                              "registered_model": name}
+    if name is None:
+        return result
+    version = str(info.registered_model_version)
+    digest = registry.test_split_digest(manifest)
+    accuracy = float(report["accuracy"])
+    registry.tag_version(name, version, {
+        "test_accuracy": f"{accuracy:.6f}",
+        "test_macro_f1": f"{report['macro avg']['f1-score']:.6f}",
+        "kedro_run_id": mlflow.MlflowClient().get_run(run.info.run_id).data.tags.get("run_id"),
+        "mlflow_run_id": run.info.run_id,
+        "manifest_digest": registry.manifest_digest(manifest),
+        "test_split_digest": digest,
+        "classes": ", ".join(classifier.class_names),
+    })
+
+    def score(model_uri: str) -> float | None:
+        champion = serving.load_classifier(model_uri)
+        if champion.class_names != classifier.class_names:
+            return None
+        predictions = evaluation.predict_split(champion.model, manifest, "test",
+                                               champion.image_size, options.batch_size)
+        return float((predictions["true"] == predictions["predicted"]).mean())
+
+    return {**result, **registry.elect_champion(name, version, accuracy, digest, score)}
+
+
+def _size(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 1e6
 
 
 def history_metrics(histories: list[History]) -> dict[str, list[dict[str, float]]]:
@@ -215,6 +291,6 @@ def history_metrics(histories: list[History]) -> dict[str, list[dict[str, float]
     return metrics
 
 
-def _metrics(values: dict[str, float]) -> Metrics:
+def metrics_points(values: dict[str, float]) -> Metrics:
     """Single values as kedro-mlflow's metrics dataset takes them."""
     return {k: {"value": float(v), "step": 0} for k, v in values.items()}

@@ -9,12 +9,14 @@ from .nodes import (
     evaluate,
     evaluate_details,
     evaluate_head_only,
+    export_model,
     fine_tune,
     ingest_images,
     load_base,
     locate_images,
     package_model,
     predict_test,
+    publish_model,
     read_pretrained,
     summarise_training,
     swap_head,
@@ -22,7 +24,8 @@ from .nodes import (
 )
 
 CONFIGS = ["data_config", "base_config", "head_config", "augmentation", "fit_options",
-           "phase1_stages", "phase2_stages", "evaluation_config"]
+           "phase1_stages", "phase2_stages", "evaluation_config", "registry_config",
+           "export_config"]
 
 
 def recipe(params: str = "params:finetune") -> Pipeline:
@@ -57,7 +60,19 @@ def recipe(params: str = "params:finetune") -> Pipeline:
               "misclassified_images", "misclassified_plot"], name="evaluate_details"),
         Node(summarise_training, ["phase1_history", "phase2_history"],
              ["learning_curves_plot", "training_metrics"], name="summarise_training"),
-        Node(package_model, "phase2_model", "mlflow_model", name="package_model"),
+    ])
+
+
+def packaging() -> Pipeline:
+    """What makes the fine-tuned model usable: the Keras model and the MLflow model that
+    answers with class names (registered, ``champion`` alias), and the exports."""
+    return Pipeline([
+        Node(package_model, "phase2_model", "keras_model", name="package_model"),
+        Node(publish_model, ["phase2_model", "manifest", "classification_report",
+                             "data_config", "registry_config", "fit_options"],
+             "model_registry", name="publish_model"),
+        Node(export_model, ["phase2_model", "manifest", "export_config"], "model_exports",
+             name="export_model"),
     ])
 
 
@@ -71,5 +86,6 @@ def inputs_from_parameters() -> Pipeline:
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """The finetune pipeline as users run it: inputs from the parameters, then the recipe."""
-    return inputs_from_parameters() + recipe()
+    """The finetune pipeline as users run it: inputs from the parameters, the recipe, then
+    the fine-tuned model logged, registered and exported."""
+    return inputs_from_parameters() + recipe() + packaging()

@@ -1,0 +1,267 @@
+"""Classify images with a fine-tuned model: files of a folder, file paths, or encoded image
+bytes (raw, or base64 as a REST client sends them). Images are read exactly as in training
+(:func:`headswap.core.data.decode_bytes`: decode, channels, resize).
+
+A :class:`Classifier` is a Keras model that takes raw pixels together with the class names
+of its outputs. :meth:`Classifier.predict` gives one row per image: the predicted class,
+its confidence, the ``top_k`` classes with their probabilities and each class's probability
+(``p[<class name>]``); images that cannot be read are returned apart with the reason.
+
+::
+
+    from headswap.core.predict import Classifier, list_images
+    classifier = Classifier.from_file("model.keras")    # labels.txt beside it
+    table, problems = classifier.predict(["cat.jpg", "dog.png"])
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from headswap.core import data
+from headswap.core.bases import input_spec, load_model_file
+from headswap.core.errors import InputError
+
+TOP_K = 3
+LABELS_FILE = "labels.txt"
+_CHUNK = 1024  # images read into memory at a time
+_MAX_PATH = 4096  # longer strings are never taken for file paths
+
+
+def check_class_names(class_names: Sequence[str]) -> list[str]:
+    """``class_names`` as a list, checked to be distinct one-line strings."""
+    if isinstance(class_names, str):
+        raise InputError(
+            f"`class_names` must be a list of class names, not the string {class_names!r}."
+        )
+    names = list(class_names)
+    bad = [name for name in names if not isinstance(name, str) or not name.strip()]
+    bad += [name for name in names if isinstance(name, str) and ("\n" in name or "\r" in name)]
+    if bad:
+        raise InputError(
+            f"Class names must be non-empty strings on one line; got {bad!r}. "
+            "Give each class a one-line name."
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(
+            f"Class names must be distinct; repeated: {', '.join(map(repr, repeated))}. "
+            "Give each class its own name."
+        )
+    return names
+
+
+def check_classifier(model: keras.Model, class_names: Sequence[str]) -> list[str]:
+    """Refuse what is not a one-input, one-output Keras model with one output per class;
+    return the class names as a list."""
+    if not isinstance(model, keras.Model):
+        raise InputError(
+            f"Expected a Keras model; got {type(model).__name__}. Load a saved one with "
+            "keras.models.load_model first."
+        )
+    names = check_class_names(class_names)
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise InputError(
+            f"Model {model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} "
+            "outputs; a classifier takes one image input and gives one output."
+        )
+    input_spec(model)  # an image input
+    shape = tuple(model.outputs[0].shape)
+    if len(shape) != 2:
+        raise InputError(
+            f"Model {model.name!r} gives outputs of shape {shape}, not one probability per "
+            "class: it is not a classifier (a base cut below its head?). Give a fine-tuned "
+            "model."
+        )
+    units = shape[-1]
+    if units != len(names):
+        raise InputError(
+            f"Model {model.name!r} gives {units} class probabilities but {len(names)} class "
+            f"names were given ({', '.join(names)}). Give the class names the model was "
+            "trained with, in output order."
+        )
+    return names
+
+
+def write_labels(path: str | Path, class_names: Sequence[str]) -> Path:
+    """Write ``class_names`` one a line, in output order, to ``path``; return ``path``."""
+    names = check_class_names(class_names)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+    return path
+
+
+def read_labels(path: str | Path) -> list[str]:
+    """The class names in a labels file written by :func:`write_labels`, in output order."""
+    return Path(path).read_text(encoding="utf-8").splitlines()
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A Keras classifier taking raw pixels, with the names of its classes in output order
+    (and, for a model that takes any size, the ``image_size`` images are resized to)."""
+
+    model: keras.Model
+    class_names: tuple[str, ...]
+    image_size: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "class_names",
+                           tuple(check_classifier(self.model, self.class_names)))
+        height, width, _ = input_spec(self.model)
+        size = self.image_size or (height, width)
+        if None in size:
+            raise InputError(
+                f"Model {self.model.name!r} takes images of any size; give `image_size` "
+                "([height, width]) to resize them to."
+            )
+        object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
+
+    @classmethod
+    def from_file(cls, path: str | Path, labels: str | Path | None = None,
+                  allow_unsafe: bool = False) -> Classifier:
+        """The model in a ``.keras``/``.h5`` file, with the class names of ``labels`` (one a
+        line; by default the ``labels.txt`` beside the model, as exports write it)."""
+        model = load_model_file(path, allow_unsafe)
+        labels = Path(labels) if labels else Path(path).parent / LABELS_FILE
+        if not labels.is_file():
+            raise InputError(
+                f"No class names for {path}: {labels} does not exist. Write the class names "
+                f"one a line, in the model's output order, to {labels} (or give `labels`)."
+            )
+        return cls(model, tuple(read_labels(labels)))
+
+    @property
+    def channels(self) -> int:
+        return input_spec(self.model)[2]
+
+    def probabilities(
+        self, images: Sequence[str | bytes], batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        """Class probabilities of the ``images`` that can be read: ``(probabilities,
+        positions, problems)``, where ``positions`` are those images' indices in ``images``
+        and ``problems`` maps the others' indices to the reason."""
+        outputs: list[np.ndarray] = []
+        positions: list[int] = []
+        problems: dict[int, str] = {}
+        for start in range(0, len(images), _CHUNK):
+            raw: dict[int, bytes] = {}
+            for i, item in enumerate(images[start:start + _CHUNK], start):
+                try:
+                    raw[i] = encoded_image(item)
+                except InputError as err:
+                    problems[i] = str(err)
+            done = len(positions)
+            for indices, batch in self._decoded(raw, batch_size):
+                outputs.append(np.asarray(self.model.predict_on_batch(batch)))
+                positions += [int(i) for i in indices]
+            decoded = set(positions[done:])
+            for i in sorted(set(raw) - decoded):
+                problems[i] = data.bytes_problem(raw[i]) or "cannot be decoded"
+        probabilities = (np.concatenate(outputs) if outputs
+                         else np.zeros((0, len(self.class_names)), dtype="float32"))
+        return probabilities.astype("float32"), np.asarray(positions, dtype=int), problems
+
+    def predict(
+        self, images: Sequence[str | bytes], batch_size: int = 32, top_k: int = TOP_K
+    ) -> tuple[pd.DataFrame, dict[int, str]]:
+        """:func:`label_table` of the ``images`` that can be read (indexed by their position
+        in ``images``), and ``{position: reason}`` for the others."""
+        probabilities, positions, problems = self.probabilities(images, batch_size)
+        table = label_table(probabilities, self.class_names, top_k)
+        return table.set_index(pd.Index(positions)), problems
+
+    def _decoded(self, raw: dict[int, bytes], batch_size: int):
+        """Batches ``(indices, images)`` of the decodable ``raw`` images, in order; the
+        others are dropped."""
+        if not raw:
+            return iter(())
+        size, channels = self.image_size, self.channels
+
+        def decode(index: tf.Tensor, image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            return index, data.decode_bytes(image, size, channels)
+
+        return iter(
+            tf.data.Dataset.from_tensor_slices((list(raw), list(raw.values())))
+            .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .ignore_errors()
+            .batch(batch_size)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+
+def encoded_image(item: str | bytes) -> bytes:
+    """The encoded image an ``item`` stands for: the bytes themselves, the file at a path,
+    or base64-encoded bytes (a ``data:image/...;base64,`` prefix is allowed)."""
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item)
+    text = str(item)
+    if len(text) < _MAX_PATH:
+        try:
+            if Path(text).is_file():
+                return Path(text).read_bytes()
+        except (OSError, ValueError) as err:
+            if isinstance(err, PermissionError) or Path(text).exists():
+                raise InputError(f"{text} cannot be read: {err}") from err
+    encoded = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
+    try:
+        return base64.b64decode("".join(encoded.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(
+            f"{text[:80]!r} is neither an image file that exists nor base64-encoded image bytes."
+        ) from None
+
+
+def label_table(
+    probabilities: np.ndarray, class_names: Sequence[str], top_k: int = TOP_K
+) -> pd.DataFrame:
+    """One row per image: ``predicted`` class and its ``confidence``, the ``top_k`` classes
+    as ``top_<j>`` with ``top_<j>_probability``, then each class's probability
+    ``p[<class name>]``."""
+    names = np.asarray(class_names, dtype=object)
+    k = max(1, min(int(top_k), len(names)))
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    rows = np.arange(len(probabilities))[:, None]
+    table = {
+        "predicted": names[order[:, 0]] if len(order) else [],
+        "confidence": probabilities[rows[:, 0], order[:, 0]] if len(order) else [],
+    }
+    for j in range(k):
+        table[f"top_{j + 1}"] = names[order[:, j]]
+        table[f"top_{j + 1}_probability"] = probabilities[rows[:, 0], order[:, j]]
+    for i, name in enumerate(names):
+        table[f"p[{name}]"] = probabilities[:, i]
+    return pd.DataFrame(table)
+
+
+def list_images(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The images to classify under ``folder``: ``(path, label)``, where ``label`` is the
+    first sub-folder's name (a folder of class sub-folders) or empty (files directly in
+    ``folder``); and the skipped files in formats that cannot be decoded (path, reason)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise data.MissingDataError(
+            f"Image folder {root} does not exist. Give `path` as a folder of images (flat, "
+            "or with one sub-folder per class)."
+        )
+    skipped: list[tuple[str, str]] = []
+    files = data.image_files(root, skipped)
+    if not files:
+        raise data.DataError(
+            f"No images found under {root}: expected image files "
+            f"({', '.join(sorted(data.IMAGE_EXTENSIONS))}), directly or in sub-folders."
+        )
+    labels = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else ""
+              for p in files]
+    return (pd.DataFrame({"path": [str(p) for p in files], "label": labels}),
+            pd.DataFrame(skipped, columns=data.SKIPPED_COLUMNS))

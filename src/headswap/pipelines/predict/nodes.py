@@ -1,0 +1,131 @@
+"""Kedro nodes of the ``predict`` pipeline: list a folder's images, load the classifier the
+parameters name, classify, and report against the class sub-folders' labels if there are."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from kedro.io import DatasetError, Version
+from kedro_datasets.pandas import CSVDataset
+from kedro_datasets.tensorflow import TensorFlowModelDataset
+
+from headswap import serving
+from headswap.config import PredictConfig, parse_predict
+from headswap.core import data, evaluation, predict
+from headswap.core.errors import InputError
+from headswap.core.predict import Classifier
+from headswap.pipelines.finetune.nodes import metrics_points
+
+logger = logging.getLogger(__name__)
+
+KEDRO_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}\.\d{2}\.\d{2}\.\d{3}Z")
+MLFLOW_URI = re.compile(r"[a-z][a-z0-9+.-]*:/", re.IGNORECASE)
+
+
+def check_parameters(params: dict[str, Any]) -> PredictConfig:
+    """The ``predict`` parameters, validated."""
+    return parse_predict(params)
+
+
+def list_images(config: PredictConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The images under ``predict.path`` (path, label: the class sub-folder or empty) and the
+    files in formats that cannot be decoded (path, reason)."""
+    images, unsupported = predict.list_images(config.path)
+    labelled = int((images["label"] != "").sum())
+    logger.info("%s images to classify under %s%s", len(images), config.path,
+                f" ({labelled} in class sub-folders)" if labelled else "")
+    return images, unsupported
+
+
+def load_classifier(config: PredictConfig) -> Classifier:
+    """The model ``predict.model`` names, with its class names: the latest fine-tuned model
+    (null), a Kedro version of it, a .keras/.h5 file or an MLflow model URI."""
+    model = config.model
+    if model is None or KEDRO_VERSION.fullmatch(model):
+        return _fine_tuned(config, model)
+    if MLFLOW_URI.match(model) and not Path(model).exists():
+        try:
+            return serving.load_classifier(model)
+        except InputError:
+            raise
+        except Exception as err:  # MLflow says why: unknown run, alias, registry...
+            raise InputError(f"`model` {model} cannot be loaded from MLflow: "
+                             f"{str(err).splitlines()[0]}") from err
+    return Classifier.from_file(model, config.labels, config.allow_unsafe)
+
+
+def _fine_tuned(config: PredictConfig, version: str | None) -> Classifier:
+    """A version (None: the latest) of the fine-tuned model, with the class names of the
+    manifest of the same run."""
+    dataset = TensorFlowModelDataset(filepath=config.fine_tuned_model,
+                                     version=Version(version, None),
+                                     load_args={"compile": False})
+    try:
+        version = dataset.resolve_load_version()
+        model = dataset.load()
+    except DatasetError as err:
+        which = f"version {version} of the" if version else "a"
+        raise InputError(
+            f"There is no {which} fine-tuned model in {config.fine_tuned_model}: run "
+            "`kedro run` (or `kedro run --pipeline finetune`) first, or give `model` "
+            "(a .keras file or an MLflow model URI)."
+        ) from err
+    manifest = CSVDataset(filepath=config.manifest, version=Version(version, None),
+                          load_args={"dtype": str, "keep_default_na": False})
+    try:
+        names = data.class_names(manifest.load())
+    except DatasetError as err:
+        raise InputError(
+            f"The fine-tuned model {version} has no manifest of its run in {config.manifest}, "
+            "so its class names are unknown. Give `model` as another version or an MLflow "
+            "model URI."
+        ) from err
+    logger.info("Model: the fine-tuned model of run %s (%s classes)", version, len(names))
+    return Classifier(model, tuple(names))
+
+
+def classify_images(
+    classifier: Classifier, images: pd.DataFrame, unsupported: pd.DataFrame,
+    config: PredictConfig,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per image: path, the true class (if the folder has class sub-folders),
+    predicted class, confidence, the top-k classes and each class's probability; and the
+    files that could not be classified (path, reason)."""
+    paths = images["path"].tolist()
+    table, problems = classifier.predict(paths, config.batch_size, config.top_k)
+    front = images.iloc[table.index][["path"]].reset_index(drop=True)
+    if (images["label"] != "").any():
+        front["true"] = images["label"].iloc[table.index].to_numpy()
+    predictions = pd.concat([front, table.reset_index(drop=True)], axis=1)
+    skipped = pd.concat([unsupported, pd.DataFrame(
+        [(paths[i], reason) for i, reason in sorted(problems.items())],
+        columns=data.SKIPPED_COLUMNS)], ignore_index=True)
+    data.log_skipped(skipped, len(images) + len(unsupported))
+    return predictions, skipped
+
+
+def report(
+    predictions: pd.DataFrame, skipped: pd.DataFrame, classifier: Classifier
+) -> tuple[dict[str, Any], str, dict[str, dict[str, float]]]:
+    """scikit-learn's classification report of the images in class sub-folders named after
+    the model's classes (empty without any), and the counts and accuracy as metrics."""
+    counts = {"images": len(predictions), "skipped_images": len(skipped)}
+    names = list(classifier.class_names)
+    labelled = (predictions[predictions["true"].isin(names)] if "true" in predictions
+                else predictions.iloc[:0])
+    if labelled.empty:
+        text = "No image is in a sub-folder named after one of the model's classes: no report."
+        logger.info(text)
+        return {}, text + "\n", metrics_points(counts)
+    others = sorted(set(predictions["true"]) - set(names) - {""})
+    if others:
+        logger.warning("Left out of the report: sub-folders %s are not classes of the model "
+                       "(%s).", ", ".join(others), ", ".join(names))
+    result = evaluation.summarise(labelled, names)
+    logger.info("Classification report on %s labelled images:\n%s", len(labelled),
+                result["text"])
+    return result["report"], result["text"], metrics_points({**counts, **result["metrics"]})

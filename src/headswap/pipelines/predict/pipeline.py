@@ -1,0 +1,21 @@
+"""The ``predict`` pipeline: a folder of images -> the fine-tuned model's predictions (and a
+classification report when the folder has class sub-folders)."""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import check_parameters, classify_images, list_images, load_classifier, report
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline([
+        Node(check_parameters, "params:predict", "predict_config", name="check_predict_parameters"),
+        Node(list_images, "predict_config", ["images_to_classify", "unsupported_images"],
+             name="list_images"),
+        Node(load_classifier, "predict_config", "classifier", name="load_classifier"),
+        Node(classify_images,
+             ["classifier", "images_to_classify", "unsupported_images", "predict_config"],
+             ["predictions", "prediction_skipped_images"], name="classify_images"),
+        Node(report, ["predictions", "prediction_skipped_images", "classifier"],
+             ["prediction_report", "prediction_report_text", "prediction_metrics"],
+             name="report_predictions"),
+    ])

@@ -1,0 +1,334 @@
+"""Using the fine-tuned model, as the README's "Using the model" section tells a user: the
+``predict`` pipeline, the MLflow model that answers with class names (in Python and behind
+``mlflow models serve``), the Model Registry's ``champion`` alias, and the exports.
+
+A copy of the project runs the whole example once (``kedro run``, env test, a real MLflow
+SQLite backend); the tests then run the CLI, servers and models in that folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from headswap.config import PredictConfig
+from headswap.core import data
+from headswap.core.export import tflite_predict
+from headswap.core.predict import Classifier, write_labels
+from headswap.pipelines.predict.nodes import load_classifier
+from tests.conftest import (
+    copy_project,
+    free_port,
+    kedro_cli,
+    mlflow_runs,
+    run_finetune,
+    run_sessions,
+    versions,
+)
+
+pytestmark = pytest.mark.slow
+
+CLASSES = ["Ankle boot", "Bag", "Sandal", "Shirt", "Sneaker"]
+TEST_FOLDER = "data/01_raw/fashion-mnist-target/test"
+REGISTERED = "fashion-mnist-target"  # the image folder's name (finetune.registry.name: auto)
+SERVE_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A copy of the project in which the whole example ran once (`kedro run`, env test)."""
+    path = copy_project(tmp_path_factory.mktemp("project"))
+    run_sessions(path, None)
+    mlflow.set_tracking_uri(f"sqlite:///{path / 'mlflow.db'}")  # for runs:/ and models:/
+    return path
+
+
+def latest(project: Path, relative: str) -> Path:
+    """The file (or folder) of the latest version of a versioned dataset."""
+    folder = project / relative
+    return folder / sorted(p.name for p in folder.iterdir())[-1] / folder.name
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"path": str, "true": str, "predicted": str},
+                       keep_default_na=False)
+
+
+def finetune_run(project: Path):
+    return next(r for r in mlflow_runs(project)[1] if r.data.tags.get("mlflow.runName")
+                == "__default__")
+
+
+def test_predict_pipeline_on_the_test_split_gives_the_evaluations_predictions(project: Path):
+    result = kedro_cli(project, "run", "--pipeline", "predict", "--env", "test",
+                       "--params", f"predict.path={TEST_FOLDER}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = read_table(latest(project, "data/07_model_output/predictions.csv"))
+    expected = read_table(latest(project, "data/08_reporting/test_predictions.csv"))
+    assert len(predictions) == len(expected) == 5000
+    merged = expected.merge(predictions, on="path", suffixes=("_eval", ""))
+    assert len(merged) == 5000
+    assert (merged["predicted"] == merged["predicted_eval"]).all()
+    assert (merged["true"] == merged["true_eval"]).all()
+    for name in CLASSES:
+        np.testing.assert_allclose(merged[f"p[{name}]"], merged[f"p[{name}]_eval"], atol=1e-5)
+    assert (predictions["top_1"] == predictions["predicted"]).all()
+    np.testing.assert_allclose(predictions["top_1_probability"], predictions["confidence"])
+    assert {"top_3", "top_3_probability"} <= set(predictions.columns)
+    report = json.loads(latest(project, "data/08_reporting/prediction_report.json").read_text())
+    evaluation = json.loads(
+        latest(project, "data/08_reporting/classification_report.json").read_text())
+    assert report["accuracy"] == pytest.approx(evaluation["accuracy"])
+    client, runs = mlflow_runs(project)
+    run = runs[-1]
+    assert run.data.tags["mlflow.runName"] == "predict"
+    assert run.data.metrics["predict.images"] == 5000
+    assert run.data.metrics["predict.accuracy"] == pytest.approx(evaluation["accuracy"])
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}
+    assert "predictions/predictions.csv" in logged
+
+
+def test_predict_a_flat_folder_with_a_corrupt_file_through_the_champion(project: Path):
+    folder = project / "new_images"
+    folder.mkdir()
+    sources = sorted((project / TEST_FOLDER / "Bag").glob("*.png"))[:3]
+    sources += sorted((project / TEST_FOLDER / "Sneaker").glob("*.png"))[:3]
+    for i, source in enumerate(sources):
+        (folder / f"photo_{i}.png").write_bytes(source.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "notes.txt").write_text("not an image")
+    result = kedro_cli(project, "run", "--pipelines", "predict", "--env", "test", "--params",
+                       f"predict.path=new_images,predict.model=models:/{REGISTERED}@champion")
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = read_table(latest(project, "data/07_model_output/predictions.csv"))
+    assert sorted(Path(p).name for p in predictions["path"]) == [
+        f"photo_{i}.png" for i in range(6)]
+    assert "true" not in predictions.columns
+    assert set(predictions["predicted"]) <= set(CLASSES)
+    expected = read_table(latest(project, "data/08_reporting/test_predictions.csv"))
+    by_path = dict(zip(expected["path"], expected["predicted"], strict=True))
+    for i, source in enumerate(sources):
+        row = predictions[predictions["path"].str.endswith(f"photo_{i}.png")].iloc[0]
+        assert row["predicted"] == by_path[str(source.relative_to(project))]
+    skipped = pd.read_csv(latest(project, "data/07_model_output/prediction_skipped_images.csv"))
+    assert [Path(p).name for p in skipped["path"]] == ["broken.png"]
+    assert "cannot be decoded" in skipped["reason"].iloc[0]
+    assert "Skipped 1 of 7 image files" in result.stdout + result.stderr
+    text = latest(project, "data/08_reporting/prediction_report.txt").read_text()
+    assert text.startswith("No image is in a sub-folder")
+
+
+def test_bad_predict_inputs_stop_with_one_error_line(project: Path, tmp_path: Path):
+    runs_before = len(mlflow_runs(project)[1])
+    missing = kedro_cli(project, "run", "--pipelines", "predict", "--env", "test",
+                        "--params", "predict.path=no/such/folder")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "Error: Node list_images stopped: Image folder no/such/folder does not exist" in (
+        missing.stderr)
+    assert "predict.path" in missing.stderr
+    # A base cut below its head is a model file, but not a classifier.
+    base = tmp_path / "features" / "base.keras"
+    base.parent.mkdir()
+    base.write_bytes(latest(project, "data/06_models/base_model.keras").read_bytes())
+    write_labels(base.parent / "labels.txt", CLASSES)
+    not_classifier = kedro_cli(project, "run", "--pipelines", "predict", "--env", "test",
+                               "--params", f"predict.path={TEST_FOLDER},predict.model={base}")
+    assert not_classifier.returncode == 1 and "Traceback" not in not_classifier.stderr
+    assert "it is not a classifier" in not_classifier.stderr
+    no_path = kedro_cli(project, "run", "--pipelines", "predict", "--env", "test")
+    assert no_path.returncode == 1 and "Traceback" not in no_path.stderr
+    assert "predict.path: got None; give the folder of images to classify" in no_path.stderr
+    # the parameter error stopped the third before MLflow started a run
+    assert len(mlflow_runs(project)[1]) == runs_before + 2
+
+
+def test_a_version_a_model_file_and_a_run_uri_name_the_same_classifier(project: Path,
+                                                                        tmp_path: Path):
+    version = versions(project, "data/06_models/phase2_model.keras")[-1]
+    settings = {"path": TEST_FOLDER,
+                "fine_tuned_model": str(project / "data/06_models/phase2_model.keras"),
+                "manifest": str(project / "data/02_intermediate/manifest.csv")}
+    file = tmp_path / "model.keras"
+    file.write_bytes(latest(project, "data/06_models/phase2_model.keras").read_bytes())
+    write_labels(tmp_path / "labels.txt", CLASSES)
+    run_id = finetune_run(project).info.run_id
+    classifiers = [load_classifier(PredictConfig(**settings, model=model))
+                   for model in (None, version, str(file), f"runs:/{run_id}/model")]
+    images = [str(p) for p in sorted((project / TEST_FOLDER / "Shirt").glob("*.png"))[:4]]
+    first = classifiers[0].probabilities(images)[0]
+    for classifier in classifiers:
+        assert classifier.class_names == tuple(CLASSES)
+        np.testing.assert_allclose(classifier.probabilities(images)[0], first, atol=1e-6)
+
+
+def test_the_logged_model_answers_with_class_names_for_paths_and_base64(project: Path):
+    run = finetune_run(project)
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert model.metadata.get_input_schema().input_names() == ["image"]
+    assert model.metadata.saved_input_example_info is not None
+    expected = read_table(latest(project, "data/08_reporting/test_predictions.csv"))
+    sample = expected.groupby("true").head(2).reset_index(drop=True)
+    paths = [str(project / p) for p in sample["path"]]
+    encoded = [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in paths]
+    for column in (paths, encoded):
+        answer = model.predict(pd.DataFrame({"image": column}))
+        assert answer["predicted"].tolist() == sample["predicted"].tolist()
+        np.testing.assert_allclose(answer["confidence"], sample["confidence"].astype(float),
+                                   atol=1e-5)
+        assert [c for c in answer.columns if c.startswith("p[")] == [f"p[{n}]" for n in CLASSES]
+    # the plain Keras model stays in the run beside it
+    keras_model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/keras_model")
+    pixels = data.decode_all(np.asarray(paths), (28, 28), 1)
+    probabilities = np.asarray(keras_model.predict(pixels))
+    assert [CLASSES[i] for i in probabilities.argmax(axis=1)] == sample["predicted"].tolist()
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_mlflow_models_serve_answers_rest_requests_with_the_same_labels(project: Path):
+    run_id = finetune_run(project).info.run_id
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+           "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    log = project / "serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model",
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + SERVE_TIMEOUT_S
+        while not _answers(f"http://127.0.0.1:{port}/ping"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("mlflow models serve did not start:\n" + log.read_text()[-3000:])
+            time.sleep(0.5)
+        expected = read_table(latest(project, "data/08_reporting/test_predictions.csv"))
+        sample = expected.groupby("true").head(2).reset_index(drop=True)
+        encoded = [base64.b64encode((project / p).read_bytes()).decode("ascii")
+                   for p in sample["path"]]
+        answer = _post(f"http://127.0.0.1:{port}/invocations",
+                       {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}})
+        assert [row["predicted"] for row in answer["predictions"]] == sample["predicted"].tolist()
+        assert len(answer["predictions"]) == 10
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_exports_compute_what_the_keras_model_computes(project: Path, monkeypatch):
+    folder = latest(project, "data/06_models/exports")
+    model = keras.saving.load_model(latest(project, "data/06_models/phase2_model.keras"))
+    manifest = pd.read_csv(latest(project, "data/02_intermediate/manifest.csv"), dtype=str,
+                           keep_default_na=False)
+    assert (folder / "labels.txt").read_text().splitlines() == CLASSES
+    assert (folder / "saved_model" / "labels.txt").read_text().splitlines() == CLASSES
+    monkeypatch.chdir(project)  # the manifest's paths are relative to the project
+    images = data.decode_all(data.split_arrays(manifest, "test")[0], (28, 28), 1)
+    expected = model.predict(images, batch_size=256, verbose=0)
+    tflite = tflite_predict(folder / "model.tflite", images[:32])
+    assert np.abs(tflite - expected[:32]).max() <= 1e-4
+    quantized = tflite_predict(folder / "model_quantized.tflite", images, batch_size=256)
+    agreement = float((quantized.argmax(axis=1) == expected.argmax(axis=1)).mean())
+    assert agreement >= 0.98, agreement
+    assert (folder / "model_quantized.tflite").stat().st_size < (
+        folder / "model.tflite").stat().st_size
+    serving = tf.saved_model.load(str(folder / "saved_model")).signatures["serving_default"]
+    outputs = serving(tf.constant(images[:32]))
+    np.testing.assert_allclose(next(iter(outputs.values())).numpy(), expected[:32], atol=1e-5)
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    logged = {a.path for a in client.list_artifacts(finetune_run(project).info.run_id,
+                                                    "exports")}
+    assert {"exports/model.tflite", "exports/model_quantized.tflite", "exports/labels.txt",
+            "exports/saved_model"} <= logged
+
+
+def test_classifier_refuses_class_names_that_do_not_fit(project: Path):
+    model = keras.saving.load_model(latest(project, "data/06_models/phase2_model.keras"))
+    with pytest.raises(ValueError, match="gives 5 class probabilities but 2 class names"):
+        Classifier(model, ("a", "b"))
+
+
+def _version(project: Path, number: str):
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    return client.get_model_version(REGISTERED, number)
+
+
+def _champion(project: Path) -> str:
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    return str(client.get_model_version_by_alias(REGISTERED, "champion").version)
+
+
+def _decision(project: Path) -> dict:
+    return json.loads(latest(project, "data/08_reporting/model_registry.json").read_text())
+
+
+def test_the_champion_alias_moves_only_to_a_better_model(project: Path):
+    first = _version(project, "1")
+    assert _champion(project) == "1"
+    tags = first.tags
+    run = finetune_run(project)
+    assert float(tags["test_accuracy"]) == pytest.approx(run.data.metrics["test.accuracy"])
+    assert float(tags["test_macro_f1"]) == pytest.approx(run.data.metrics["test.macro_f1"])
+    assert tags["kedro_run_id"] == run.data.tags["run_id"]
+    assert len(tags["manifest_digest"]) == len(tags["test_split_digest"]) == 64
+    no_exports = {"export": {"formats": []}}
+    # Longer training: a better model on the same test split takes the alias.
+    run_finetune(project, {"finetune": {**no_exports, "phase1": {"epochs": 12},
+                                        "phase2": {"epochs": 6}}})
+    second = _version(project, "2")
+    assert float(second.tags["test_accuracy"]) > float(tags["test_accuracy"])
+    assert second.tags["test_split_digest"] == tags["test_split_digest"]
+    assert _champion(project) == "2"
+    assert _decision(project)["promoted"] is True
+    # A barely trained model, tested on another split (a folder with half of each class's
+    # test images), registered under the same name: the champion is scored again on the new
+    # test split, wins, and keeps the alias.
+    other = project / "other_split"
+    for path in (project / "data/01_raw/fashion-mnist-target").rglob("*.png"):
+        split, label = path.parent.parent.name, path.parent.name
+        if split == "train" or int(path.stem.split("_")[-1]) % 2:
+            target = other / split / label / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    run_finetune(project, {"finetune": {
+        **no_exports, "data": {"path": str(other)}, "registry": {"name": REGISTERED},
+        "phase1": {"epochs": 1, "learning_rate": 1e-6}, "phase2": {"epochs": 0}}})
+    third = _version(project, "3")
+    assert third.tags["test_split_digest"] != tags["test_split_digest"]
+    decision = _decision(project)
+    assert decision["promoted"] is False and decision["champion"] == "2"
+    assert "on this run's test split" in decision["reason"]
+    assert decision["champion_test_accuracy"] > float(third.tags["test_accuracy"])
+    assert _champion(project) == "2"

@@ -1,0 +1,130 @@
+"""Classifying new images with ``headswap.core.predict``: a small real model trained on real
+images, paths and encoded bytes read as in training, top-k tables and refused inputs."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from headswap.core import bases, data, evaluation, heads
+from headswap.core.errors import InputError
+from headswap.core.fit import FitOptions, fit
+from headswap.core.predict import (
+    Classifier,
+    encoded_image,
+    label_table,
+    list_images,
+    write_labels,
+)
+from headswap.core.recipe import Stage
+from tests.conftest import CLASSES, small_cnn
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[keras.Model, pd.DataFrame]:
+    """A classifier trained for a few epochs on the three-class shapes folder."""
+    from tests.conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path_factory.mktemp("shapes") / "images", per_class=20)
+    manifest, _ = data.ingest_image_folder(folder, seed=0)
+    base = bases.cut_model(small_cnn())
+    model = heads.attach_head(base, len(CLASSES), dense=[], dropout=0.0, seed=0)
+    options = FitOptions(image_size=(32, 32), batch_size=8, seed=0, verbose=0)
+    fit(model, manifest, [Stage(epochs=8, learning_rate=3e-3, train="all")], options)
+    return model, manifest
+
+
+def test_paths_and_bytes_give_the_probabilities_of_the_training_decoder(trained):
+    model, manifest = trained
+    classifier = Classifier(model, tuple(CLASSES))
+    expected = evaluation.predict_split(model, manifest, "test", (32, 32), batch_size=8)
+    paths = expected["path"].tolist()
+    raw = [Path(p).read_bytes() for p in paths]
+    encoded = [base64.b64encode(r).decode("ascii") for r in raw]
+    uri = [f"data:image/png;base64,{e}" for e in encoded]
+    for items in (paths, raw, encoded, uri):
+        table, problems = classifier.predict(items, batch_size=3)
+        assert problems == {}
+        assert table["predicted"].tolist() == expected["predicted"].tolist()
+        for name in CLASSES:
+            np.testing.assert_allclose(table[f"p[{name}]"], expected[f"p[{name}]"], atol=1e-5)
+
+
+def test_unreadable_images_are_set_apart_with_the_reason(trained, tmp_path: Path):
+    model, manifest = trained
+    good = data.split_arrays(manifest, "test")[0][:2].tolist()
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff not a jpeg")
+    items = [good[0], str(tmp_path / "missing.png"), str(empty), str(corrupt), good[1]]
+    table, problems = Classifier(model, tuple(CLASSES)).predict(items)
+    assert table.index.tolist() == [0, 4]
+    assert sorted(problems) == [1, 2, 3]
+    assert "neither an image file that exists nor base64" in problems[1]
+    assert problems[2] == "empty file (0 bytes)"
+    assert problems[3].startswith("cannot be decoded")
+
+
+def test_label_table_lists_the_top_k_classes_most_probable_first():
+    probabilities = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]], dtype="float32")
+    table = label_table(probabilities, ["a", "b", "c"], top_k=2)
+    assert table.columns.tolist() == ["predicted", "confidence", "top_1", "top_1_probability",
+                                      "top_2", "top_2_probability", "p[a]", "p[b]", "p[c]"]
+    assert table["predicted"].tolist() == ["b", "a"]
+    assert table["top_2"].tolist() == ["c", "c"]
+    np.testing.assert_allclose(table["confidence"], [0.7, 0.5])
+    assert label_table(probabilities, ["a", "b", "c"], top_k=9).columns.tolist()[-5:-3] == [
+        "top_3", "top_3_probability"]
+
+
+def test_list_images_labels_class_sub_folders_and_sets_apart_unsupported(tmp_path: Path):
+    from PIL import Image
+
+    for relative in ("cat/a.png", "dog/b.jpg", "loose.png"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (4, 4)).save(tmp_path / relative)
+    (tmp_path / "dog" / "c.tiff").write_bytes(b"II*\x00")
+    (tmp_path / "notes.txt").write_text("no image")
+    images, unsupported = list_images(tmp_path)
+    assert dict(zip(images["path"].map(lambda p: Path(p).name), images["label"],
+                    strict=True)) == {"a.png": "cat", "b.jpg": "dog", "loose.png": ""}
+    assert [Path(p).name for p in unsupported["path"]] == ["c.tiff"]
+    with pytest.raises(data.MissingDataError, match="does not exist"):
+        list_images(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataError, match="No images found"):
+        list_images(tmp_path / "empty")
+
+
+def test_a_classifier_needs_one_class_name_per_output_and_a_classifier_model(trained,
+                                                                             tmp_path: Path):
+    model, _ = trained
+    with pytest.raises(InputError, match="gives 3 class probabilities but 2 class names"):
+        Classifier(model, ("circle", "square"))
+    with pytest.raises(InputError, match="repeated: 'circle'"):
+        Classifier(model, ("circle", "circle", "square"))
+    features = keras.Model(model.inputs, model.get_layer("base").output)  # the cut base
+    with pytest.raises(InputError, match="it is not a classifier"):
+        Classifier(features, tuple(CLASSES))
+    file = tmp_path / "model.keras"
+    model.save(file)
+    with pytest.raises(InputError, match="labels.txt does not exist"):
+        Classifier.from_file(file)
+    write_labels(tmp_path / "labels.txt", CLASSES)
+    assert Classifier.from_file(file).class_names == tuple(CLASSES)
+
+
+def test_encoded_image_tells_paths_from_base64(tmp_path: Path):
+    file = tmp_path / "x.png"
+    file.write_bytes(b"abc")
+    assert encoded_image(str(file)) == b"abc"
+    assert encoded_image(base64.b64encode(b"abcdef").decode()) == b"abcdef"
+    assert encoded_image(b"raw") == b"raw"
+    with pytest.raises(InputError, match="neither an image file"):
+        encoded_image("no/such/file.png")
