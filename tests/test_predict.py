@@ -109,7 +109,7 @@ def test_a_classifier_needs_one_class_name_per_output_and_a_classifier_model(tra
         Classifier(model, ("circle", "square"))
     with pytest.raises(InputError, match="repeated: 'circle'"):
         Classifier(model, ("circle", "circle", "square"))
-    features = keras.Model(model.inputs, model.get_layer("base").output)  # the cut base
+    features = model.get_layer("base")  # the cut base: a feature map, no classes
     with pytest.raises(InputError, match="it is not a classifier"):
         Classifier(features, tuple(CLASSES))
     file = tmp_path / "model.keras"
