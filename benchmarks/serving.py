@@ -168,7 +168,7 @@ def main() -> None:
 
     with project_copy() as project:
         run_measured(kedro_command("run", "--pipeline", "finetune"), project).check("finetune")
-        test_folder = project / "data" / "01_raw" / EXAMPLE.name / "test"
+        test_folder = Path("data") / "01_raw" / EXAMPLE.name / "test"  # as in test_predictions
         predicted = run_measured(kedro_command(
             "run", "--pipeline", "predict", "--params", f"predict.path={test_folder}"),
             project).check("predict")

@@ -183,10 +183,19 @@ class Classifier:
 
     def _decoded(self, raw: dict[int, bytes], batch_size: int):
         """Batches ``(indices, images)`` of the decodable ``raw`` images, in order; the
-        others are dropped."""
+        others are dropped. One batch's worth (a request to a server) is decoded eagerly;
+        more go through a parallel ``tf.data`` pipeline, which takes longer to set up."""
         if not raw:
             return iter(())
         size, channels = self.image_size, self.channels
+        if len(raw) <= batch_size:
+            decoded = {}
+            for i, image in raw.items():
+                try:
+                    decoded[i] = data.decode_bytes(tf.constant(image), size, channels)
+                except tf.errors.OpError:
+                    continue
+            return iter([(list(decoded), tf.stack(list(decoded.values())))] if decoded else [])
 
         def decode(index: tf.Tensor, image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             return index, data.decode_bytes(image, size, channels)
