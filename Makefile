@@ -2,6 +2,7 @@
 PYTHON ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+CHROMIUM := /usr/bin/chromium
 export KEDRO_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
@@ -13,10 +14,15 @@ $(FASHION_MNIST):
 
 data: $(FASHION_MNIST)
 
+# The tests open kedro-viz in a real (headless) browser.
+$(CHROMIUM):
+	$(SUDO) apt-get install -y chromium \
+	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+
 install: data
 	$(PYTHON) -m pip install -e .
 
-install-test: data
+install-test: data $(CHROMIUM)
 	$(PYTHON) -m pip install -e ".[test]"
 
 example: install

@@ -196,7 +196,7 @@ def main() -> None:
             [sys.executable, "-c", "import mlflow, json; c = mlflow.MlflowClient("
              f"'sqlite:///{project / 'mlflow.db'}'); e = c.get_experiment_by_name('headswap'); "
              "print(json.dumps([r.info.run_id for r in c.search_runs([e.experiment_id], "
-             "'tags.`mlflow.runName` = \"finetune\"')]))"],
+             "'tags.`mlflow.runName` LIKE \"finetune%\"')]))"],
             capture_output=True, text=True, check=True, env={**os.environ, **ENV}).stdout)
         image = (project / paths[0]).read_bytes()
         latency = serve_latency(project, f"runs:/{runs[0]}/model", image, args.requests)

@@ -69,8 +69,8 @@ def read_table(path: Path) -> pd.DataFrame:
 
 
 def finetune_run(project: Path):
-    return next(r for r in mlflow_runs(project)[1] if r.data.tags.get("mlflow.runName")
-                == "__default__")
+    return next(r for r in mlflow_runs(project)[1]
+                if r.data.tags.get("mlflow.runName", "").startswith("example - "))
 
 
 def test_predict_pipeline_on_the_test_split_gives_the_evaluations_predictions(project: Path):
@@ -95,7 +95,7 @@ def test_predict_pipeline_on_the_test_split_gives_the_evaluations_predictions(pr
     assert report["accuracy"] == pytest.approx(evaluation["accuracy"])
     client, runs = mlflow_runs(project)
     run = runs[-1]
-    assert run.data.tags["mlflow.runName"] == "predict"
+    assert run.data.tags["mlflow.runName"] == "predict - latest fine-tuned model - test"
     assert run.data.metrics["predict.images"] == 5000
     assert run.data.metrics["predict.accuracy"] == pytest.approx(evaluation["accuracy"])
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -18,16 +22,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import copy_project, kedro_cli, mlflow_runs, run_sessions, versions
+from tests.conftest import (
+    copy_project,
+    free_port,
+    kedro_cli,
+    mlflow_runs,
+    run_sessions,
+    versions,
+)
 
 pytestmark = pytest.mark.slow
+
+SERVER_TIMEOUT_S = 120
 
 TARGET_CLASSES = ["Ankle boot", "Bag", "Sandal", "Shirt", "Sneaker"]
 FINETUNE_NODES = [
     "check_parameters", "locate_images", "read_pretrained", "ingest_images", "load_base",
     "swap_head", "train_head", "evaluate_head_only",
     "fine_tune", "predict_test", "evaluate", "evaluate_details", "summarise_training",
-    "package_model", "publish_model", "export_model",
+    "publish_model", "export_model",
 ]
 VERSIONED = [
     "data/02_intermediate/manifest.csv",
@@ -162,6 +175,92 @@ def test_kedro_viz_build_shows_every_finetune_node(project: Path):
     graph = json.loads((project / "build/api/pipelines/finetune").read_text())
     names = [n["name"] for n in graph["nodes"] if n["type"] == "task"]
     assert sorted(names) == sorted(FINETUNE_NODES)
+    # every dataset is in a layer, and the layers have one order from inputs to reports
+    assert [n["name"] for n in graph["nodes"] if n["type"] == "data" and not n["layer"]] == []
+    layers = graph["layers"]
+    assert layers.index("intermediate") < layers.index("models") < layers.index(
+        "model_output") < layers.index("reporting")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_kedro_viz_shows_the_finetune_graph_with_its_layers_in_a_browser(project: Path):
+    """``kedro viz run`` on 127.0.0.1, opened in headless Chromium (Debian's package): the
+    page has every finetune node and the data layers."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = _serve([sys.executable, "-m", "kedro", "viz", "run", "--host", "127.0.0.1",
+                     "--port", str(port), "--no-browser"], project, f"{url}/api/main",
+                    project / "viz.log")
+    try:
+        page = _browser_page(f"{url}/?pid=finetune")
+    finally:
+        _stop(server)
+    for name in FINETUNE_NODES:
+        assert f">{name}<" in page, name
+    for layer in ("model_input", "intermediate", "models", "model_output", "reporting"):
+        assert f">{layer}<" in page, layer
+
+
+def _browser_page(url: str) -> str:
+    """The DOM of ``url`` once headless Chromium (Debian's package) has run its scripts."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Chromium is missing: `make install-test` installs Debian's chromium."
+    return subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000",
+         "--virtual-time-budget=30000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+def _serve(command: list[str], project: Path, ready: str, log: Path) -> subprocess.Popen:
+    """Start a server in ``project``; return once ``ready`` answers HTTP 200."""
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, cwd=project, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + SERVER_TIMEOUT_S
+    while not _answers(ready):
+        if server.poll() is not None or time.monotonic() > deadline:
+            _stop(server)
+            pytest.fail(f"{' '.join(command)} did not start:\n" + log.read_text()[-3000:])
+        time.sleep(0.5)
+    return server
+
+
+def _stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def test_the_mlflow_ui_shows_the_run_by_its_name_with_its_test_accuracy(project: Path):
+    """``mlflow server`` on the project's tracking database, the run's page opened in
+    headless Chromium: the run's name says what ran, and its metrics include test.accuracy."""
+    _, runs = _run(project)
+    run = runs[0]
+    name = run.data.tags["mlflow.runName"]
+    assert name == "example - pretrained_base - fashion-mnist-target"
+    assert run.data.tags["mlflow.note.content"].startswith("Test accuracy **")
+    assert run.data.tags["base"] == run.data.params["finetune.base.path"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = _serve([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                     f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1", "--port",
+                     str(port), "--workers", "1"], project, f"{url}/health",
+                    project / "mlflow_ui.log")
+    try:
+        page = _browser_page(
+            f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+    finally:
+        _stop(server)
+    assert name in page
+    assert "test.accuracy" in page
 
 
 def _weights_of(project: Path, version: str) -> list[np.ndarray]:

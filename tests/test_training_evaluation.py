@@ -7,7 +7,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from headswap.core import FitOptions, Stage, bases, data, evaluation, fit, heads, train
-from headswap.pipelines.finetune.nodes import history_metrics
+from headswap.tracking import history_metrics
 from tests.conftest import small_cnn
 
 

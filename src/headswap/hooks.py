@@ -21,6 +21,7 @@ from kedro.framework.hooks import hook_impl
 from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
 
+from headswap import tracking
 from headswap.config import (
     ParameterError,
     parameter_keys,
@@ -339,3 +340,51 @@ class NamespaceRunsHook:
         for _ in range(self._depth):
             mlflow.end_run(RunStatus.to_string(status))
         self._open, self._depth = None, 0
+
+
+class RunDescriptionHook:
+    """Makes runs tell themselves apart in the MLflow UI: names each run after what ran
+    (``<pipeline> - <base> - <image folder>``, unless ``tracking.run.name`` in mlflow.yml
+    names it), logs the manifest as the run's input dataset, and gives a finished finetune
+    run a description with its headline result and tags (base, test accuracy)."""
+
+    def __init__(self) -> None:
+        self._named = False
+        self._folder: str | None = None
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        config = getattr(context, "mlflow", None)  # kedro-mlflow's configuration
+        self._named = bool(config is not None and config.tracking.run.name)
+
+    @hook_impl(trylast=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        self._folder = None
+        if mlflow.active_run() is None:
+            return
+        params = {key: catalog.load(f"params:{key}") for key in ("finetune", "predict")
+                  if f"params:{key}" in pipeline.inputs()}
+        if not params:
+            return
+        self._folder = ((params.get("finetune") or {}).get("data") or {}).get("path")
+        if not self._named:
+            names = run_params.get("pipeline_names") or [run_params.get("pipeline_name")]
+            label = "+".join(n for n in names if n) or "__default__"
+            label = "example" if label == "__default__" else label
+            mlflow.set_tag("mlflow.runName", tracking.run_name(label, params))
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
+        if (dataset_name == "manifest" and self._folder and isinstance(data, pd.DataFrame)
+                and mlflow.active_run() is not None):
+            tracking.log_manifest(data, self._folder)
+
+    @hook_impl(tryfirst=True)
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        run = mlflow.active_run()
+        if run is None:
+            return
+        finished = mlflow.MlflowClient().get_run(run.info.run_id)
+        tags = tracking.describe_run(finished.data.metrics, finished.data.params)
+        if tags:
+            mlflow.set_tags(tags)

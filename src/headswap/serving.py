@@ -24,9 +24,10 @@ from typing import Any
 
 import keras
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
+from mlflow.models import ModelSignature, infer_signature
 from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -36,6 +37,7 @@ from headswap.core.errors import InputError
 from headswap.core.predict import TOP_K, Classifier
 
 MODEL_NAME = "model"
+KERAS_MODEL_NAME = "keras_model"
 IMAGE_COLUMN = "image"
 _REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "scikit-learn", "matplotlib",
                  "pydantic", "pillow", "mlflow")
@@ -120,6 +122,16 @@ def log_classifier(
             code_paths=[str(Path(headswap.__file__).parent)],
             registered_model_name=registered_model_name,
         )
+
+
+def log_keras_model(model: keras.Model, example: np.ndarray) -> ModelInfo:
+    """Log the plain Keras model (raw pixels in, probabilities out) to the active MLflow run
+    as ``keras_model``, with the signature of ``example``, a batch of decoded images."""
+    probabilities = np.asarray(model.predict_on_batch(example))
+    return mlflow.keras.log_model(
+        model, name=KERAS_MODEL_NAME, signature=infer_signature(example, probabilities),
+        pip_requirements=requirements()[:3],
+    )
 
 
 def load_classifier(model_uri: str) -> Classifier:

@@ -2,12 +2,20 @@
 from the Kedro defaults. For further information, including these default values, see
 https://docs.kedro.org/en/stable/configure/configuration_basics/#configuration"""
 
-from headswap.hooks import (
+import warnings
+
+# Upstream warnings that tell a user of this project nothing they can act on:
+# - OmegaConf deprecates register_new_resolver(), which Kedro's config loader and kedro-mlflow
+#   call on every start; they are the ones to move to register_resolver().
+warnings.filterwarnings("ignore", r"register_new_resolver\(\) is deprecated", UserWarning)
+
+from headswap.hooks import (  # noqa: E402 - after the filters, which must come first
     MlflowArtifactHook,
     MlflowRunEndHook,
     MlflowServerCheckHook,
     NamespaceRunsHook,
     ResumeHook,
+    RunDescriptionHook,
     SkippedImagesSummaryHook,
     UserErrorHook,
 )
@@ -22,6 +30,7 @@ HOOKS = (
     MlflowRunEndHook(),
     ResumeHook(),
     NamespaceRunsHook(),
+    RunDescriptionHook(),
 )
 
 # Class that manages the KedroSession.

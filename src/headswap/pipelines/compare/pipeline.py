@@ -76,11 +76,12 @@ def create_pipeline(**kwargs) -> Pipeline:
             Pipeline([start]) + body + Pipeline([summary]),
             namespace=variant,
             inputs={"manifest": "manifest", "base_model": "base_model"},
+            outputs={"summary": f"{variant}_summary"},
             parameters={"finetune", f"compare.variants.{variant}",
                         *(["compare.logistic_regression"] if variant == "feature_extraction"
                           else [])},
         ))
-    table = Node(compare_variants, [f"{v}.summary" for v in VARIANTS],
+    table = Node(compare_variants, [f"{v}_summary" for v in VARIANTS],
                  ["comparison_table", "comparison_table_json", "comparison_table_markdown",
                   "comparison_curves_plot"], name="compare_variants")
     return shared + sum(variants, Pipeline([])) + Pipeline([table])

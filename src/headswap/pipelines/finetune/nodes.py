@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from kedro.io import Version
 from kedro_datasets.tensorflow import TensorFlowModelDataset
 from matplotlib.figure import Figure
 
-from headswap import registry, serving
+from headswap import registry, serving, tracking
 from headswap.config import (
     BaseConfig,
     DataConfig,
@@ -127,7 +128,9 @@ def train_head(
     model: keras.Model, manifest: pd.DataFrame, stages: list[Stage], options: FitOptions
 ) -> tuple[keras.Model, History]:
     """Phase 1: the base frozen (unless a stage opens part of it), the new head trains."""
-    return model, fit(model, manifest, stages, options, name="phase1")
+    history = fit(model, manifest, stages, tracked(options), name="phase1")
+    tracking.log_history(history)
+    return model, history
 
 
 def fine_tune(
@@ -139,7 +142,15 @@ def fine_tune(
 ) -> tuple[keras.Model, History]:
     """Phase 2: (part of) the base unfrozen, BatchNormalization kept in inference mode; its
     epochs continue phase 1's."""
-    return model, fit(model, manifest, stages, options, next_epoch(phase1_history), "phase2")
+    history = fit(model, manifest, stages, tracked(options), next_epoch(phase1_history),
+                  "phase2")
+    tracking.log_history(history)
+    return model, history
+
+
+def tracked(options: FitOptions) -> FitOptions:
+    """``options`` with a callback that logs each epoch's metrics to the MLflow run live."""
+    return replace(options, extra_callbacks=[*options.extra_callbacks, tracking.EpochMetrics()])
 
 
 def evaluate_head_only(
@@ -192,19 +203,14 @@ def evaluate_details(
 def summarise_training(
     phase1_history: History, phase2_history: History
 ) -> tuple[Figure, dict[str, list[dict[str, float]]]]:
-    """Learning curves over both phases and the per-epoch metrics on one step axis."""
+    """Learning curves over both phases (their per-epoch metrics reached MLflow as each epoch
+    ended), and each phase's trainable and frozen parameter counts."""
     phases = [("phase 1", phase1_history), ("phase 2", phase2_history)]
-    metrics = history_metrics([h for _, h in phases])
+    metrics: dict[str, list[dict[str, float]]] = {}
     for label, history in (("phase1", phase1_history), ("phase2", phase2_history)):
         for key, value in history.get("parameter_counts", {}).items():
             metrics[f"{label}.{key}"] = [{"step": 0, "value": float(value)}]
     return evaluation.learning_curves_figure(phases), metrics
-
-
-def package_model(model: keras.Model) -> keras.Model:
-    """The fine-tuned Keras model, handed to MLflow as it is (raw pixels in, probabilities
-    out): the ``keras_model`` of the run."""
-    return model
 
 
 def export_model(
@@ -229,9 +235,10 @@ def publish_model(
     data_config: DataConfig, registry_config: RegistryConfig, options: FitOptions,
 ) -> dict[str, Any]:
     """Log the fine-tuned model to the MLflow run as ``model``, an MLflow model that takes
-    images (paths or base64 bytes) and answers with class names; register it as a new version
-    of ``finetune.registry.name``, tagged with its test results, and move the ``champion``
-    alias to it if it beats the current champion on the same test split."""
+    images (paths or base64 bytes) and answers with class names, and as ``keras_model``, the
+    plain Keras model; register ``model`` as a new version of ``finetune.registry.name``,
+    tagged with its test results, and move the ``champion`` alias to it if it beats the
+    current champion on the same test split."""
     run = mlflow.active_run()
     if run is None:
         logger.info("MLflow tracking is off for this run: the model is neither logged nor "
@@ -239,8 +246,10 @@ def publish_model(
         return {"logged": False, "registered_model": None}
     classifier = Classifier(model, tuple(data.class_names(manifest)), options.image_size)
     name = registry_config.model_name(data_config.path) if registry_config.name else None
-    example = data.split_arrays(manifest, "test")[0][0]
-    info = serving.log_classifier(classifier, example, name)
+    examples = data.split_arrays(manifest, "test")[0][:2]
+    serving.log_keras_model(model, data.decode_all(examples, classifier.image_size,
+                                                   classifier.channels))
+    info = serving.log_classifier(classifier, examples[0], name)
     result: dict[str, Any] = {"logged": True, "model_uri": info.model_uri,
                               "registered_model": name}
     if name is None:
@@ -272,23 +281,6 @@ def publish_model(
 def _size(path: Path) -> float:
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return sum(p.stat().st_size for p in files) / 1e6
-
-
-def history_metrics(histories: list[History]) -> dict[str, list[dict[str, float]]]:
-    """Per-epoch metrics of consecutive phases as ``{name: [{"step", "value"}, ...]}``."""
-    metrics: dict[str, list[dict[str, float]]] = {}
-    for history in histories:
-        for name, values in history.items():
-            per_epoch = isinstance(values, list) and len(values) == len(history["epoch"])
-            if name == "epoch" or not per_epoch or not all(
-                isinstance(v, (int, float)) for v in values
-            ):
-                continue
-            metrics.setdefault(name, []).extend(
-                {"step": int(step), "value": float(value)}
-                for step, value in zip(history["epoch"], values, strict=True)
-            )
-    return metrics
 
 
 def metrics_points(values: dict[str, float]) -> Metrics:

@@ -14,7 +14,6 @@ from .nodes import (
     ingest_images,
     load_base,
     locate_images,
-    package_model,
     predict_test,
     publish_model,
     read_pretrained,
@@ -64,10 +63,9 @@ def recipe(params: str = "params:finetune") -> Pipeline:
 
 
 def packaging() -> Pipeline:
-    """What makes the fine-tuned model usable: the Keras model and the MLflow model that
-    answers with class names (registered, ``champion`` alias), and the exports."""
+    """What makes the fine-tuned model usable: the MLflow model that answers with class names
+    (registered, ``champion`` alias) beside the plain Keras model, and the exports."""
     return Pipeline([
-        Node(package_model, "phase2_model", "keras_model", name="package_model"),
         Node(publish_model, ["phase2_model", "manifest", "classification_report",
                              "data_config", "registry_config", "fit_options"],
              "model_registry", name="publish_model"),

@@ -82,13 +82,14 @@ def create_pipeline(labels_per_class: Sequence[int] = LABELS_PER_CLASS, **kwargs
                            ["manifest", "data_metrics"], name="select_labels")]) + variants,
             namespace=namespace(count),
             inputs={"ingested_manifest": "manifest", "base_model": "base_model"},
+            outputs={"comparison_table": f"{namespace(count)}_comparison_table"},
             parameters=parameters,
         )
         for count in counts
     ]
     collect = Node(
         bound(collect_counts, labels_per_class=counts),
-        [f"{namespace(count)}.comparison_table" for count in counts],
+        [f"{namespace(count)}_comparison_table" for count in counts],
         ["label_efficiency_table", "label_efficiency_table_json",
          "label_efficiency_table_markdown", "label_efficiency_plot"],
         name="collect_counts",

@@ -1,0 +1,148 @@
+"""What a run shows in the MLflow UI beyond kedro-mlflow's parameters: per-epoch metrics as
+each epoch ends, a run name that says what ran, the image data as an MLflow dataset, and a
+description and tags with the headline result."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import pandas as pd
+from mlflow.entities import Metric
+from mlflow.utils.time import get_current_time_millis
+
+BATCH = 1000  # the most metrics one MLflow log_batch request takes
+
+
+class EpochMetrics(keras.callbacks.Callback):
+    """Logs each epoch's metrics (``<prefix>.loss``, ``<prefix>.val_accuracy``,
+    ``<prefix>.learning_rate``, ...) to the active MLflow run when the epoch ends, at the
+    epoch's index on the run's one epoch axis (phase 2 continues phase 1), so a run can be
+    watched while it trains. One request per epoch, sent without waiting for the tracking
+    store; epochs the run already has (a resumed run) are not sent again; nothing without an
+    active run. :func:`log_history` then sends what a killed process could not."""
+
+    def __init__(self, prefix: str = "epoch") -> None:
+        super().__init__()
+        self.prefix = prefix
+        self._logged: set[int] = set()
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        run = mlflow.active_run()
+        self._logged = logged_steps(run.info.run_id, f"{self.prefix}.loss") if run else set()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        run = mlflow.active_run()
+        if run is None or not logs or epoch in self._logged:
+            return
+        now = get_current_time_millis()
+        metrics = [Metric(f"{self.prefix}.{name}", float(value), now, int(epoch))
+                   for name, value in logs.items() if isinstance(value, (int, float))]
+        mlflow.MlflowClient().log_batch(run.info.run_id, metrics=metrics, synchronous=False)
+        self._logged.add(epoch)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        mlflow.flush_async_logging()
+
+
+def logged_steps(run_id: str, key: str) -> set[int]:
+    """The steps at which run ``run_id`` has metric ``key``."""
+    return {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, key)}
+
+
+def history_metrics(histories: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    """Per-epoch metrics of consecutive phases as ``{name: [{"step", "value"}, ...]}``."""
+    metrics: dict[str, list[dict[str, float]]] = {}
+    for history in histories:
+        for name, values in history.items():
+            per_epoch = isinstance(values, list) and len(values) == len(history["epoch"])
+            if name == "epoch" or not per_epoch or not all(
+                isinstance(v, (int, float)) for v in values
+            ):
+                continue
+            metrics.setdefault(name, []).extend(
+                {"step": int(step), "value": float(value)}
+                for step, value in zip(history["epoch"], values, strict=True)
+            )
+    return metrics
+
+
+def log_history(history: dict[str, Any], prefix: str = "epoch") -> None:
+    """Log the epochs of a phase's ``history`` that the active run does not have: those a
+    process killed mid-phase trained but could not send (a resumed run's history holds
+    them). Nothing without an active run."""
+    run = mlflow.active_run()
+    if run is None or not history.get("epoch"):
+        return
+    done = logged_steps(run.info.run_id, f"{prefix}.loss")
+    now = get_current_time_millis()
+    metrics = [Metric(f"{prefix}.{name}", point["value"], now, point["step"])
+               for name, points in history_metrics([history]).items()
+               for point in points if point["step"] not in done]
+    client = mlflow.MlflowClient()
+    for start in range(0, len(metrics), BATCH):
+        client.log_batch(run.info.run_id, metrics=metrics[start:start + BATCH])
+
+
+def run_name(pipeline: str, params: dict[str, Any]) -> str:
+    """``<pipeline> - <base> - <image folder>``, e.g. ``finetune - pretrained_base -
+    fashion-mnist-target`` (``predict - <model> - <folder>`` for the predict pipeline)."""
+    if pipeline == "predict":
+        predict = params.get("predict") or {}
+        model = predict.get("model") or "latest fine-tuned model"
+        return " - ".join([pipeline, _short(model), _short(predict.get("path") or "")])
+    finetune = params.get("finetune") or {}
+    base = finetune.get("base") or {}
+    base_name = (base.get("name") if base.get("source") == "keras_applications"
+                 else base.get("path")) or ""
+    folder = (finetune.get("data") or {}).get("path") or ""
+    return " - ".join([pipeline, _short(base_name), _short(folder)])
+
+
+def _short(path_or_uri: str) -> str:
+    """The last part of a path or MLflow URI, without a model file's suffix."""
+    text = str(path_or_uri).rstrip("/")
+    if ":/" in text:
+        return text
+    name = Path(text).name
+    return Path(name).stem if Path(name).suffix in (".keras", ".h5") else name
+
+
+def log_manifest(manifest: pd.DataFrame, folder: str) -> None:
+    """The images of the run as an MLflow dataset (Datasets column, run page): the manifest,
+    its digest, the source folder, the images per split."""
+    counts = manifest["split"].value_counts()
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source twice (for paths and for file:// URIs) and
+        # warns that a local folder "can be interpreted in multiple ways": both are the same.
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_pandas(manifest, source=Path(folder).resolve().as_uri(),
+                                          name=Path(folder).name)
+    mlflow.log_input(dataset, context="training", tags={
+        f"{split}_images": str(int(counts.get(split, 0))) for split in ("train", "val", "test")
+    })
+
+
+def describe_run(metrics: dict[str, float], params: dict[str, str]) -> dict[str, str]:
+    """The description (``mlflow.note.content``) and tags of a finished finetune run, from its
+    metrics and parameters."""
+    if "test.accuracy" not in metrics:
+        return {}
+    lines = [f"Test accuracy **{metrics['test.accuracy']:.4f}**, macro F1 "
+             f"{metrics.get('test.macro_f1', float('nan')):.4f}"]
+    if "phase1.test.accuracy" in metrics:
+        lines.append(f"head only (phase 1): {metrics['phase1.test.accuracy']:.4f}")
+    if "data.images" in metrics:
+        lines.append(f"{int(metrics['data.images'])} images")
+    tags = {"mlflow.note.content": "; ".join(lines) + ".",
+            "test_accuracy": f"{metrics['test.accuracy']:.4f}"}
+    base = params.get("finetune.base.name") if params.get(
+        "finetune.base.source") == "keras_applications" else params.get("finetune.base.path")
+    if base:
+        tags["base"] = base
+    if "epoch.phase2.trainable_params" in metrics:
+        tags["phase2_trainable_params"] = str(int(metrics["epoch.phase2.trainable_params"]))
+    return tags
