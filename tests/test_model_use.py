@@ -280,6 +280,31 @@ def test_classifier_refuses_class_names_that_do_not_fit(project: Path):
         Classifier(model, ("a", "b"))
 
 
+def test_the_explore_run_notebook_runs_on_the_newest_run(project: Path, monkeypatch):
+    """notebooks/explore_run.ipynb, committed without outputs, executed as Jupyter would run
+    it (a real kernel) in the project: it finds the newest run and shows its results."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    source = Path(__file__).resolve().parents[1] / "notebooks" / "explore_run.ipynb"
+    notebook = nbformat.read(source, as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(not cell.outputs and cell.execution_count is None for cell in code), (
+        "commit the notebook without outputs")
+    (project / "notebooks").mkdir(exist_ok=True)
+    monkeypatch.setenv("KEDRO_ENV", "test")
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(project / "notebooks")}}).execute()
+    text = "\n".join(
+        str(output.get("text", "")) + str(output.get("data", {}).get("text/plain", ""))
+        for cell in code for output in cell.outputs)
+    run = finetune_run(project)  # the newest run with test results at this point
+    assert run.info.run_id in text
+    assert all(name in text for name in CLASSES)
+    images = [o for cell in code for o in cell.outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 3  # learning curves, confusion matrix, misclassified images
+
+
 def _version(project: Path, number: str):
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     return client.get_model_version(REGISTERED, number)
