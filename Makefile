@@ -6,6 +6,17 @@ CHROMIUM := /usr/bin/chromium
 export KEDRO_DISABLE_TELEMETRY := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
+# pip installs into $(PYTHON) (a virtual environment, conda, pyenv...) unless that Python is
+# externally managed (PEP 668, e.g. Debian's own python3): then into a project .venv.
+MANAGED := $(shell $(PYTHON) -c "import sys, sysconfig, pathlib; print(int(sys.prefix == sys.base_prefix and pathlib.Path(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED').exists()))")
+ifeq ($(MANAGED),1)
+PY := .venv/bin/python
+ENVIRONMENT := $(PY)
+else
+PY := $(PYTHON)
+ENVIRONMENT :=
+endif
+
 .PHONY: install install-test data example lint test test-fast
 
 $(FASHION_MNIST):
@@ -14,26 +25,30 @@ $(FASHION_MNIST):
 
 data: $(FASHION_MNIST)
 
-# The tests open kedro-viz in a real (headless) browser.
+# The tests open kedro-viz and the MLflow UI in a real (headless) browser.
 $(CHROMIUM):
 	$(SUDO) apt-get install -y chromium \
 	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 
-install: data
-	$(PYTHON) -m pip install -e .
+.venv/bin/python:
+	$(PYTHON) -m venv .venv \
+	  || ($(SUDO) apt-get install -y python3-venv && $(PYTHON) -m venv .venv)
 
-install-test: data $(CHROMIUM)
-	$(PYTHON) -m pip install -e ".[test]"
+install: data $(ENVIRONMENT)
+	$(PY) -m pip install -e .
+
+install-test: data $(CHROMIUM) $(ENVIRONMENT)
+	$(PY) -m pip install -e ".[test]"
 
 example: install
-	kedro run
+	$(PY) -m kedro run
 
 lint: install-test
-	$(PYTHON) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks
 
 test: install-test lint
-	$(PYTHON) -m pytest
+	$(PY) -m pytest
 
 # Everything but the tests marked slow (Kedro sessions, CLIs, subprocesses, servers).
 test-fast: install-test
-	$(PYTHON) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow"
