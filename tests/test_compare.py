@@ -65,7 +65,7 @@ def test_one_nested_mlflow_run_per_variant_under_the_compare_run(project: Path):
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("headswap")
     runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.info.run_name == "compare"]
+    parents = [r for r in runs if r.info.run_name.startswith("compare - ")]
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"

@@ -145,7 +145,7 @@ def test_one_mlflow_run_per_count_with_one_per_variant_below_it(project: Path):
     children = {}
     for run in runs:
         children.setdefault(run.data.tags.get("mlflow.parentRunId"), []).append(run)
-    [parent] = [r for r in runs if r.info.run_name == "label_efficiency"]
+    [parent] = [r for r in runs if r.info.run_name.startswith("label_efficiency - ")]
     assert parent.info.status == "FINISHED"
     per_count = {r.info.run_name: r for r in children[parent.info.run_id]}
     assert sorted(per_count) == sorted(f"labels_{n}" for n in COUNTS)

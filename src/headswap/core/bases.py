@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,11 +248,11 @@ def keras_application(
     if weights == "imagenet":
         app = _build_with_imagenet_weights(name, arch, shape)
     elif weights is None:
-        app = arch.constructor(include_top=False, weights=None, input_shape=shape)
+        app = _construct(arch, shape, None)
     else:
         _check_weights_path(name, weights, image_size)
         try:
-            app = arch.constructor(include_top=False, weights=weights, input_shape=shape)
+            app = _construct(arch, shape, weights)
         except (ValueError, OSError) as err:
             raise BaseLoadError(
                 f"Keras could not load {weights} into {name} without its top: "
@@ -293,6 +294,18 @@ def keras_cache_folder() -> Path:
     return Path(home) / "models"
 
 
+def _construct(arch: Architecture, shape: tuple[int, int, int], weights: str | None) -> keras.Model:
+    """The architecture without its top. Keras' warnings while building go to the log: that
+    a size other than those it has ImageNet weights for gets the 224-pixel weights is worth
+    knowing, not a fault."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = arch.constructor(include_top=False, weights=weights, input_shape=shape)
+    for warning in caught:
+        logger.info("Keras, building %s: %s", model.name, warning.message)
+    return model
+
+
 def _build_with_imagenet_weights(
     name: str, arch: Architecture, shape: tuple[int, int, int]
 ) -> keras.Model:
@@ -300,7 +313,7 @@ def _build_with_imagenet_weights(
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return arch.constructor(include_top=False, weights="imagenet", input_shape=shape)
+        return _construct(arch, shape, "imagenet")
     except Exception as err:  # Keras reports a failed download as a bare Exception
         if not (isinstance(err, OSError) or "URL fetch failure" in str(err)):
             raise

@@ -227,10 +227,14 @@ def _fit_stage(
                  *make_callbacks(options.callbacks, logged, _checkpoint_path(options, label)),
                  *(state.callbacks() if state else []), *options.extra_callbacks]
     resumed = state.backup.restore(trained) if state else None
-    result = trained.fit(train, validation_data=val, epochs=first + stage.epochs,
-                         initial_epoch=max(first, resumed or 0), callbacks=callbacks,
-                         class_weight=run.class_weight, verbose=options.verbose,
-                         shuffle=False)
+    try:
+        result = trained.fit(train, validation_data=val, epochs=first + stage.epochs,
+                             initial_epoch=max(first, resumed or 0), callbacks=callbacks,
+                             class_weight=run.class_weight, verbose=options.verbose,
+                             shuffle=False)
+    finally:
+        if state is not None:
+            state.close()
     if state is None:
         history = {k: [float(v) for v in values] for k, values in result.history.items()}
         return {"epoch": [int(e) for e in result.epoch], **history}

@@ -87,6 +87,7 @@ class StageState:
         self._history = self.folder / "history.json"
         self._log = self.folder / "epochs.csv"
         self.backup = EpochBackup(self.folder / "backup")
+        self._logger = keras.callbacks.CSVLogger(str(self._log), append=True)
 
     def reuse(self, model: keras.Model) -> dict[str, Any] | None:
         """The history of the finished stage, its weights loaded into ``model``; else None."""
@@ -97,7 +98,13 @@ class StageState:
         return json.loads(self._history.read_text())
 
     def callbacks(self) -> list[keras.callbacks.Callback]:
-        return [keras.callbacks.CSVLogger(str(self._log), append=True), self.backup]
+        return [self._logger, self.backup]
+
+    def close(self) -> None:
+        """Close the per-epoch log, also when training stopped on an exception."""
+        log = getattr(self._logger, "csv_file", None)
+        if log is not None and not log.closed:
+            log.close()
 
     def history(self) -> dict[str, Any]:
         """Every epoch logged across interruptions; a repeated epoch keeps its last row."""
