@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +158,66 @@ def run_finetune(
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on now, below the ephemeral range:
+    kedro-viz refuses ports above 49151, and a port there is not handed out to clients."""
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randint(20000, 49151)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("No free TCP port on 127.0.0.1 between 20000 and 49151.")
+
+
+SERVER_TIMEOUT_S = 120
+
+
+def answers(url: str) -> bool:
+    """Whether ``url`` answers HTTP 200 now."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def serve(command: list[str], cwd: Path, ready: str, log: Path,
+          env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a server (its own process group, unbuffered output to ``log``); return once
+    ``ready`` answers HTTP 200, or fail the test with the log's end."""
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, cwd=cwd, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + SERVER_TIMEOUT_S
+    while not answers(ready):
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop(server)
+            pytest.fail(f"{' '.join(command)} did not start:\n" + log.read_text()[-3000:])
+        time.sleep(0.5)
+    return server
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Stop a server started by :func:`serve` and wait for it."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+
+
+def browser_page(url: str) -> str:
+    """The DOM of ``url`` once headless Chromium (Debian's package) has run its scripts."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Chromium is missing: `make install-test` installs Debian's chromium."
+    return subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000",
+         "--virtual-time-budget=30000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120, check=True).stdout

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -23,17 +21,19 @@ import pytest
 from PIL import Image
 
 from tests.conftest import (
+    browser_page,
     copy_project,
     free_port,
     kedro_cli,
     mlflow_runs,
     run_sessions,
+    serve,
+    stop,
     versions,
 )
 
 pytestmark = pytest.mark.slow
 
-SERVER_TIMEOUT_S = 120
 
 TARGET_CLASSES = ["Ankle boot", "Bag", "Sandal", "Shirt", "Sneaker"]
 FINETUNE_NODES = [
@@ -182,61 +182,22 @@ def test_kedro_viz_build_shows_every_finetune_node(project: Path):
         "model_output") < layers.index("reporting")
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def test_kedro_viz_shows_the_finetune_graph_with_its_layers_in_a_browser(project: Path):
     """``kedro viz run`` on 127.0.0.1, opened in headless Chromium (Debian's package): the
     page has every finetune node and the data layers."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = _serve([sys.executable, "-m", "kedro", "viz", "run", "--host", "127.0.0.1",
+    server = serve([sys.executable, "-m", "kedro", "viz", "run", "--host", "127.0.0.1",
                      "--port", str(port), "--no-browser"], project, f"{url}/api/main",
                     project / "viz.log")
     try:
-        page = _browser_page(f"{url}/?pid=finetune")
+        page = browser_page(f"{url}/?pid=finetune")
     finally:
-        _stop(server)
+        stop(server)
     for name in FINETUNE_NODES:
         assert f">{name}<" in page, name
     for layer in ("model_input", "intermediate", "models", "model_output", "reporting"):
         assert f">{layer}<" in page, layer
-
-
-def _browser_page(url: str) -> str:
-    """The DOM of ``url`` once headless Chromium (Debian's package) has run its scripts."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "Chromium is missing: `make install-test` installs Debian's chromium."
-    return subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000",
-         "--virtual-time-budget=30000", "--dump-dom", url],
-        capture_output=True, text=True, timeout=120, check=True).stdout
-
-
-def _serve(command: list[str], project: Path, ready: str, log: Path) -> subprocess.Popen:
-    """Start a server in ``project``; return once ``ready`` answers HTTP 200."""
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as out:
-        server = subprocess.Popen(command, cwd=project, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + SERVER_TIMEOUT_S
-    while not _answers(ready):
-        if server.poll() is not None or time.monotonic() > deadline:
-            _stop(server)
-            pytest.fail(f"{' '.join(command)} did not start:\n" + log.read_text()[-3000:])
-        time.sleep(0.5)
-    return server
-
-
-def _stop(server: subprocess.Popen) -> None:
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
 
 
 def test_the_mlflow_ui_shows_the_run_by_its_name_with_its_test_accuracy(project: Path):
@@ -250,15 +211,15 @@ def test_the_mlflow_ui_shows_the_run_by_its_name_with_its_test_accuracy(project:
     assert run.data.tags["base"] == run.data.params["finetune.base.path"]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = _serve([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+    server = serve([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                      f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1", "--port",
                      str(port), "--workers", "1"], project, f"{url}/health",
                     project / "mlflow_ui.log")
     try:
-        page = _browser_page(
+        page = browser_page(
             f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
     finally:
-        _stop(server)
+        stop(server)
     assert name in page
     assert "test.accuracy" in page
 
@@ -276,8 +237,6 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrup
     """The README's path: a run started without any resume flag is killed (SIGKILL) in phase
     2; the same command with finetune.training.resume=true continues it, in the same MLflow
     run, to the model an uninterrupted run makes."""
-    import signal
-    import time
 
     params = "finetune.data.batch_size=1,finetune.phase1.epochs=2,finetune.phase2.epochs=4"
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2",

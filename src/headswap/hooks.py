@@ -163,9 +163,14 @@ class MlflowRunEndHook:
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         self._close(RunStatus.FINISHED)
 
-    @hook_impl(trylast=True)
+    @hook_impl(tryfirst=True)
     def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline, catalog):
+        # kedro-mlflow's own error handler ends the run once per time it was re-entered, and
+        # says so each time: leave it entered once, so the user reads that line once.
+        run_id = self._run_id
         self._close(RunStatus.FAILED)
+        if run_id is not None:
+            mlflow.start_run(run_id=run_id)
 
     def _close(self, status: int) -> None:
         while (run := mlflow.active_run()) is not None and run.info.run_id == self._run_id:
