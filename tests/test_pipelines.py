@@ -40,7 +40,7 @@ FINETUNE_NODES = [
     "check_parameters", "locate_images", "read_pretrained", "ingest_images", "load_base",
     "swap_head", "train_head", "evaluate_head_only",
     "fine_tune", "predict_test", "evaluate", "evaluate_details", "summarise_training",
-    "publish_model", "export_model",
+    "publish_model", "export_model", "write_model_card",
 ]
 VERSIONED = [
     "data/02_intermediate/manifest.csv",
@@ -63,6 +63,7 @@ VERSIONED = [
     "data/08_reporting/misclassified_images.csv",
     "data/08_reporting/misclassified.png",
     "data/08_reporting/model_registry.json",
+    "data/08_reporting/model_card.md",
 ]
 
 
@@ -138,6 +139,25 @@ def test_mlflow_run_holds_params_metrics_of_both_phases_artifacts_and_model(proj
     probabilities = np.asarray(model.predict(raw))
     assert probabilities.shape == (4, 5)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_the_model_card_describes_data_model_training_and_results(project: Path):
+    version = versions(project, "data/08_reporting/model_card.md")[-1]
+    card = (project / "data/08_reporting/model_card.md" / version / "model_card.md").read_text()
+    report = json.loads((project / "data/08_reporting/classification_report.json" / version /
+                         "classification_report.json").read_text())
+    assert card.startswith("# Model card: fashion-mnist-target")
+    assert f"Accuracy **{report['accuracy']:.4f}**" in card
+    assert "(train 160, validation 40, test 5000)" in card
+    for name in TARGET_CLASSES:
+        assert f"| {name} | 32 | 8 | 1,000 |" in card
+    weakest = min(TARGET_CLASSES, key=lambda n: report[n]["f1-score"])
+    assert f"Weakest classes: {weakest} (F1 {report[weakest]['f1-score']:.4f}" in card
+    assert "base layers trained: none (head only)" in card  # phase 1
+    assert "## Intended use and limits" in card
+    client, runs = _run(project)
+    assert "model/model_card.txt" in {a.path for a in client.list_artifacts(
+        runs[0].info.run_id, "model")}
 
 
 def test_kedro_mlflow_hook_is_the_plugins_own_registered_once(project: Path):

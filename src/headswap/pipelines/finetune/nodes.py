@@ -28,6 +28,7 @@ from headswap.config import (
 )
 from headswap.core import Augmentation, Stage, bases, data, evaluation, fit, heads, weights
 from headswap.core import export as exports
+from headswap.core.card import model_card
 from headswap.core.fit import FitOptions, History, next_epoch
 from headswap.core.predict import Classifier
 
@@ -286,3 +287,21 @@ def _size(path: Path) -> float:
 def metrics_points(values: dict[str, float]) -> Metrics:
     """Single values as kedro-mlflow's metrics dataset takes them."""
     return {k: {"value": float(v), "step": 0} for k, v in values.items()}
+
+
+def write_model_card(
+    manifest: pd.DataFrame, base_report: dict[str, Any], head: HeadConfig,
+    phase1_stages: list[Stage], phase2_stages: list[Stage], phase1_history: History,
+    phase2_history: History, report: dict[str, Any], phase1_report: dict[str, Any],
+    data_config: DataConfig, registry_config: RegistryConfig, options: FitOptions,
+) -> str:
+    """The run's model card (Markdown): data, base and head, each phase, results with the
+    weakest classes, intended use and limits."""
+    name = (registry_config.model_name(data_config.path) if registry_config.name
+            else Path(data_config.path).name)
+    phases = {
+        "Phase 1": ([s.model_dump() for s in phase1_stages], phase1_history),
+        "Phase 2": ([s.model_dump() for s in phase2_stages], phase2_history),
+    }
+    return model_card(name, manifest, base_report, head.model_dump(), phases, report,
+                      phase1_report, options.image_size)

@@ -20,6 +20,7 @@ from .nodes import (
     summarise_training,
     swap_head,
     train_head,
+    write_model_card,
 )
 
 CONFIGS = ["data_config", "base_config", "head_config", "augmentation", "fit_options",
@@ -64,13 +65,19 @@ def recipe(params: str = "params:finetune") -> Pipeline:
 
 def packaging() -> Pipeline:
     """What makes the fine-tuned model usable: the MLflow model that answers with class names
-    (registered, ``champion`` alias) beside the plain Keras model, and the exports."""
+    (registered, ``champion`` alias) beside the plain Keras model, the exports, and the model
+    card."""
     return Pipeline([
         Node(publish_model, ["phase2_model", "manifest", "classification_report",
                              "data_config", "registry_config", "fit_options"],
              "model_registry", name="publish_model"),
         Node(export_model, ["phase2_model", "manifest", "export_config"], "model_exports",
              name="export_model"),
+        Node(write_model_card,
+             ["manifest", "base_weights_report", "head_config", "phase1_stages",
+              "phase2_stages", "phase1_history", "phase2_history", "classification_report",
+              "phase1_classification_report", "data_config", "registry_config", "fit_options"],
+             "model_card", name="write_model_card"),
     ])
 
 
