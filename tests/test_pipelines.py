@@ -40,7 +40,7 @@ FINETUNE_NODES = [
     "check_parameters", "locate_images", "read_pretrained", "ingest_images", "load_base",
     "swap_head", "train_head", "evaluate_head_only",
     "fine_tune", "predict_test", "evaluate", "evaluate_details", "summarise_training",
-    "publish_model", "export_model", "write_model_card",
+    "publish_model", "export_model", "write_model_card", "explain_predictions",
 ]
 VERSIONED = [
     "data/02_intermediate/manifest.csv",
@@ -64,6 +64,7 @@ VERSIONED = [
     "data/08_reporting/misclassified.png",
     "data/08_reporting/model_registry.json",
     "data/08_reporting/model_card.md",
+    "data/08_reporting/grad_cam.png",
 ]
 
 
@@ -131,7 +132,7 @@ def test_mlflow_run_holds_params_metrics_of_both_phases_artifacts_and_model(proj
     assert {"reports/confusion_matrix_plot.png", "reports/learning_curves_plot.png",
             "reports/classification_report.json", "data/manifest.csv",
             "reports/per_class_metrics.csv", "reports/confusion_matrix_normalised.csv",
-            "reports/misclassified_plot.png"} <= artifacts
+            "reports/misclassified_plot.png", "reports/grad_cam_plot.png"} <= artifacts
 
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/keras_model")
     files = sorted((project / "data/01_raw/fashion-mnist-target/test/Bag").glob("*.png"))[:4]

@@ -128,3 +128,24 @@ def test_encoded_image_tells_paths_from_base64(tmp_path: Path):
     assert encoded_image(b"raw") == b"raw"
     with pytest.raises(InputError, match="neither an image file"):
         encoded_image("no/such/file.png")
+
+
+def test_grad_cam_gives_one_heatmap_per_image_and_needs_a_feature_map(trained):
+    from matplotlib.figure import Figure
+
+    from headswap.core import explain
+
+    model, manifest = trained
+    paths = data.split_arrays(manifest, "test")[0][:3]
+    images = data.decode_all(paths, (32, 32), 1)
+    classes = np.asarray(model.predict_on_batch(images)).argmax(axis=1)
+    cams = explain.grad_cam(model, images, classes)
+    assert cams.shape == (3, 32, 32)
+    assert cams.min() >= 0.0 and cams.max() <= 1.0 + 1e-6
+    assert (cams.reshape(3, -1).max(axis=1) > 0.5).all()  # each map peaks somewhere
+    assert isinstance(explain.grad_cam_figure(images, cams, ["a", "b", "c"]), Figure)
+    vector_base = keras.Sequential([keras.Input((32, 32, 1)), keras.layers.Conv2D(4, 3),
+                                    keras.layers.GlobalAveragePooling2D()])
+    pooled = heads.attach_head(vector_base, 3, dense=[], seed=0)
+    with pytest.raises(InputError, match="not a feature map"):
+        explain.grad_cam(pooled, images, classes)

@@ -34,8 +34,8 @@ def attach_head(
         raise ValueError(f"A classifier needs at least 2 classes; got {num_classes}.")
     if seed is not None:
         keras.utils.set_random_seed(seed)
-    if base.name != BASE_NAME:
-        base = keras.Model(base.inputs, base.outputs, name=BASE_NAME)
+    if base.name != BASE_NAME:  # one output as a tensor, not a list of one (Sequential bases)
+        base = keras.Model(base.inputs, base.outputs[0], name=BASE_NAME)
     height, width, channels = input_spec(base)
     layers = keras.layers
     inputs = keras.Input(shape=(height, width, channels), name="image")

@@ -11,6 +11,7 @@ from typing import Any
 
 import keras
 import mlflow
+import numpy as np
 import pandas as pd
 from kedro.io import Version
 from kedro_datasets.tensorflow import TensorFlowModelDataset
@@ -26,9 +27,21 @@ from headswap.config import (
     RegistryConfig,
     parse_finetune,
 )
-from headswap.core import Augmentation, Stage, bases, data, evaluation, fit, heads, weights
+from headswap.core import (
+    Augmentation,
+    Stage,
+    bases,
+    data,
+    evaluation,
+    explain,
+    fit,
+    heads,
+    weights,
+)
 from headswap.core import export as exports
+from headswap.core.bases import input_spec
 from headswap.core.card import model_card
+from headswap.core.errors import InputError
 from headswap.core.fit import FitOptions, History, next_epoch
 from headswap.core.predict import Classifier
 
@@ -305,3 +318,36 @@ def write_model_card(
     }
     return model_card(name, manifest, base_report, head.model_dump(), phases, report,
                       phase1_report, options.image_size)
+
+
+def explain_predictions(
+    model: keras.Model, predictions: pd.DataFrame, manifest: pd.DataFrame,
+    evaluation_config: EvaluationConfig, options: FitOptions,
+) -> Figure:
+    """Grad-CAM heatmaps over the most confidently misclassified test images and the most
+    confidently right ones: where the base's features drove the predicted class. A base
+    without a feature map gets a figure that says why instead."""
+    names = data.class_names(manifest)
+    paths, y_true, probabilities = evaluation.predictions_arrays(predictions, names)
+    count = min(evaluation_config.misclassified, 8)
+    wrong = evaluation.confident_errors(paths, y_true, probabilities, names, count)
+    y_pred = probabilities.argmax(axis=1)
+    right = np.flatnonzero(y_pred == y_true)
+    right = right[np.argsort(-probabilities[right, y_pred[right]], kind="stable")][:4]
+    chosen = list(wrong["path"]) + [str(paths[i]) for i in right]
+    if not chosen:
+        return explain.message_figure("No test images to explain.")
+    index = {str(p): i for i, p in enumerate(paths)}
+    rows = [index[p] for p in chosen]
+    titles = [f"{names[y_true[i]]} -> {names[y_pred[i]]} (p={probabilities[i, y_pred[i]]:.2f})"
+              for i in rows]
+    images = data.decode_all(np.asarray(chosen), options.image_size, input_spec(model)[2])
+    try:
+        cams = explain.grad_cam(model, images, y_pred[rows])
+    except InputError as err:
+        logger.info("No Grad-CAM heatmaps: %s", err)
+        return explain.message_figure(f"No Grad-CAM heatmaps: {err}")
+    return explain.grad_cam_figure(
+        images, cams, titles,
+        title="Grad-CAM: where the predicted class came from (misclassified first, "
+              "then right)")

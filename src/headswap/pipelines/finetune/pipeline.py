@@ -9,6 +9,7 @@ from .nodes import (
     evaluate,
     evaluate_details,
     evaluate_head_only,
+    explain_predictions,
     export_model,
     fine_tune,
     ingest_images,
@@ -65,8 +66,8 @@ def recipe(params: str = "params:finetune") -> Pipeline:
 
 def packaging() -> Pipeline:
     """What makes the fine-tuned model usable: the MLflow model that answers with class names
-    (registered, ``champion`` alias) beside the plain Keras model, the exports, and the model
-    card."""
+    (registered, ``champion`` alias) beside the plain Keras model, the exports, the model card
+    and Grad-CAM heatmaps of its test predictions."""
     return Pipeline([
         Node(publish_model, ["phase2_model", "manifest", "classification_report",
                              "data_config", "registry_config", "fit_options"],
@@ -78,6 +79,9 @@ def packaging() -> Pipeline:
               "phase2_stages", "phase1_history", "phase2_history", "classification_report",
               "phase1_classification_report", "data_config", "registry_config", "fit_options"],
              "model_card", name="write_model_card"),
+        Node(explain_predictions, ["phase2_model", "test_predictions", "manifest",
+                                   "evaluation_config", "fit_options"],
+             "grad_cam_plot", name="explain_predictions"),
     ])
 
 
