@@ -213,11 +213,17 @@ def stop(server: subprocess.Popen) -> None:
     server.wait()
 
 
-def browser_page(url: str) -> str:
-    """The DOM of ``url`` once headless Chromium (Debian's package) has run its scripts."""
+def browser_page(url: str, expected: list[str] = (), attempts: int = 3) -> str:
+    """The DOM of ``url`` once headless Chromium (Debian's package) has run its scripts: loaded
+    again (up to ``attempts`` times) until it holds every text of ``expected``, for a page
+    whose scripts had not finished rendering on a busy machine."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Chromium is missing: `make install-test` installs Debian's chromium."
-    return subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000",
-         "--virtual-time-budget=30000", "--dump-dom", url],
-        capture_output=True, text=True, timeout=120, check=True).stdout
+    for _ in range(attempts):
+        page = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000",
+             "--virtual-time-budget=30000", "--dump-dom", url],
+            capture_output=True, text=True, timeout=120, check=True).stdout
+        if all(text in page for text in expected):
+            break
+    return page

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -212,9 +213,20 @@ def test_kedro_viz_shows_the_finetune_graph_with_its_layers_in_a_browser(project
                      "--port", str(port), "--no-browser"], project, f"{url}/api/main",
                     project / "viz.log")
     try:
-        page = browser_page(f"{url}/?pid=finetune")
+        page = browser_page(f"{url}/?pid=finetune",
+                            [f">{name}<" for name in FINETUNE_NODES] + [">reporting<"])
+        with urllib.request.urlopen(f"{url}/api/main", timeout=30) as response:
+            ids = {n["name"]: n["id"] for n in json.loads(response.read())["nodes"]}
+        previews = {}
+        for name in ("per_class_metrics", "classification_report", "confusion_matrix_plot"):
+            with urllib.request.urlopen(f"{url}/api/nodes/{ids[name]}", timeout=30) as response:
+                previews[name] = json.loads(response.read()).get("preview_type")
     finally:
         stop(server)
+    # tables, JSON reports and plots of the finished run have previews
+    assert previews == {"per_class_metrics": "TablePreview",
+                        "classification_report": "JSONPreview",
+                        "confusion_matrix_plot": "ImagePreview"}
     for name in FINETUNE_NODES:
         assert f">{name}<" in page, name
     for layer in ("model_input", "intermediate", "models", "model_output", "reporting"):
@@ -238,7 +250,8 @@ def test_the_mlflow_ui_shows_the_run_by_its_name_with_its_test_accuracy(project:
                     project / "mlflow_ui.log")
     try:
         page = browser_page(
-            f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+            f"{url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}",
+            [name, "test.accuracy"])
     finally:
         stop(server)
     assert name in page
