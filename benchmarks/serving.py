@@ -36,6 +36,7 @@ from common import (
     EXAMPLE,
     argument_parser,
     kedro_command,
+    latest_model_file,
     median,
     project_copy,
     run_measured,
@@ -43,11 +44,6 @@ from common import (
     table,
     write_results,
 )
-
-
-def latest(project: Path, relative: str) -> Path:
-    folder = project / relative
-    return folder / sorted(p.name for p in folder.iterdir())[-1] / folder.name
 
 
 def free_port() -> int:
@@ -172,14 +168,16 @@ def main() -> None:
         predicted = run_measured(kedro_command(
             "run", "--pipeline", "predict", "--params", f"predict.path={test_folder}"),
             project).check("predict")
-        expected = pd.read_csv(latest(project, "data/08_reporting/test_predictions.csv"),
+        reports = project / "data" / "08_reporting"
+        expected = pd.read_csv(latest_model_file(reports / "test_predictions.csv"),
                                dtype=str, keep_default_na=False)
-        table_ = pd.read_csv(latest(project, "data/07_model_output/predictions.csv"),
+        table_ = pd.read_csv(latest_model_file(project / "data/07_model_output/predictions.csv"),
                              dtype=str, keep_default_na=False)
         merged = expected.merge(table_, on="path", suffixes=("_eval", ""))
         agreement = float((merged["predicted"] == merged["predicted_eval"]).mean())
 
-        model = keras.saving.load_model(latest(project, "data/06_models/phase2_model.keras"))
+        model = keras.saving.load_model(
+            latest_model_file(project / "data/06_models/phase2_model.keras"))
         names = sorted(set(expected["true"]))
         classifier = Classifier(model, tuple(names))
         cwd = os.getcwd()
@@ -201,7 +199,7 @@ def main() -> None:
         image = (project / paths[0]).read_bytes()
         latency = serve_latency(project, f"runs:/{runs[0]}/model", image, args.requests)
 
-        exports = latest(project, "data/06_models/exports")
+        exports = latest_model_file(project / "data/06_models/exports")
         sizes = {name: sum(p.stat().st_size for p in (exports / name).rglob("*")
                            if p.is_file()) if (exports / name).is_dir()
                  else (exports / name).stat().st_size

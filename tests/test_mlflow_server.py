@@ -7,12 +7,7 @@ pipeline through a real KedroSession, and reads the run back through ``MlflowCli
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,21 +17,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import free_port, run_finetune
+from tests.conftest import free_port, run_finetune, serve, stop
 from tests.test_faults import IMAGES, MESSY_CLASSES, PER_CLASS, make_project
 
 pytestmark = pytest.mark.slow
-
-STARTUP_TIMEOUT_S = 120
-STOP_TIMEOUT_S = 30
-
-
-def _answers(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -44,30 +28,17 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """A running ``mlflow server``: its URI and its folder (database, artifacts, log)."""
     folder = tmp_path_factory.mktemp("mlflow_server")
     uri = f"http://127.0.0.1:{free_port()}"
-    with open(folder / "server.log", "w") as log:  # the server writes to its own copy
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server",
-             "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-             "--artifacts-destination", str(folder / "artifacts"),
-             "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1], "--workers", "1",
-             "--uvicorn-opts", "--timeout-graceful-shutdown 3"],
-            cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    process = serve(
+        [sys.executable, "-m", "mlflow", "server",
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "artifacts"),
+         "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1], "--workers", "1",
+         "--uvicorn-opts", "--timeout-graceful-shutdown 3"],
+        folder, f"{uri}/health", folder / "server.log")
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _answers(uri):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("mlflow server did not start:\n" + (folder / "server.log").read_text())
-            time.sleep(0.5)
         yield uri, folder
     finally:
-        # The server runs in a process group of its own: stop it and its workers, only them.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=STOP_TIMEOUT_S)
+        stop(process)  # the server's process group: it and its workers, only them
 
 
 def test_a_finetune_run_is_recorded_on_the_tracking_server(server, tmp_path: Path):

@@ -131,7 +131,8 @@ class RegistryConfig(Settings):
         return value
 
     def model_name(self, data_path: str) -> str | None:
-        """The registered model's name: as given, or (auto) the image folder's name."""
+        """The registered model's name: as given, (auto) the image folder's name, or None
+        (registration off)."""
         if self.name != "auto":
             return self.name
         folder = Path(data_path).resolve().name or "images"

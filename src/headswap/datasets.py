@@ -13,6 +13,13 @@ from mlflow.utils.time import get_current_time_millis
 BATCH = 1000  # the most metrics one MLflow log_batch request takes
 
 
+def log_metrics(run_id: str, metrics: list[Metric]) -> None:
+    """Send ``metrics`` to run ``run_id`` in requests of up to :data:`BATCH` values."""
+    client = mlflow.MlflowClient()
+    for start in range(0, len(metrics), BATCH):
+        client.log_batch(run_id, metrics=metrics[start:start + BATCH])
+
+
 class MetricsHistoryDataset(AbstractDataset[dict, dict]):
     """Metrics of the active MLflow run, each a list of ``{"step", "value"}`` points, named
     ``<prefix>.<name>`` (the format of kedro-mlflow's ``MlflowMetricsHistoryDataset``).
@@ -42,9 +49,7 @@ class MetricsHistoryDataset(AbstractDataset[dict, dict]):
             points = points if isinstance(points, list) else [points]
             metrics += [Metric(self._key(name), float(p["value"]), now, int(p.get("step", 0)))
                         for p in points]
-        client = mlflow.MlflowClient()
-        for start in range(0, len(metrics), BATCH):
-            client.log_batch(run.info.run_id, metrics=metrics[start:start + BATCH])
+        log_metrics(run.info.run_id, metrics)
         self._run_id = run.info.run_id
 
     def load(self) -> dict[str, list[dict[str, float]]]:

@@ -14,7 +14,7 @@ import pandas as pd
 from mlflow.entities import Metric
 from mlflow.utils.time import get_current_time_millis
 
-BATCH = 1000  # the most metrics one MLflow log_batch request takes
+from headswap.datasets import log_metrics
 
 
 class EpochMetrics(keras.callbacks.Callback):
@@ -82,9 +82,7 @@ def log_history(history: dict[str, Any], prefix: str = "epoch") -> None:
     metrics = [Metric(f"{prefix}.{name}", point["value"], now, point["step"])
                for name, points in history_metrics([history]).items()
                for point in points if point["step"] not in done]
-    client = mlflow.MlflowClient()
-    for start in range(0, len(metrics), BATCH):
-        client.log_batch(run.info.run_id, metrics=metrics[start:start + BATCH])
+    log_metrics(run.info.run_id, metrics)
 
 
 def run_name(pipeline: str, params: dict[str, Any]) -> str:

@@ -44,6 +44,7 @@ from headswap.core.card import model_card
 from headswap.core.errors import InputError
 from headswap.core.fit import FitOptions, History, next_epoch
 from headswap.core.predict import Classifier
+from headswap.pipelines import metrics_points
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ def publish_model(
                     "registered.")
         return {"logged": False, "registered_model": None}
     classifier = Classifier(model, tuple(data.class_names(manifest)), options.image_size)
-    name = registry_config.model_name(data_config.path) if registry_config.name else None
+    name = registry_config.model_name(data_config.path)
     examples = data.split_arrays(manifest, "test")[0][:2]
     serving.log_keras_model(model, data.decode_all(examples, classifier.image_size,
                                                    classifier.channels))
@@ -297,11 +298,6 @@ def _size(path: Path) -> float:
     return sum(p.stat().st_size for p in files) / 1e6
 
 
-def metrics_points(values: dict[str, float]) -> Metrics:
-    """Single values as kedro-mlflow's metrics dataset takes them."""
-    return {k: {"value": float(v), "step": 0} for k, v in values.items()}
-
-
 def write_model_card(
     manifest: pd.DataFrame, base_report: dict[str, Any], head: HeadConfig,
     phase1_stages: list[Stage], phase2_stages: list[Stage], phase1_history: History,
@@ -310,8 +306,7 @@ def write_model_card(
 ) -> str:
     """The run's model card (Markdown): data, base and head, each phase, results with the
     weakest classes, intended use and limits."""
-    name = (registry_config.model_name(data_config.path) if registry_config.name
-            else Path(data_config.path).name)
+    name = registry_config.model_name(data_config.path) or Path(data_config.path).name
     phases = {
         "Phase 1": ([s.model_dump() for s in phase1_stages], phase1_history),
         "Phase 2": ([s.model_dump() for s in phase2_stages], phase2_history),

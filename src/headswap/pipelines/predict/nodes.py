@@ -18,7 +18,7 @@ from headswap.config import PredictConfig, parse_predict
 from headswap.core import data, evaluation, predict
 from headswap.core.errors import InputError
 from headswap.core.predict import Classifier
-from headswap.pipelines.finetune.nodes import metrics_points
+from headswap.pipelines import metrics_points
 
 logger = logging.getLogger(__name__)
 
