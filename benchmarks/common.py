@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import keras
+
+    from headswap.config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -236,3 +239,90 @@ def write_results(name: str, payload: dict[str, Any], load_before: list[float]) 
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"written {path.relative_to(ROOT)}")
     return path
+
+
+def plain_command(
+    cfg: FinetuneConfig, epochs1: int, epochs2: int, folder: Path, base: Path,
+    color_mode: str = "grayscale",
+) -> list[str]:
+    """``benchmarks/plain_keras.py`` doing what the finetune parameters ``cfg`` ask, on
+    ``folder`` with the base model file ``base``; refuses settings it does not mirror."""
+    from headswap.core import LayerSelection
+
+    head, phase1, phase2 = cfg.head, cfg.phase1, cfg.phase2
+    unsupported = {
+        "head.dense": head.dense if len(head.dense) != 1 else None,
+        "head.pooling": head.pooling if head.pooling != "avg" else None,
+        "phase1.stages": len(phase1.stages) or None,
+        "phase2.stages": len(phase2.stages) or None,
+        "phase1.optimizer": phase1.optimizer if phase1.optimizer not in ("adam", "rmsprop")
+        else None,
+        "phase1.schedule": (phase1.schedule, phase1.warmup_epochs)
+        if (phase1.schedule, phase1.warmup_epochs) != ("constant", 0) else None,
+        "phase2.optimizer": phase2.optimizer if phase2.optimizer != "adam" else None,
+        "phase2.train": phase2.train if phase2.train != LayerSelection(all=True) else None,
+        "base.source": cfg.base.source if cfg.base.source != "file" else None,
+    }
+    unsupported = {k: v for k, v in unsupported.items() if v is not None}
+    if unsupported:
+        raise SystemExit(f"The plain Keras program mirrors the example's settings only; the "
+                         f"parameters set {unsupported}.")
+    cut = cfg.base.cut_at
+    return [
+        sys.executable, str(ROOT / "benchmarks" / "plain_keras.py"),
+        "--folder", str(folder), "--base", str(base), "--color-mode", color_mode,
+        "--cut-at", "features" if cut == "auto" else str(cut),
+        "--image-size", *map(str, cfg.data.image_size),
+        "--batch-size", str(cfg.data.batch_size), "--val-fraction", str(cfg.data.val_fraction),
+        "--dense", str(head.dense[0]), "--dropout", str(head.dropout),
+        "--epochs1", str(epochs1), "--rate1", str(phase1.learning_rate),
+        "--optimizer1", phase1.optimizer,
+        "--epochs2", str(epochs2), "--rate2", str(phase2.learning_rate),
+        "--warmup2", str(phase2.warmup_epochs),
+        *(["--cosine2"] if phase2.schedule == "cosine" else []),
+        "--seed", str(cfg.seed),
+    ]
+
+
+def node_seconds(output: str) -> dict[str, float]:
+    """Seconds between each node's "Running node" and "Completed node" log lines (the log's
+    timestamps have whole seconds), and the runner's own total."""
+    started, spans = {}, {}
+    for clock, what, node in re.findall(
+        r"^(\d\d:\d\d:\d\d) .*?(Running|Completed) node: (\w+)", output, re.MULTILINE
+    ):
+        h, m, sec = map(int, clock.split(":"))
+        at = h * 3600 + m * 60 + sec
+        if what == "Running":
+            started[node] = at
+        elif node in started:
+            spans[f"node {node}"] = float((at - started[node]) % 86400)
+    total = re.search(r"Pipeline execution completed successfully in ([0-9.]+) sec", output)
+    if total:
+        spans["runner total"] = float(total.group(1))
+    return spans
+
+
+def pipeline_accuracy(output: str) -> float | None:
+    found = re.findall(r"accuracy\s+([0-9.]+)\s+\d+", output)  # the classification report
+    return float(found[-1]) if found else None
+
+
+def measure_against_plain(
+    pipeline: list[str], plain: list[str], project: Path
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Run ``pipeline`` (``kedro run`` in ``project``), then the ``plain`` Keras program; their
+    wall times, ratio, test accuracies and peak RSS, and the pipeline's time per node."""
+    ran = run_measured(pipeline, project).check("kedro run")
+    keras_run = run_measured(plain + ["--out", str(project / "plain_keras")]).check(
+        "plain Keras program")
+    inside = json.loads(keras_run.output.strip().splitlines()[-1])
+    return {
+        "pipeline_s": ran.wall_s, "plain_keras_s": keras_run.wall_s,
+        "ratio": ran.wall_s / keras_run.wall_s,
+        "difference_s": ran.wall_s - keras_run.wall_s,
+        "pipeline_accuracy": pipeline_accuracy(ran.output),
+        "plain_keras_accuracy": inside["test_accuracy"],
+        "plain_keras_training_s": inside["phase1_s"] + inside["phase2_s"],
+        "pipeline_peak_rss_mb": ran.peak_rss_mb, "plain_keras_peak_rss_mb": keras_run.peak_rss_mb,
+    }, node_seconds(ran.output)

@@ -3,11 +3,12 @@
 Reads an image folder with train/ and test/ class folders (validation carved out of train/),
 loads a saved model, cuts it at a layer, puts a new head on it, trains the head on the frozen
 base, unfreezes the base (BatchNormalization stays in inference mode), recompiles with a lower
-rate, trains again (training and validation images cached in memory, as TensorFlow's
-tutorials do) and evaluates on the test images the way the recipe asks, as one would by
-hand: scikit-learn's classification report printed, a confusion-matrix plot, learning curves over
-both phases and the fine-tuned model saved (into --out, a temporary folder by default). Prints
-one JSON line of results.
+rate (warmed up linearly, then decayed to 0 along a cosine, when asked), trains again
+(training and validation images cached in memory, as TensorFlow's tutorials do) and evaluates
+on the test images the way the recipe asks, as one would by hand: scikit-learn's
+classification report printed, a confusion-matrix plot, learning curves over both phases and
+the fine-tuned model saved (into --out, a temporary folder by default). Prints one JSON line
+of results.
 
     python benchmarks/plain_keras.py --folder data/01_raw/fashion-mnist-target \
         --base data/06_models/pretrained_base.keras/<version>/pretrained_base.keras
@@ -33,10 +34,13 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--dense", type=int, default=64)
     parser.add_argument("--dropout", type=float, default=0.3)
-    parser.add_argument("--epochs1", type=int, default=30)
-    parser.add_argument("--rate1", type=float, default=1e-3)
+    parser.add_argument("--epochs1", type=int, default=200)
+    parser.add_argument("--rate1", type=float, default=3e-3)
+    parser.add_argument("--optimizer1", choices=("adam", "rmsprop"), default="adam")
     parser.add_argument("--epochs2", type=int, default=30)
     parser.add_argument("--rate2", type=float, default=3e-4)
+    parser.add_argument("--cosine2", action="store_true", help="phase 2: cosine decay to 0")
+    parser.add_argument("--warmup2", type=int, default=0, help="phase 2: warmup epochs")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default=None, help="folder for the plots and the model")
     args = parser.parse_args()
@@ -72,7 +76,8 @@ def main() -> None:
     model = keras.Model(inputs, outputs)
 
     loss, metrics = keras.losses.SparseCategoricalCrossentropy(), ["accuracy"]
-    model.compile(keras.optimizers.RMSprop(args.rate1), loss, metrics=metrics)
+    optimizer1 = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop}
+    model.compile(optimizer1[args.optimizer1](args.rate1), loss, metrics=metrics)
     phase1 = time.perf_counter()
     first = model.fit(train, validation_data=val, epochs=args.epochs1, verbose=2)
     phase1 = time.perf_counter() - phase1
@@ -81,7 +86,15 @@ def main() -> None:
     for layer in base.layers:  # Keras 3: keep BatchNormalization in inference mode
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
-    model.compile(keras.optimizers.Adam(args.rate2), loss, metrics=metrics)
+    rate2 = args.rate2
+    if args.cosine2 or args.warmup2:
+        steps = len(train)
+        warmup = min(args.warmup2, max(args.epochs2 - 1, 0)) * steps
+        rate2 = keras.optimizers.schedules.CosineDecay(
+            0.0 if warmup else args.rate2, max(args.epochs2 * steps - warmup, 1),
+            alpha=0.0 if args.cosine2 else 1.0,
+            warmup_target=args.rate2 if warmup else None, warmup_steps=warmup)
+    model.compile(keras.optimizers.Adam(rate2), loss, metrics=metrics)
     phase2 = time.perf_counter()
     second = model.fit(train, validation_data=val, epochs=args.epochs1 + args.epochs2,
                        initial_epoch=args.epochs1, verbose=2)

@@ -78,8 +78,9 @@ def test_the_schema_defaults_are_those_of_the_parameters_file():
 
 def test_a_phase_given_in_part_keeps_its_own_defaults_and_unused_keys_are_listed():
     cfg = parse_finetune({**BASE, "phase1": {"epochs": 2}, "phase2": {"epochs": 3}})
-    assert (cfg.phase1.learning_rate, cfg.phase1.optimizer) == (1e-3, "rmsprop")
+    assert (cfg.phase1.learning_rate, cfg.phase1.optimizer) == (3e-3, "adam")
     assert (cfg.phase2.learning_rate, cfg.phase2.train.all) == (3e-4, True)
+    assert (cfg.phase2.schedule, cfg.phase2.warmup_epochs) == ("cosine", 2)
     staged = parse_finetune({**BASE, "phase2": {"learning_rate": 0.1, "stages": [
         {"epochs": 1, "learning_rate": 1e-4, "train": {"top": 2}}]}})
     assert staged.ignored == {"phase2": ["learning_rate"]}

@@ -101,8 +101,8 @@ def test_phase2_by_default_trains_the_base_with_frozen_batchnorm_statistics(imag
 
 def test_a_group_at_rate_zero_does_not_move_while_others_do(image_folder):
     cfg = _cfg(image_folder, phase2={
-        "epochs": 2, "learning_rate": 1e-2, "optimizer": "sgd",
-        "layer_rates": [{"layers": {"names": ["conv1"]}, "learning_rate": 0.0},
+        "epochs": 2, "learning_rate": 1e-2, "optimizer": "sgd", "schedule": "constant",
+        "warmup_epochs": 0, "layer_rates": [{"layers": {"names": ["conv1"]}, "learning_rate": 0.0},
                         {"layers": {"names": ["conv2"]}, "learning_rate": 1e-3}]})
     manifest = data.ingest_image_folder(image_folder, seed=0)[0]
     model = _model()
@@ -191,7 +191,8 @@ def test_early_stopping_restores_best_and_checkpoint_is_written(image_folder, tm
 
 
 def test_reduce_lr_on_plateau_lowers_the_rate_and_conflicts_are_refused(image_folder):
-    cfg = _cfg(image_folder, phase1={"epochs": 3, "learning_rate": 1e-2},
+    constant = {"schedule": "constant", "warmup_epochs": 0}  # the default phase 2 is cosine
+    cfg = _cfg(image_folder, phase1={"epochs": 3, "learning_rate": 1e-2}, phase2=constant,
                training={"callbacks": {"reduce_lr_on_plateau": {
                    "monitor": "loss", "patience": 0, "factor": 0.5, "min_delta": 100.0}}})
     manifest = data.ingest_image_folder(image_folder, seed=0)[0]
@@ -199,8 +200,10 @@ def test_reduce_lr_on_plateau_lowers_the_rate_and_conflicts_are_refused(image_fo
     # the rate each epoch trained at: lowered after the second epoch showed no gain
     assert history["learning_rate"] == pytest.approx([1e-2, 1e-2, 5e-3])
     with pytest.raises(Exception, match="reduce_lr_on_plateau cannot"):
-        _cfg(image_folder, phase1={"schedule": "cosine"},
+        _cfg(image_folder, phase1={"schedule": "cosine"}, phase2=constant,
              training={"callbacks": {"reduce_lr_on_plateau": {}}})
+    with pytest.raises(Exception, match="reduce_lr_on_plateau cannot"):  # the default phase 2
+        _cfg(image_folder, training={"callbacks": {"reduce_lr_on_plateau": {}}})
 
 
 def test_cached_features_train_the_same_head_as_the_image_pipeline(image_folder):

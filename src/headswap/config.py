@@ -170,8 +170,9 @@ class PredictConfig(Settings):
 
 #: Phase 1 trains the new head on the frozen base; phase 2 opens the whole base at a lower rate.
 PHASE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "phase1": {"epochs": 30, "learning_rate": 1e-3, "optimizer": "rmsprop"},
-    "phase2": {"epochs": 30, "learning_rate": 3e-4, "optimizer": "adam", "train": "all"},
+    "phase1": {"epochs": 200, "learning_rate": 3e-3, "optimizer": "adam"},
+    "phase2": {"epochs": 30, "learning_rate": 3e-4, "optimizer": "adam", "train": "all",
+               "schedule": "cosine", "warmup_epochs": 2},
 }
 
 

@@ -87,6 +87,8 @@ class Stage(Settings):
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     schedule: Literal["constant", "cosine"] = "constant"
+    #: the rate rises linearly from 0 over the first ``warmup_epochs`` epochs (never the
+    #: whole stage: a stage of N epochs warms up over at most N - 1)
     warmup_epochs: int = Field(0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     train: LayerSelection | None = None
@@ -103,10 +105,6 @@ class Stage(Settings):
     def _rates(self) -> Stage:
         if self.layer_rates and self.discriminative:
             raise ValueError("give layer_rates or discriminative, not both")
-        if self.warmup_epochs and self.warmup_epochs >= max(self.epochs, 1):
-            raise ValueError(
-                f"warmup_epochs ({self.warmup_epochs}) must be fewer than epochs ({self.epochs})"
-            )
         return self
 
 

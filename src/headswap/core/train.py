@@ -139,7 +139,11 @@ def learning_rate_schedule(
     warmup_epochs: int,
     steps_per_epoch: int,
 ) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """A constant rate, or linear warmup then constant (``constant``) or cosine decay to 0."""
+    """A constant rate, or linear warmup then constant (``constant``) or cosine decay to 0.
+
+    The warmup takes at most all epochs but the last, so that a short run (``epochs=2`` to try
+    a setting) keeps a default warmup of more epochs than it has."""
+    warmup_epochs = min(warmup_epochs, max(epochs - 1, 0))
     if schedule == "constant" and not warmup_epochs:
         return learning_rate
     warmup = warmup_epochs * steps_per_epoch
