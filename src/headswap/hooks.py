@@ -18,17 +18,20 @@ import mlflow
 import pandas as pd
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
+from kedro.io import MemoryDataset
 from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
 
 from headswap import tracking
 from headswap.config import (
     ParameterError,
+    merge_parameters,
     parameter_keys,
     parse_finetune,
     parse_predict,
     state_dir,
 )
+from headswap.core import devices
 from headswap.core.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -63,15 +66,20 @@ class UserErrorHook:
             raise RunStopped(f"Node {node.name} stopped: {message}") from error
 
 
-def tracking_uri(context) -> str | None:
-    """The tracking URI kedro-mlflow will use: ``server.mlflow_tracking_uri`` of mlflow.yml,
-    else ``MLFLOW_TRACKING_URI``."""
+def mlflow_config(context) -> dict[str, Any]:
+    """The environment's mlflow.yml, as kedro-mlflow will read it ({} without one)."""
     loader = context.config_loader
     loader.config_patterns.setdefault("mlflow", ["mlflow*", "mlflow*/**", "**/mlflow*"])
     try:
-        server = (loader["mlflow"] or {}).get("server") or {}
+        return loader["mlflow"] or {}
     except MissingConfigException:
-        server = {}
+        return {}
+
+
+def tracking_uri(context) -> str | None:
+    """The tracking URI kedro-mlflow will use: ``server.mlflow_tracking_uri`` of mlflow.yml,
+    else ``MLFLOW_TRACKING_URI``."""
+    server = mlflow_config(context).get("server") or {}
     return server.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
 
 
@@ -104,6 +112,52 @@ class MlflowServerCheckHook:
         uri = tracking_uri(context)
         if uri and uri.startswith(("http://", "https://")):
             check_tracking_server(uri, f"conf/{context.env or 'local'}/mlflow.yml")
+
+
+class MultiWorkerHook:
+    """Runs with ``finetune.distribution: multi_worker_mirrored`` on every worker that
+    ``TF_CONFIG`` names, with one writer.
+
+    The strategy is made when the Kedro context is created, before TensorFlow runs any
+    operation (collective operations must be configured at program startup). Only the chief
+    writes: on the other workers every output of the pipeline stays in memory (nothing under
+    ``data/``) and kedro-mlflow neither opens the tracking store nor starts a run (its
+    configuration points at a throwaway store in a temporary folder, tracking disabled).
+    """
+
+    def __init__(self) -> None:
+        self._worker = False
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context) -> None:
+        self._worker = False
+        finetune = context.params.get("finetune")
+        if not isinstance(finetune, dict) or finetune.get("distribution") != \
+                "multi_worker_mirrored":
+            return
+        strategy = devices.distribution_strategy("multi_worker_mirrored")
+        chief = devices.is_chief()
+        logger.info("MultiWorkerMirroredStrategy: %s workers, %s replicas in sync; this process "
+                    "is %s", devices.worker_count(), strategy.num_replicas_in_sync,
+                    "the chief (it writes the outputs and the MLflow run)" if chief
+                    else "a worker (it writes nothing)")
+        if chief:
+            return
+        from kedro.framework.project import pipelines
+
+        self._worker = True
+        store = tempfile.mkdtemp(prefix="headswap_worker_mlflow_")
+        atexit.register(shutil.rmtree, store, ignore_errors=True)
+        context.config_loader["mlflow"] = merge_parameters(mlflow_config(context), {
+            "server": {"mlflow_tracking_uri": f"sqlite:///{store}/mlflow.db"},
+            "tracking": {"disable_tracking": {"pipelines": [*pipelines, "__default__"]}},
+        })
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if self._worker:
+            for name in pipeline.all_outputs():
+                catalog[name] = MemoryDataset(copy_mode="assign")
 
 
 class SkippedImagesSummaryHook:
@@ -251,7 +305,7 @@ class ResumeHook:
             cfg = parse_finetune(context.params["finetune"])
         except (KeyError, ParameterError):
             return  # not a finetune configuration, or UserErrorHook reports it
-        if not cfg.training.resume:
+        if not cfg.keeps_backups():
             return
         self._state, self._folder = state_dir(cfg), Path(cfg.training.resume_dir)
         run_file = self._state / "mlflow_run_id"
