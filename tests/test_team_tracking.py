@@ -19,13 +19,12 @@ from pathlib import Path
 
 import boto3
 import mlflow
-import numpy as np
-import pandas as pd
 import psycopg2
 import pytest
 
 from tests.conftest import free_port, kedro_cli, serve, stop
-from tests.test_faults import IMAGES, MESSY_CLASSES, make_project
+from tests.test_faults import IMAGES, make_project
+from tests.test_mlflow_server import check_logged_model
 
 pytestmark = pytest.mark.slow
 
@@ -163,12 +162,7 @@ def test_a_finetune_run_is_recorded_on_the_team_server(team_server, s3: str, pos
     assert any(key.endswith("MLmodel") for key in keys)
 
     # The model comes back from the server and answers with the class names.
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
-    files = sorted((project / IMAGES / "filled circle").glob("img 0[0-3].png"))
-    answer = model.predict(pd.DataFrame({"image": [str(f) for f in files]}))
-    assert set(answer["predicted"]) <= set(MESSY_CLASSES) and len(answer) == len(files)
-    probabilities = answer[[f"p[{name}]" for name in sorted(MESSY_CLASSES)]].to_numpy()
-    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    check_logged_model(run.info.run_id, project)
 
     # With the server stopped, the next run stops before anything is trained.
     stop(process)
