@@ -18,6 +18,7 @@ import mlflow
 import pandas as pd
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
+from kedro.framework.project import pipelines
 from kedro.io import MemoryDataset
 from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
@@ -143,8 +144,6 @@ class MultiWorkerHook:
                     else "a worker (it writes nothing)")
         if chief:
             return
-        from kedro.framework.project import pipelines
-
         self._worker = True
         store = tempfile.mkdtemp(prefix="headswap_worker_mlflow_")
         atexit.register(shutil.rmtree, store, ignore_errors=True)
