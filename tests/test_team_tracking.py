@@ -170,4 +170,5 @@ def test_a_finetune_run_is_recorded_on_the_team_server(team_server, s3: str, pos
     stopped = kedro_cli(project, "run", "--pipeline", "finetune", "--env", "test", timeout=300)
     assert stopped.returncode == 1
     assert f"Error: The MLflow tracking server {uri} cannot be reached" in stopped.stderr
+    assert "correct the environment variable MLFLOW_TRACKING_URI" in stopped.stderr
     assert sorted((project / "data" / "06_models" / "phase1_model.keras").iterdir()) == models

@@ -77,11 +77,14 @@ def mlflow_config(context) -> dict[str, Any]:
         return {}
 
 
-def tracking_uri(context) -> str | None:
-    """The tracking URI kedro-mlflow will use: ``server.mlflow_tracking_uri`` of mlflow.yml,
-    else ``MLFLOW_TRACKING_URI``."""
+def tracking_uri(context) -> tuple[str | None, str]:
+    """The tracking URI kedro-mlflow will use, and where it is set: ``server.mlflow_tracking_uri``
+    of mlflow.yml, else the ``MLFLOW_TRACKING_URI`` environment variable."""
     server = mlflow_config(context).get("server") or {}
-    return server.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    if server.get("mlflow_tracking_uri"):
+        return (server["mlflow_tracking_uri"],
+                f"server.mlflow_tracking_uri in conf/{context.env or 'local'}/mlflow.yml")
+    return os.environ.get("MLFLOW_TRACKING_URI"), "the environment variable MLFLOW_TRACKING_URI"
 
 
 def check_tracking_server(uri: str, where: str, timeout: float = SERVER_TIMEOUT_S) -> None:
@@ -97,7 +100,7 @@ def check_tracking_server(uri: str, where: str, timeout: float = SERVER_TIMEOUT_
         return
     raise RunStopped(
         f"The MLflow tracking server {uri} cannot be reached ({problem or f'HTTP {status}'}); "
-        f"nothing was run. Start the server, correct server.mlflow_tracking_uri in {where}, "
+        f"nothing was run. Start the server, correct {where}, "
         "or set it to sqlite:///mlflow.db to record runs in a local file."
     )
 
@@ -110,9 +113,9 @@ class MlflowServerCheckHook:
     def after_context_created(self, context) -> None:
         if mlflow.active_run() is not None:
             return
-        uri = tracking_uri(context)
+        uri, where = tracking_uri(context)
         if uri and uri.startswith(("http://", "https://")):
-            check_tracking_server(uri, f"conf/{context.env or 'local'}/mlflow.yml")
+            check_tracking_server(uri, where)
 
 
 class MultiWorkerHook:
