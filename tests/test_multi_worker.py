@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
+from headswap.core import devices
 from tests.conftest import (
     copy_project,
     free_port,
@@ -32,8 +33,6 @@ from tests.conftest import (
     small_cnn,
     stop,
 )
-
-pytestmark = pytest.mark.slow
 
 PARAMS = {"finetune.head.dropout": 0.0, "finetune.training.cache_features": False}
 RUN_TIMEOUT_S = 600
@@ -73,6 +72,7 @@ def _start_workers(project: Path, logs: list[Path]) -> list[subprocess.Popen]:
     return workers
 
 
+@pytest.mark.slow
 def test_two_workers_train_as_one_process_and_only_the_chief_writes(tmp_path: Path):
     project = copy_project(tmp_path / "project")
     make_image_folder(project / "data" / "01_raw" / "shapes", per_class=20)
@@ -128,3 +128,19 @@ def test_two_workers_train_as_one_process_and_only_the_chief_writes(tmp_path: Pa
     old_version = single.data.tags["run_id"]
     assert datasets == {path.parts[: path.parts.index(old_version)] for path in before
                         if old_version in path.parts}
+
+
+@pytest.mark.parametrize(("cluster", "task", "chief", "workers"), [
+    (None, None, True, 1),  # no cluster: the process alone
+    ({"worker": ["a:1", "b:1"]}, {"type": "worker", "index": 0}, True, 2),
+    ({"worker": ["a:1", "b:1"]}, {"type": "worker", "index": 1}, False, 2),
+    ({"chief": ["c:1"], "worker": ["a:1", "b:1"]}, {"type": "chief", "index": 0}, True, 3),
+    ({"chief": ["c:1"], "worker": ["a:1", "b:1"]}, {"type": "worker", "index": 0}, False, 3),
+])
+def test_the_chief_is_the_chief_task_else_worker_0(cluster, task, chief, workers, monkeypatch):
+    if cluster is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": task}))
+    assert devices.is_chief() is chief
+    assert devices.worker_count() == workers
