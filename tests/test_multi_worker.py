@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -50,26 +51,75 @@ def _losses(client, run) -> list[float]:
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Each worker's share of every training batch, as Keras' `fit` distributes the datasets
+#: (`experimental_distribute_dataset`), next to the undistributed batches.
+SHARDS = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    from headswap.core import data
+    manifest = data.ingest_image_folder(sys.argv[1], seed=0)[0]
+    found = {}
+    for name, cache in (("memory", 2**30), ("streamed", 0)):
+        dataset = data.make_dataset(manifest, "train", (32, 32), 1, 16, shuffle=True,
+                                    epoch=tf.Variable(3, dtype=tf.int64), cache_bytes=cache)
+        def sums(images):
+            return [round(float(v), 1) for v in tf.reduce_sum(images, axis=[1, 2, 3])]
+        found[name] = {
+            "full": [sums(x) for x, _ in dataset],
+            "local": [sums(strategy.experimental_local_results(x)[0])
+                      for x, _ in strategy.experimental_distribute_dataset(dataset)]}
+    print("RESULT" + json.dumps(found), flush=True)
+""")
+
+
 def _cli_params(params: dict) -> str:
     return ",".join(f"{key}={value}" for key, value in params.items())
 
 
-def _start_workers(project: Path, logs: list[Path]) -> list[subprocess.Popen]:
+def _start_workers(command: list[str], cwd: Path, logs: list[Path]) -> list[subprocess.Popen]:
+    """``command`` as two workers of one cluster on 127.0.0.1, each logging to its file."""
     cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
-    params = _cli_params({**PARAMS, "finetune.distribution": "multi_worker_mirrored"})
     workers = []
     for index, log in enumerate(logs):
         env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2",
-               "PYTHONUNBUFFERED": "1",
+               "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "src"),
                "TF_CONFIG": json.dumps({"cluster": cluster,
                                         "task": {"type": "worker", "index": index}})}
         with open(log, "w") as out:
-            workers.append(subprocess.Popen(
-                [sys.executable, "-m", "kedro", "run", "--pipeline", "finetune", "--env", "test",
-                 "--params", params],
-                cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True))
+            workers.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True))
     return workers
+
+
+def _wait(workers: list[subprocess.Popen], logs: list[Path]) -> list[str]:
+    """Both workers' logs once both have exited 0 (bounded), both stopped in any case."""
+    try:
+        codes = [w.wait(timeout=RUN_TIMEOUT_S) for w in workers]
+    finally:
+        for worker in workers:
+            stop(worker)
+    texts = [log.read_text() for log in logs]
+    assert codes == [0, 0], texts[0][-3000:] + "\n----\n" + texts[1][-3000:]
+    return texts
+
+
+@pytest.mark.slow
+def test_each_worker_trains_on_its_half_of_every_global_batch(tmp_path: Path):
+    folder = make_image_folder(tmp_path / "images", per_class=20)
+    logs = [tmp_path / "worker0.log", tmp_path / "worker1.log"]
+    texts = _wait(_start_workers([sys.executable, "-c", SHARDS, str(folder)], ROOT, logs),
+                  logs)
+    (first, second) = (json.loads(re.search(r"RESULT(.*)", t).group(1)) for t in texts)
+    for name in ("memory", "streamed"):
+        full = first[name]["full"]
+        assert full == second[name]["full"] and len(full) == 3  # 36 images: 16, 16, 4
+        halves = zip(first[name]["local"], second[name]["local"], strict=True)
+        for batch, (mine, theirs) in zip(full, halves, strict=True):
+            assert len(mine) == len(theirs) == len(batch) // 2
+            assert sorted(mine + theirs) == sorted(batch)  # the global batch, split in two
 
 
 @pytest.mark.slow
@@ -93,14 +143,10 @@ def test_two_workers_train_as_one_process_and_only_the_chief_writes(tmp_path: Pa
     before = _files(project)
 
     logs = [tmp_path / "worker0.log", tmp_path / "worker1.log"]
-    workers = _start_workers(project, logs)
-    try:
-        codes = [w.wait(timeout=RUN_TIMEOUT_S) for w in workers]
-    finally:
-        for worker in workers:
-            stop(worker)
-    chief_log, worker_log = (log.read_text() for log in logs)
-    assert codes == [0, 0], chief_log[-3000:] + "\n----\n" + worker_log[-3000:]
+    command = [sys.executable, "-m", "kedro", "run", "--pipeline", "finetune", "--env", "test",
+               "--params", _cli_params({**PARAMS, "finetune.distribution":
+                                        "multi_worker_mirrored"})]
+    chief_log, worker_log = _wait(_start_workers(command, project, logs), logs)
     assert "2 workers, 2 replicas in sync; this process is the chief" in chief_log
     assert "2 workers, 2 replicas in sync; this process is a worker (it writes nothing)" \
         in worker_log
