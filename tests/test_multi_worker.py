@@ -150,6 +150,9 @@ def test_two_workers_train_as_one_process_and_only_the_chief_writes(tmp_path: Pa
     assert "2 workers, 2 replicas in sync; this process is the chief" in chief_log
     assert "2 workers, 2 replicas in sync; this process is a worker (it writes nothing)" \
         in worker_log
+    for log in (chief_log, worker_log):  # they leave together, neither reported crashed
+        assert "Waiting for the other workers to finish their pipeline" in log
+        assert "unhealthy" not in log
 
     # One new MLflow run, from the chief, with the single process's losses epoch by epoch.
     client, runs = mlflow_runs(project)

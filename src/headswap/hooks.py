@@ -126,20 +126,23 @@ class MultiWorkerHook:
     operation (collective operations must be configured at program startup). Only the chief
     writes: on the other workers every output of the pipeline stays in memory (nothing under
     ``data/``) and kedro-mlflow neither opens the tracking store nor starts a run (its
-    configuration points at a throwaway store in a temporary folder, tracking disabled).
+    configuration points at a throwaway store in a temporary folder, tracking disabled). At
+    the end of the pipeline every worker waits for the others, so that all exit together.
     """
 
     def __init__(self) -> None:
         self._worker = False
+        self._strategy = None
 
     @hook_impl(tryfirst=True)
     def after_context_created(self, context) -> None:
-        self._worker = False
+        self._worker, self._strategy = False, None
         finetune = context.params.get("finetune")
         if not isinstance(finetune, dict) or finetune.get("distribution") != \
                 "multi_worker_mirrored":
             return
         strategy = devices.distribution_strategy("multi_worker_mirrored")
+        self._strategy = strategy if devices.spans_workers(strategy) else None
         chief = devices.is_chief()
         logger.info("MultiWorkerMirroredStrategy: %s workers, %s replicas in sync; this process "
                     "is %s", devices.worker_count(), strategy.num_replicas_in_sync,
@@ -160,6 +163,12 @@ class MultiWorkerHook:
         if self._worker:
             for name in pipeline.all_outputs():
                 catalog[name] = MemoryDataset(copy_mode="assign")
+
+    @hook_impl(trylast=True)
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if self._strategy is not None:
+            logger.info("Waiting for the other workers to finish their pipeline")
+            devices.wait_for_workers(self._strategy)
 
 
 class SkippedImagesSummaryHook:

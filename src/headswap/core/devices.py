@@ -78,6 +78,14 @@ def spans_workers(strategy: tf.distribute.Strategy | None) -> bool:
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and worker_count() > 1
 
 
+def wait_for_workers(strategy: tf.distribute.Strategy) -> None:
+    """Return once every worker of ``strategy`` has called this (an all-reduce of one number).
+
+    A worker that leaves while another still runs is reported as crashed by TensorFlow's
+    coordination service: every worker calls this before it exits."""
+    strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+
 class _AcrossWorkers(keras.Model):
     """A model Keras 3.15 can ``fit`` under a MultiWorkerMirroredStrategy of several workers.
 
