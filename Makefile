@@ -17,7 +17,7 @@ PY := $(PYTHON)
 ENVIRONMENT :=
 endif
 
-.PHONY: install install-test data example lint test test-fast
+.PHONY: install install-test data example lint test test-fast postgresql
 
 $(FASHION_MNIST):
 	$(SUDO) apt-get install -y dataset-fashion-mnist \
@@ -30,6 +30,15 @@ $(CHROMIUM):
 	$(SUDO) apt-get install -y chromium \
 	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 
+# The team tracking test starts a throwaway PostgreSQL cluster (initdb, pg_ctl; Debian puts them
+# in /usr/lib/postgresql/<version>/bin).
+POSTGRES := $(firstword $(shell command -v initdb) $(wildcard /usr/lib/postgresql/*/bin/initdb))
+postgresql:
+ifeq ($(POSTGRES),)
+	$(SUDO) apt-get install -y postgresql \
+	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y postgresql)
+endif
+
 .venv/bin/python:
 	$(PYTHON) -m venv .venv \
 	  || ($(SUDO) apt-get install -y python3-venv && $(PYTHON) -m venv .venv)
@@ -37,7 +46,7 @@ $(CHROMIUM):
 install: data $(ENVIRONMENT)
 	$(PY) -m pip install -e .
 
-install-test: data $(CHROMIUM) $(ENVIRONMENT)
+install-test: data $(CHROMIUM) postgresql $(ENVIRONMENT)
 	$(PY) -m pip install -e ".[test]"
 
 example: install

@@ -222,8 +222,14 @@ class FinetuneConfig(Settings):
             callbacks=training.callbacks,
             class_weight=training.class_weight, distribution=self.distribution,
             mixed_precision=self.mixed_precision, jit_compile=self.jit_compile,
-            backup_dir=state_dir(self) if training.resume else None,
+            backup_dir=state_dir(self) if self.keeps_backups() else None,
         )
+
+    def keeps_backups(self) -> bool:
+        """Whether the run keeps what it needs to resume: ``training.resume``, except across
+        workers (``multi_worker_mirrored``), where every worker would have to resume from the
+        same epoch and only the chief may write."""
+        return self.training.resume and self.distribution != "multi_worker_mirrored"
 
 
 def state_dir(cfg: FinetuneConfig) -> Path:

@@ -18,17 +18,21 @@ import mlflow
 import pandas as pd
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
+from kedro.framework.project import pipelines
+from kedro.io import MemoryDataset
 from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
 
 from headswap import tracking
 from headswap.config import (
     ParameterError,
+    merge_parameters,
     parameter_keys,
     parse_finetune,
     parse_predict,
     state_dir,
 )
+from headswap.core import devices
 from headswap.core.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -63,16 +67,24 @@ class UserErrorHook:
             raise RunStopped(f"Node {node.name} stopped: {message}") from error
 
 
-def tracking_uri(context) -> str | None:
-    """The tracking URI kedro-mlflow will use: ``server.mlflow_tracking_uri`` of mlflow.yml,
-    else ``MLFLOW_TRACKING_URI``."""
+def mlflow_config(context) -> dict[str, Any]:
+    """The environment's mlflow.yml, as kedro-mlflow will read it ({} without one)."""
     loader = context.config_loader
     loader.config_patterns.setdefault("mlflow", ["mlflow*", "mlflow*/**", "**/mlflow*"])
     try:
-        server = (loader["mlflow"] or {}).get("server") or {}
+        return loader["mlflow"] or {}
     except MissingConfigException:
-        server = {}
-    return server.get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        return {}
+
+
+def tracking_uri(context) -> tuple[str | None, str]:
+    """The tracking URI kedro-mlflow will use, and where it is set: ``server.mlflow_tracking_uri``
+    of mlflow.yml, else the ``MLFLOW_TRACKING_URI`` environment variable."""
+    server = mlflow_config(context).get("server") or {}
+    if server.get("mlflow_tracking_uri"):
+        return (server["mlflow_tracking_uri"],
+                f"server.mlflow_tracking_uri in conf/{context.env or 'local'}/mlflow.yml")
+    return os.environ.get("MLFLOW_TRACKING_URI"), "the environment variable MLFLOW_TRACKING_URI"
 
 
 def check_tracking_server(uri: str, where: str, timeout: float = SERVER_TIMEOUT_S) -> None:
@@ -88,7 +100,7 @@ def check_tracking_server(uri: str, where: str, timeout: float = SERVER_TIMEOUT_
         return
     raise RunStopped(
         f"The MLflow tracking server {uri} cannot be reached ({problem or f'HTTP {status}'}); "
-        f"nothing was run. Start the server, correct server.mlflow_tracking_uri in {where}, "
+        f"nothing was run. Start the server, correct {where}, "
         "or set it to sqlite:///mlflow.db to record runs in a local file."
     )
 
@@ -101,9 +113,62 @@ class MlflowServerCheckHook:
     def after_context_created(self, context) -> None:
         if mlflow.active_run() is not None:
             return
-        uri = tracking_uri(context)
+        uri, where = tracking_uri(context)
         if uri and uri.startswith(("http://", "https://")):
-            check_tracking_server(uri, f"conf/{context.env or 'local'}/mlflow.yml")
+            check_tracking_server(uri, where)
+
+
+class MultiWorkerHook:
+    """Runs with ``finetune.distribution: multi_worker_mirrored`` on every worker that
+    ``TF_CONFIG`` names, with one writer.
+
+    The strategy is made when the Kedro context is created, before TensorFlow runs any
+    operation (collective operations must be configured at program startup). Only the chief
+    writes: on the other workers every output of the pipeline stays in memory (nothing under
+    ``data/``) and kedro-mlflow neither opens the tracking store nor starts a run (its
+    configuration points at a throwaway store in a temporary folder, tracking disabled). At
+    the end of the pipeline every worker waits for the others, so that all exit together.
+    """
+
+    def __init__(self) -> None:
+        self._worker = False
+        self._strategy = None
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context) -> None:
+        self._worker, self._strategy = False, None
+        finetune = context.params.get("finetune")
+        if not isinstance(finetune, dict) or finetune.get("distribution") != \
+                "multi_worker_mirrored":
+            return
+        strategy = devices.distribution_strategy("multi_worker_mirrored")
+        self._strategy = strategy if devices.spans_workers(strategy) else None
+        chief = devices.is_chief()
+        logger.info("MultiWorkerMirroredStrategy: %s workers, %s replicas in sync; this process "
+                    "is %s", devices.worker_count(), strategy.num_replicas_in_sync,
+                    "the chief (it writes the outputs and the MLflow run)" if chief
+                    else "a worker (it writes nothing)")
+        if chief:
+            return
+        self._worker = True
+        store = tempfile.mkdtemp(prefix="headswap_worker_mlflow_")
+        atexit.register(shutil.rmtree, store, ignore_errors=True)
+        context.config_loader["mlflow"] = merge_parameters(mlflow_config(context), {
+            "server": {"mlflow_tracking_uri": f"sqlite:///{store}/mlflow.db"},
+            "tracking": {"disable_tracking": {"pipelines": [*pipelines, "__default__"]}},
+        })
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if self._worker:
+            for name in pipeline.all_outputs():
+                catalog[name] = MemoryDataset(copy_mode="assign")
+
+    @hook_impl(trylast=True)
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if self._strategy is not None:
+            logger.info("Waiting for the other workers to finish their pipeline")
+            devices.wait_for_workers(self._strategy)
 
 
 class SkippedImagesSummaryHook:
@@ -251,7 +316,7 @@ class ResumeHook:
             cfg = parse_finetune(context.params["finetune"])
         except (KeyError, ParameterError):
             return  # not a finetune configuration, or UserErrorHook reports it
-        if not cfg.training.resume:
+        if not cfg.keeps_backups():
             return
         self._state, self._folder = state_dir(cfg), Path(cfg.training.resume_dir)
         run_file = self._state / "mlflow_run_id"

@@ -13,6 +13,7 @@ from headswap.hooks import (  # noqa: E402 - after the filters, which must come 
     MlflowArtifactHook,
     MlflowRunEndHook,
     MlflowServerCheckHook,
+    MultiWorkerHook,
     NamespaceRunsHook,
     ResumeHook,
     RunDescriptionHook,
@@ -23,6 +24,7 @@ from headswap.hooks import (  # noqa: E402 - after the filters, which must come 
 # Next to kedro-mlflow's own hook (registered by the plugin); those that must come before it
 # are marked tryfirst, those that need its MLflow run trylast.
 HOOKS = (
+    MultiWorkerHook(),
     MlflowServerCheckHook(),
     UserErrorHook(),
     MlflowArtifactHook(),

@@ -9,6 +9,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 from headswap.core.heads import OUTPUT_NAME
 from headswap.core.train import iter_layers
@@ -39,7 +40,9 @@ def distribution_strategy(name: str) -> tf.distribute.Strategy | None:
     ``multi_worker_mirrored`` (workers from ``TF_CONFIG``).
 
     One strategy per process: a second MirroredStrategy in the same process numbers its
-    collective operations afresh, and its all-reduces then clash with the first one's.
+    collective operations afresh, and its all-reduces then clash with the first one's. A
+    ``multi_worker_mirrored`` strategy must be made before TensorFlow runs any operation
+    ("Collective ops must be configured at program startup"): call this first thing.
     """
     if name == "none":
         return None
@@ -49,6 +52,68 @@ def distribution_strategy(name: str) -> tf.distribute.Strategy | None:
     if name == "multi_worker_mirrored":
         return tf.distribute.MultiWorkerMirroredStrategy()
     raise ValueError(f"Unknown distribution {name!r}; use none, mirrored or multi_worker_mirrored.")
+
+
+def worker_count() -> int:
+    """How many worker processes (chief included) the cluster ``TF_CONFIG`` names; 1 without
+    one."""
+    jobs = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec().as_dict()
+    return max(1, sum(len(jobs.get(job, [])) for job in ("chief", "worker")))
+
+
+def is_chief() -> bool:
+    """Whether this process is the one that writes (outputs, tracking, checkpoints): the
+    ``chief`` task, or worker 0 of a cluster without one, or a process outside any cluster."""
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    jobs = resolver.cluster_spec().jobs
+    if not jobs:
+        return True
+    if "chief" in jobs:
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and int(resolver.task_id or 0) == 0
+
+
+def spans_workers(strategy: tf.distribute.Strategy | None) -> bool:
+    """Whether ``strategy`` trains across several worker processes."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and worker_count() > 1
+
+
+def wait_for_workers(strategy: tf.distribute.Strategy) -> None:
+    """Return once every worker of ``strategy`` has called this (an all-reduce of one number).
+
+    A worker that leaves while another still runs is reported as crashed by TensorFlow's
+    coordination service: every worker calls this before it exits."""
+    strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+
+class _AcrossWorkers(keras.Model):
+    """A model Keras 3.15 can ``fit`` under a MultiWorkerMirroredStrategy of several workers.
+
+    Keras averages each replica's step results across workers with
+    ``strategy.reduce("MEAN", value, axis=0)``, which fails on scalars ("Invalid reduction
+    dimension 0 for input with 0 dimensions"): the metrics are handed over as vectors of one
+    value. The metrics' variables are summed across replicas as they update, so every
+    replica holds the same, global value, and their mean is that value.
+    """
+
+    def train_step(self, data):
+        return {k: ops.reshape(v, (1,)) for k, v in super().train_step(data).items()}
+
+    def test_step(self, data):
+        return {k: ops.reshape(v, (1,)) for k, v in super().test_step(data).items()}
+
+
+def across_workers(model: keras.Model) -> keras.Model:
+    """``model``'s layers (built in a MultiWorkerMirroredStrategy's scope) as a model that
+    Keras 3.15 can fit across workers. Call it outside the strategy's scope, then compile it
+    and build its optimizer (``model.optimizer.build(model.trainable_variables)``) inside.
+
+    Made outside the scope, the model does not keep the strategy, so ``fit`` skips its
+    symbolic build, which reduces the first batch with ``strategy.reduce`` and fails across
+    workers (TensorFlow's ``reduce`` takes no nested structure such as ``(images, labels)``);
+    ``fit`` still runs under the strategy of the scope it is called in.
+    """
+    return _AcrossWorkers(model.inputs, model.outputs, name=model.name)
 
 
 def strategy_scope(strategy: tf.distribute.Strategy | None):

@@ -23,7 +23,15 @@ import tensorflow as tf
 
 from headswap.core import data, heads
 from headswap.core.bases import input_spec
-from headswap.core.devices import distribution_strategy, rebuild, reseed, strategy_scope
+from headswap.core.devices import (
+    across_workers,
+    distribution_strategy,
+    is_chief,
+    rebuild,
+    reseed,
+    spans_workers,
+    strategy_scope,
+)
 from headswap.core.recipe import Callbacks, Stage, check_plateau
 from headswap.core.resume import StageState
 from headswap.core.train import (
@@ -50,9 +58,11 @@ class FitOptions:
     memory when they fit in this many MiB. ``cache_features``: while the base is frozen (and
     the model has no augmentation layers), the base's features are computed once per image and
     the head trains on them. ``distribution``: ``none``, ``mirrored`` or
-    ``multi_worker_mirrored``. ``backup_dir``: keep what an interrupted run needs to continue
-    (see :mod:`headswap.core.resume`); None keeps nothing. ``extra_callbacks`` are added to
-    every stage's.
+    ``multi_worker_mirrored`` (the strategy made first thing in the process, see
+    :func:`~headswap.core.devices.distribution_strategy`; features are not cached there, and
+    only the chief writes checkpoints). ``backup_dir``: keep what an interrupted run needs
+    to continue (see :mod:`headswap.core.resume`); None keeps nothing. ``extra_callbacks``
+    are added to every stage's.
     """
 
     image_size: tuple[int, int]
@@ -103,10 +113,10 @@ def fit(
     run = _Run.start(manifest, options, first_epoch)
     histories, layers_per_stage, counts = [], [], {}
     epoch = first_epoch
-    with strategy_scope(run.strategy):
-        for i, stage in enumerate(stages, start=1):
-            label = f"{name} stage {i}" if len(stages) > 1 else name
-            work, logged, trainable, counts = _compiled(model, stage, run, label)
+    for i, stage in enumerate(stages, start=1):
+        label = f"{name} stage {i}" if len(stages) > 1 else name
+        work, logged, trainable, counts = _compiled(model, stage, run, label)
+        with strategy_scope(run.strategy):
             keras.utils.set_random_seed(options.seed + epoch)
             reseed(work, options.seed + epoch)
             state = (StageState(Path(options.backup_dir) / f"{name}_stage{i}",
@@ -177,10 +187,16 @@ def _compiled(
     logged, the base layers that train, and the parameter counts."""
     options = run.options
     trainable = set_trainable(model, stage.train, stage.train_batchnorm)
-    work = (rebuild(model, options.mixed_precision, synchronized=run.strategy is not None)
-            if run.strategy is not None or options.mixed_precision else model)
-    optimizer, logged = build_optimizer(work, stage, run.steps)
-    compile_model(work, optimizer, stage.label_smoothing, options.jit_compile)
+    with strategy_scope(run.strategy):
+        work = (rebuild(model, options.mixed_precision, synchronized=run.strategy is not None)
+                if run.strategy is not None or options.mixed_precision else model)
+    if spans_workers(run.strategy):
+        work = across_workers(work)  # outside the scope: see its documentation
+    with strategy_scope(run.strategy):
+        optimizer, logged = build_optimizer(work, stage, run.steps)
+        compile_model(work, optimizer, stage.label_smoothing, options.jit_compile)
+        if spans_workers(run.strategy):
+            work.optimizer.build(work.trainable_variables)
     counts = parameter_counts(work)
     logger.info(
         "%s: %s base layers train; %s trainable and %s non-trainable parameters; "
@@ -258,6 +274,7 @@ def _can_cache(options: FitOptions, stage: Stage, model: keras.Model,
     """Features can be computed once when nothing below the head changes between epochs,
     and are, when each split's features fit in the memory budget."""
     if not (options.cache_features and stage.train is None
+            and options.distribution != "multi_worker_mirrored"  # see FitOptions
             and not heads.has_augmentation(model)
             and not options.callbacks.checkpoint):  # a checkpoint is of the whole model
         return False
@@ -294,7 +311,7 @@ def _cached_head(
 
 
 def _checkpoint_path(options: FitOptions, label: str) -> str | None:
-    if not options.callbacks.checkpoint:
+    if not options.callbacks.checkpoint or not is_chief():  # one writer across workers
         return None
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H.%M.%S.%fZ")
     folder = Path(options.callbacks.checkpoint_dir) / stamp
