@@ -207,7 +207,27 @@ class TuneConfig(Settings):
     startup_trials: int = Field(5, ge=0)  # random trials before TPE, and before any pruning
     pruner: Literal["median", "hyperband", "none"] = "median"
     warmup_epochs: int = Field(2, ge=0)  # epochs a trial runs before it can be pruned
+    # finetune keys as in parameters_finetune.yml (nested, or dotted: phase1.learning_rate),
+    # each ending in a SearchDimension
     space: dict[str, SearchDimension] = Field(min_length=1)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _dotted(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, node: dict[str, Any]) -> None:
+            for key, item in node.items():
+                name = f"{prefix}.{key}" if prefix else str(key)
+                if isinstance(item, dict) and not {"low", "high", "choices"} & set(item):
+                    walk(name, item)
+                else:
+                    flat[name] = item
+
+        walk("", value)
+        return flat
 
     @model_validator(mode="after")
     def _budget_and_keys(self) -> TuneConfig:

@@ -220,8 +220,7 @@ def search(
                     mlflow.set_tag("trial_state", "COMPLETE")
                     mlflow.log_metric("val_accuracy", value)
         if pruned is not None:
-            logger.info("Trial %s pruned: %s", trial.number, pruned)
-            raise pruned
+            raise pruned  # Optuna logs it and records the trial as pruned
         return value
 
     def enough(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

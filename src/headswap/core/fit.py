@@ -290,9 +290,10 @@ def find_learning_rate(
     reseed(trained, options.seed)
     test = range_test(trained, train, settings)
     logger.info("%s: learning-rate range test over %s steps (%.3g to %.3g); %s; suggested "
-                "learning rate %.3g (steepest descent at %.3g)", label, len(test.learning_rates),
-                settings.min_learning_rate, settings.max_learning_rate, test.stopped,
-                test.suggestion, test.steepest)
+                "learning rate %.3g (smoothed loss lowest at %.3g, falling fastest at %.3g)",
+                label, len(test.learning_rates), settings.min_learning_rate,
+                settings.max_learning_rate, test.stopped, test.suggestion, test.minimum,
+                test.steepest)
     return test
 
 

@@ -7,12 +7,17 @@ model's weights and its optimizer's state afterwards, so the test leaves no trac
 model. :func:`headswap.core.fit.find_learning_rate` prepares a model for one stage (which
 layers train, the stage's optimizer, cached features while the base is frozen) and calls it.
 
-The suggestion is the rate at the smoothed loss's minimum divided by 10. The minimum itself is
-where the loss is about to blow up (the next rates make it climb), so it is too high to train
-at; one order of magnitude below lies on the steep, still-falling part of the curve. The
-other common reading, the steepest descent of the smoothed loss, takes a derivative of a
-noisy curve of a hundred points and jumps around from one run to the next; it is reported as
-``steepest`` for comparison.
+The suggestion is one tenth of the highest rate before the smoothed loss, past its minimum,
+first climbs 10% above it (the first tenth of the steps, where the average still settles, left
+out).
+fastai's rule, the rate at the minimum divided by 10, works on a curve with a clear dip (a new
+head: the loss falls, then blows up) and there both rules land close together; but on a
+curve that stays flat until it climbs (a model that has already learned, as in phase 2: the
+loss cannot fall much, and its minimum is wherever the batches' noise put it, often among the
+lowest rates) it suggests a rate too small to train at. The edge of the low-loss region is
+where training stops being safe on both kinds of curve; one decade below it is the usual
+margin. The steepest descent of the smoothed loss (a derivative of a noisy curve) and the
+minimum are reported beside it, and marked on the plot.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from matplotlib.figure import Figure
 from pydantic import Field, model_validator
 
 from headswap.core.recipe import Settings
+
+#: How far above its minimum the smoothed loss has risen where the suggestion is read off.
+RISE = 0.1
 
 
 class RangeTestSettings(Settings):
@@ -54,13 +62,14 @@ class RangeTestSettings(Settings):
 
 @dataclass
 class RangeTest:
-    """The rates tried, the loss of each step (raw and smoothed), the suggested rate, the
-    steepest-descent rate, and why the test stopped."""
+    """The rates tried, the loss of each step (raw and smoothed), the suggested rate, the rates
+    at the smoothed loss's minimum and at its steepest descent, and why the test stopped."""
 
     learning_rates: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     smoothed: list[float] = field(default_factory=list)
     suggestion: float = math.nan
+    minimum: float = math.nan
     steepest: float = math.nan
     stopped: str = ""
 
@@ -114,29 +123,36 @@ def range_test(
         model.set_weights(weights)
         for variable, value in zip(optimizer.variables, state, strict=True):
             variable.assign(value)
-    result.suggestion, result.steepest = suggest(result.learning_rates, result.smoothed)
+    result.suggestion, result.minimum, result.steepest = suggest(result.learning_rates,
+                                                                  result.smoothed)
     return result
 
 
-def suggest(rates: list[float], smoothed: list[float]) -> tuple[float, float]:
-    """``(suggestion, steepest)``: the rate at the smoothed loss's minimum divided by 10, and
-    the rate where the smoothed loss falls fastest against the log of the rate, between the
-    first tenth of the steps (where the smoothed value still settles) and the minimum. NaN for
-    both when fewer than two steps ran."""
+def suggest(rates: list[float], smoothed: list[float]) -> tuple[float, float, float]:
+    """``(suggestion, minimum, steepest)`` read off the smoothed loss, leaving out the first
+    tenth of the steps (where the average still settles): the suggestion, one tenth of the
+    highest rate before the smoothed loss, past its minimum, first rises :data:`RISE` above
+    it; the
+    rate at the minimum; the rate where the loss falls fastest against the log of the rate,
+    up to the minimum. NaN for all when fewer than two steps ran."""
     if len(rates) < 2:
-        return math.nan, math.nan
-    lowest = int(np.argmin(smoothed))
-    start = min(len(rates) // 10, max(lowest - 1, 0))
-    if lowest - start < 1:
-        return rates[lowest] / 10, rates[lowest]
-    window = slice(start, lowest + 1)
-    slopes = np.gradient(np.asarray(smoothed[window]), np.log(rates[window]))
-    return rates[lowest] / 10, rates[start + int(np.argmin(slopes))]
+        return math.nan, math.nan, math.nan
+    start = len(rates) // 10 if len(rates) >= 20 else 0
+    values = np.asarray(smoothed[start:])
+    lowest = int(np.argmin(values))
+    above = np.flatnonzero(values[lowest:] > (1 + RISE) * values[lowest])
+    edge = lowest + (int(above[0]) - 1 if above.size else len(values) - 1 - lowest)
+    if lowest >= 1:
+        window = np.log(rates[start:start + lowest + 1])
+        steepest = start + int(np.argmin(np.gradient(values[: lowest + 1], window)))
+    else:
+        steepest = start
+    return rates[start + edge] / 10, rates[start + lowest], rates[steepest]
 
 
 def range_test_figure(tests: list[tuple[str, RangeTest | dict[str, Any]]]) -> Figure:
     """Smoothed loss against learning rate (log scale), one panel per test, the suggestion
-    marked (and the steepest descent, dotted)."""
+    marked (and the smoothed loss's minimum, dotted)."""
     fig = Figure(figsize=(5.5 * len(tests), 4))
     axes = np.atleast_1d(fig.subplots(1, len(tests)))
     for ax, (title, test) in zip(axes, tests, strict=True):
@@ -144,14 +160,15 @@ def range_test_figure(tests: list[tuple[str, RangeTest | dict[str, Any]]]) -> Fi
         ax.plot(test["learning_rates"], test["losses"], color="lightgrey", linewidth=1,
                 label="loss of each step")
         ax.plot(test["learning_rates"], test["smoothed"], label="smoothed loss")
-        for key, style, text in (("suggestion", "--", "suggestion (minimum / 10)"),
-                                 ("steepest", ":", "steepest descent")):
+        for key, style, text in (("suggestion", "--", "suggestion"),
+                                 ("minimum", ":", "minimum of the smoothed loss")):
             if math.isfinite(test[key]):
                 ax.axvline(test[key], color="C3" if key == "suggestion" else "grey",
                            linestyle=style, label=f"{text}: {test[key]:.2g}")
-        if test["smoothed"]:
-            low, high = min(test["smoothed"]), test["smoothed"][0]
-            ax.set_ylim(low - 0.1 * abs(high - low) - 1e-3, max(high, low) * 1.5 + 1e-3)
+        settled = test["smoothed"][len(test["smoothed"]) // 10:]
+        if settled:  # the range from the settled minimum to twice its rise above the start
+            low, high = min(settled), max(settled[0], min(settled))
+            ax.set_ylim(low - 0.05 * (high - low) - 1e-3, high + 1.5 * (high - low) + 1e-3)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (log scale)")
         ax.set_ylabel("training loss")
