@@ -19,11 +19,12 @@ logger = logging.getLogger(__name__)
 def search_recipe(
     base_model: keras.Model, manifest: pd.DataFrame, finetune: dict[str, Any],
     tune: dict[str, Any],
-) -> tuple[pd.DataFrame, dict[str, Any], dict[str, dict[str, float]]]:
+) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any], dict[str, dict[str, float]]]:
     """Trials of the study ``tune.study`` until it has ``tune.n_trials`` (or ``tune.timeout_s``
     passed), each the recipe with the trial's settings, scored by validation accuracy, in an
     MLflow run nested under this one. Returns every trial of the study (this process's and
-    others'), the best settings as a parameters file, and the counts as metrics."""
+    others'), the best settings as a parameters file (twice: saved, and in memory for
+    :func:`evaluate_best`), and the counts as metrics."""
     cfg = parse_tune(tune)
 
     def train(params: dict[str, Any], callbacks: list[keras.callbacks.Callback]) -> float:
@@ -43,7 +44,7 @@ def search_recipe(
                 study.best_value)
     metrics = {"trials": len(table), "complete": states.get("COMPLETE", 0),
                "pruned": states.get("PRUNED", 0), "best_trial.val_accuracy": study.best_value}
-    return table, best, metrics_points(metrics)
+    return table, best, best, metrics_points(metrics)
 
 
 def evaluate_best(
