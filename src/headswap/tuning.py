@@ -53,16 +53,17 @@ def open_study(cfg: TuneConfig) -> optuna.Study:
         engine: dict[str, Any] = {"connect_args": {"timeout": 60}}
     else:
         engine = {"pool_pre_ping": True}
-    with warnings.catch_warnings():
-        # constant_liar is marked experimental; it is what keeps parallel workers from
-        # sampling next to each other's running trials.
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials,
-                                             constant_liar=True)
     for attempt in range(5):
         try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine,
-                                                 heartbeat_interval=30, grace_period=120)
+            with warnings.catch_warnings():
+                # Marked experimental: constant_liar (it keeps parallel workers from sampling
+                # next to each other's running trials) and the heartbeat (a killed process's
+                # running trial is marked failed, not left running for ever).
+                warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+                sampler = optuna.samplers.TPESampler(
+                    seed=cfg.seed, n_startup_trials=cfg.startup_trials, constant_liar=True)
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=engine,
+                                                     heartbeat_interval=30, grace_period=120)
             return optuna.create_study(study_name=cfg.study, storage=storage, sampler=sampler,
                                        pruner=_pruner(cfg), direction="maximize",
                                        load_if_exists=True)
