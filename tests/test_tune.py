@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -21,7 +19,13 @@ import yaml
 
 from headswap.config import parse_finetune
 from headswap.core import FitOptions, Stage, fit
-from tests.conftest import copy_project, kedro_cli, mlflow_runs, run_sessions
+from tests.conftest import (
+    copy_project,
+    kedro_cli,
+    kill_in_phase2,
+    mlflow_runs,
+    run_sessions,
+)
 from tests.test_compare import _latest
 
 pytestmark = pytest.mark.slow
@@ -93,21 +97,7 @@ def test_auto_rates_are_logged_and_a_killed_run_resumes_with_them(project: Path)
     command = [*KEDRO, "--pipeline", "finetune", "--params", params]
     state = project / "data/05_model_input/resume"
     _, before = mlflow_runs(project)
-    process = subprocess.Popen(command, cwd=project, env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while process.poll() is None:  # killed once phase 2 has backed up an epoch
-            assert time.monotonic() < deadline, "phase 2 never backed up an epoch"
-            if list(state.glob("*/phase2_stage1/backup/epoch-*")):
-                process.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.05)
-        assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it was killed"
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
+    kill_in_phase2(command, project, ENV)
     found = {p.name.split("_")[0]: json.loads(p.read_text())["learning_rate"]
              for p in state.glob("*/phase*_stage1.lr_find.json")}
     assert set(found) == {"phase1", "phase2"}
