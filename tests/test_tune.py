@@ -203,3 +203,15 @@ def test_two_processes_share_one_study_each_trial_once_in_a_nested_run(project: 
     cfg = parse_finetune(params)
     assert cfg.phase1.epochs == best["finetune"]["phase1"]["epochs"]
     assert cfg.head.dropout == best["finetune"]["head"]["dropout"]
+
+
+def test_bad_tune_parameters_stop_with_one_message_before_any_trial(project: Path):
+    result = kedro_cli(project, "run", "--pipeline", "tune", "--env", "test", "--params",
+                       "tune.n_trials=0,tune.study=refused", timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "Error: Invalid parameters:\n  tune.n_trials: got 0" in output
+    assert "Traceback" not in output
+    storage = f"sqlite:///{project / 'data/07_model_output/tune/optuna.db'}"
+    if (project / "data/07_model_output/tune/optuna.db").exists():
+        assert "refused" not in optuna.get_all_study_names(storage)

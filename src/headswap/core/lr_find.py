@@ -7,9 +7,8 @@ model's weights and its optimizer's state afterwards, so the test leaves no trac
 model. :func:`headswap.core.fit.find_learning_rate` prepares a model for one stage (which
 layers train, the stage's optimizer, cached features while the base is frozen) and calls it.
 
-The suggestion is one tenth of the highest rate before the smoothed loss, past its minimum,
-first climbs 10% above it (the first tenth of the steps, where the average still settles, left
-out).
+The suggestion is one tenth of the highest rate at which the smoothed loss is still within 10%
+of its minimum (the first tenth of the steps, where the average still settles, left out).
 fastai's rule, the rate at the minimum divided by 10, works on a curve with a clear dip (a new
 head: the loss falls, then blows up) and there both rules land close together; but on a
 curve that stays flat until it climbs (a model that has already learned, as in phase 2: the
@@ -34,7 +33,7 @@ from pydantic import Field, model_validator
 
 from headswap.core.recipe import Settings
 
-#: How far above its minimum the smoothed loss has risen where the suggestion is read off.
+#: How far above its minimum the smoothed loss may be where the suggestion is read off.
 RISE = 0.1
 
 
@@ -131,8 +130,7 @@ def range_test(
 def suggest(rates: list[float], smoothed: list[float]) -> tuple[float, float, float]:
     """``(suggestion, minimum, steepest)`` read off the smoothed loss, leaving out the first
     tenth of the steps (where the average still settles): the suggestion, one tenth of the
-    highest rate before the smoothed loss, past its minimum, first rises :data:`RISE` above
-    it; the
+    highest rate at which the smoothed loss is still within :data:`RISE` of its minimum; the
     rate at the minimum; the rate where the loss falls fastest against the log of the rate,
     up to the minimum. NaN for all when fewer than two steps ran."""
     if len(rates) < 2:
@@ -140,8 +138,7 @@ def suggest(rates: list[float], smoothed: list[float]) -> tuple[float, float, fl
     start = len(rates) // 10 if len(rates) >= 20 else 0
     values = np.asarray(smoothed[start:])
     lowest = int(np.argmin(values))
-    above = np.flatnonzero(values[lowest:] > (1 + RISE) * values[lowest])
-    edge = lowest + (int(above[0]) - 1 if above.size else len(values) - 1 - lowest)
+    edge = int(np.flatnonzero(values <= (1 + RISE) * values[lowest])[-1])
     if lowest >= 1:
         window = np.log(rates[start:start + lowest + 1])
         steepest = start + int(np.argmin(np.gradient(values[: lowest + 1], window)))
@@ -166,9 +163,10 @@ def range_test_figure(tests: list[tuple[str, RangeTest | dict[str, Any]]]) -> Fi
                 ax.axvline(test[key], color="C3" if key == "suggestion" else "grey",
                            linestyle=style, label=f"{text}: {test[key]:.2g}")
         settled = test["smoothed"][len(test["smoothed"]) // 10:]
-        if settled:  # the range from the settled minimum to twice its rise above the start
-            low, high = min(settled), max(settled[0], min(settled))
-            ax.set_ylim(low - 0.05 * (high - low) - 1e-3, high + 1.5 * (high - low) + 1e-3)
+        if settled:  # from the settled minimum to well above the curve's typical level
+            low = min(settled)
+            span = max(max(settled[0], float(np.median(settled))) - low, 0.05 * abs(low), 1e-3)
+            ax.set_ylim(low - 0.1 * span, low + 2.5 * span)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (log scale)")
         ax.set_ylabel("training loss")
