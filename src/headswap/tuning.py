@@ -53,26 +53,27 @@ def open_study(cfg: TuneConfig) -> optuna.Study:
         engine: dict[str, Any] = {"connect_args": {"timeout": 60}}
     else:
         engine = {"pool_pre_ping": True}
-    for attempt in range(5):
+
+    def create() -> optuna.Study:
+        with warnings.catch_warnings():
+            # Marked experimental: constant_liar (it keeps parallel workers from sampling next
+            # to each other's running trials) and the heartbeat (a killed process's running
+            # trial is marked failed, not left running for ever).
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(
+                seed=cfg.seed, n_startup_trials=cfg.startup_trials, constant_liar=True)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine,
+                                                 heartbeat_interval=30, grace_period=120)
+        return optuna.create_study(study_name=cfg.study, storage=storage, sampler=sampler,
+                                   pruner=_pruner(cfg), direction="maximize",
+                                   load_if_exists=True)
+
+    for attempt in range(4):
         try:
-            with warnings.catch_warnings():
-                # Marked experimental: constant_liar (it keeps parallel workers from sampling
-                # next to each other's running trials) and the heartbeat (a killed process's
-                # running trial is marked failed, not left running for ever).
-                warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-                sampler = optuna.samplers.TPESampler(
-                    seed=cfg.seed, n_startup_trials=cfg.startup_trials, constant_liar=True)
-                storage = optuna.storages.RDBStorage(url, engine_kwargs=engine,
-                                                     heartbeat_interval=30, grace_period=120)
-            return optuna.create_study(study_name=cfg.study, storage=storage, sampler=sampler,
-                                       pruner=_pruner(cfg), direction="maximize",
-                                       load_if_exists=True)
+            return create()
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
-            # two processes creating the storage's tables at the same moment: one waits
-            if attempt == 4:
-                raise
-            time.sleep(1 + attempt)
-    raise AssertionError("unreachable")
+            time.sleep(1 + attempt)  # two processes creating the storage's tables at once
+    return create()
 
 
 def _pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
@@ -248,7 +249,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         rows.append({"trial": t.number, "state": t.state.name,
                      "val_accuracy": t.value if t.value is not None else last,
                      "epochs": len(t.intermediate_values), "seconds": seconds,
-                     **{k: v for k, v in t.params.items()},
+                     **t.params,
                      "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
     return pd.DataFrame(rows)
 
@@ -256,7 +257,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
 def best_parameters(study: optuna.Study, finetune: dict[str, Any]) -> dict[str, Any]:
     """The best completed trial's settings as a parameters file (``{"finetune": {...}}``, only
     the searched keys), checked against the parameter schema with ``finetune`` under them."""
-    completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
         raise InputError(
             f"No trial of the study {study.study_name!r} completed (each was pruned or failed): "
