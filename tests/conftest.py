@@ -157,6 +157,27 @@ def run_finetune(
         os.chdir(cwd)
 
 
+def kill_in_phase2(command: list[str], project: Path, env: dict[str, str]) -> None:
+    """Run a finetune ``command`` in ``project`` and kill it (SIGKILL) once phase 2 has backed
+    up an epoch in the resume folder; fail if it ends before."""
+    state = project / "data/05_model_input/resume"
+    process = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while process.poll() is None:
+            assert time.monotonic() < deadline, "phase 2 never backed up an epoch"
+            if list(state.glob("*/phase2_stage1/backup/epoch-*")):
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it was killed"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now, below the ephemeral range:
     kedro-viz refuses ports above 49151, and a port there is not handed out to clients."""

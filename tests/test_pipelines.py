@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from tests.conftest import (
     copy_project,
     free_port,
     kedro_cli,
+    kill_in_phase2,
     mlflow_runs,
     run_sessions,
     serve,
@@ -281,21 +280,7 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrup
     _, runs_before = _run(project)
     versions_before = versions(project, "data/06_models/phase2_model.keras")
 
-    process = subprocess.Popen([*command, params], cwd=project, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while process.poll() is None:  # killed once phase 2 has backed up an epoch
-            assert time.monotonic() < deadline, "phase 2 never backed up an epoch"
-            if list(state.glob("*/phase2_stage1/backup/epoch-*")):
-                process.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.05)
-        assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it was killed"
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
+    kill_in_phase2([*command, params], project, env)
     assert versions(project, "data/06_models/phase2_model.keras") == versions_before
 
     resumed = subprocess.run([*command, f"{params},finetune.training.resume=true"],

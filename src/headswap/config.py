@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from headswap.core.export import FORMATS
 from headswap.core.fit import FitOptions
+from headswap.core.lr_find import RangeTestSettings
 from headswap.core.recipe import (
     Augmentation,
     Callbacks,
@@ -108,6 +109,8 @@ class TrainingConfig(Settings):
     # continues where it stopped (false: keep none and always start afresh).
     resume: bool = True
     resume_dir: str = "data/05_model_input/resume"
+    # The learning-rate range test (a phase's `learning_rate: auto`, the lr_find pipeline).
+    lr_find: RangeTestSettings = Field(default_factory=RangeTestSettings)
 
 
 class EvaluationConfig(Settings):
@@ -168,6 +171,79 @@ class PredictConfig(Settings):
         return value
 
 
+class SearchDimension(Settings):
+    """One key of the ``tune`` search space: numbers from ``low`` to ``high`` (integers when
+    both are; ``log``: sampled on a log scale; ``step``: a grid), or one of ``choices`` (a list
+    of values, or a mapping of names to values, such as ``{off: {...}, on: {...}}``)."""
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+    choices: list[Any] | dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchDimension:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or not self.choices:
+                raise ValueError("give either choices (not empty) or low and high")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError("give low < high, or choices")
+        elif self.log and self.low <= 0:
+            raise ValueError("a log scale needs low above 0")
+        return self
+
+
+class TuneConfig(Settings):
+    """The ``tune`` pipeline's parameters (conf/base/parameters_tune.yml)."""
+
+    study: str = Field("headswap", min_length=1)
+    # Optuna's storage URL: processes (and machines) given the same storage and study share
+    # the search. A relative SQLite path is inside the project folder.
+    storage: str = "sqlite:///data/07_model_output/tune/optuna.db"
+    n_trials: int | None = Field(20, ge=1)  # trials of the study, whichever process runs them
+    timeout_s: float | None = Field(None, gt=0)  # this process starts no trial after that
+    seed: int | None = None  # the sampler's seed (null: each process draws its own)
+    startup_trials: int = Field(5, ge=0)  # random trials before TPE, and before any pruning
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    warmup_epochs: int = Field(2, ge=0)  # epochs a trial runs before it can be pruned
+    # finetune keys as in parameters_finetune.yml (nested, or dotted: phase1.learning_rate),
+    # each ending in a SearchDimension
+    space: dict[str, SearchDimension] = Field(min_length=1)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _dotted(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, node: dict[str, Any]) -> None:
+            for key, item in node.items():
+                name = f"{prefix}.{key}" if prefix else str(key)
+                if isinstance(item, dict) and not {"low", "high", "choices"} & set(item):
+                    walk(name, item)
+                else:
+                    flat[name] = item
+
+        walk("", value)
+        return flat
+
+    @model_validator(mode="after")
+    def _budget_and_keys(self) -> TuneConfig:
+        if self.n_trials is None and self.timeout_s is None:
+            raise ValueError("give n_trials or timeout_s (or both): the search needs a budget")
+        fixed = [k for k in self.space if k.split(".")[0] in ("data", "base")
+                 and k != "data.batch_size"]
+        if fixed:
+            raise ValueError(
+                f"space keys {fixed} would change the images or the base, which every trial "
+                "shares; search the recipe's keys (phase1.*, phase2.*, head.*, training.*, "
+                "data.batch_size)"
+            )
+        return self
+
+
 #: Phase 1 trains the new head on the frozen base; phase 2 opens the whole base at a lower rate.
 PHASE_DEFAULTS: dict[str, dict[str, Any]] = {
     "phase1": {"epochs": 200, "learning_rate": 3e-3, "optimizer": "adam"},
@@ -223,6 +299,7 @@ class FinetuneConfig(Settings):
             class_weight=training.class_weight, distribution=self.distribution,
             mixed_precision=self.mixed_precision, jit_compile=self.jit_compile,
             backup_dir=state_dir(self) if self.keeps_backups() else None,
+            lr_find=training.lr_find,
         )
 
     def keeps_backups(self) -> bool:
@@ -337,6 +414,14 @@ def parse_predict(params: dict[str, Any] | None) -> PredictConfig:
         return PredictConfig.model_validate(params or {})
     except ValidationError as err:
         raise ParameterError(_describe(err, "predict", PredictConfig)) from None
+
+
+def parse_tune(params: dict[str, Any] | None) -> TuneConfig:
+    """Validate the ``tune`` parameters; raise :class:`ParameterError` naming each bad key."""
+    try:
+        return TuneConfig.model_validate(params or {})
+    except ValidationError as err:
+        raise ParameterError(_describe(err, "tune", TuneConfig)) from None
 
 
 def _describe(

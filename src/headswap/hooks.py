@@ -30,6 +30,7 @@ from headswap.config import (
     parameter_keys,
     parse_finetune,
     parse_predict,
+    parse_tune,
     state_dir,
 )
 from headswap.core import devices
@@ -53,7 +54,8 @@ class UserErrorHook:
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        for name, parse in (("finetune", parse_finetune), ("predict", parse_predict)):
+        for name, parse in (("finetune", parse_finetune), ("predict", parse_predict),
+                            ("tune", parse_tune)):
             if f"params:{name}" in pipeline.inputs():
                 try:
                     parse(catalog.load(f"params:{name}"))
@@ -329,7 +331,9 @@ class ResumeHook:
     @hook_impl(trylast=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         run = mlflow.active_run()
-        if "params:finetune" not in pipeline.inputs() or run is None:
+        # tune's trials keep no resume state; several processes may share one search
+        if ("params:finetune" not in pipeline.inputs() or "params:tune" in pipeline.inputs()
+                or run is None):
             self._state = self._folder = None
         if self._state is not None:
             self._state.mkdir(parents=True, exist_ok=True)

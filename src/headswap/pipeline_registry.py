@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline, pipeline
 
-from headswap.pipelines import compare, data, finetune, label_efficiency, predict, pretrain
+from headswap.pipelines import (
+    compare,
+    data,
+    finetune,
+    label_efficiency,
+    lr_find,
+    predict,
+    pretrain,
+    tune,
+)
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -13,6 +22,8 @@ def register_pipelines() -> dict[str, Pipeline]:
     ``compare`` (not in the default) sets the finetune recipe against its alternatives;
     ``label_efficiency`` (not in the default) runs that comparison at each count of labelled
     images per class in ``label_efficiency.LABELS_PER_CLASS`` (10, 30, 100, 300).
+    ``lr_find`` runs the learning-rate range test; ``tune`` searches the recipe's settings
+    with Optuna (neither in the default).
 
     In the default pipeline the recipe's inputs are the example's outputs: the image folder
     the data pipeline writes and the base the pretrain pipeline trains.
@@ -30,5 +41,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         "label_efficiency": label_efficiency.create_pipeline(
             labels_per_class=label_efficiency.LABELS_PER_CLASS
         ),
+        "lr_find": lr_find.create_pipeline(),
+        "tune": tune.create_pipeline(),
         "__default__": example,
     }

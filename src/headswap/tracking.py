@@ -85,6 +85,18 @@ def log_history(history: dict[str, Any], prefix: str = "epoch") -> None:
     log_metrics(run.info.run_id, metrics)
 
 
+def log_found_rates(history: dict[str, Any], phase: str) -> None:
+    """Log the learning rates the range test found for a phase's ``learning_rate: auto``
+    stages as parameters ``lr_find.<phase>.learning_rate`` (``lr_find.<phase>.stage<i>.
+    learning_rate`` for a phase of several stages). A resumed run finds the same rates (kept
+    with its resume state), which MLflow accepts again. Nothing without an active run."""
+    rates = history.get("found_learning_rates") or []
+    params = {f"lr_find.{phase}" + (f".stage{i}" if len(rates) > 1 else "") + ".learning_rate":
+              repr(float(rate)) for i, rate in enumerate(rates, start=1) if rate is not None}
+    if params and mlflow.active_run() is not None:
+        mlflow.log_params(params)
+
+
 def run_name(pipeline: str, params: dict[str, Any]) -> str:
     """``<pipeline> - <base> - <image folder>``, e.g. ``finetune - pretrained_base -
     fashion-mnist-target`` (``predict - <model> - <folder>`` for the predict pipeline)."""

@@ -9,6 +9,7 @@ Each stage sets which layers train and compiles the model again, since a change 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from headswap.core.devices import (
     spans_workers,
     strategy_scope,
 )
+from headswap.core.errors import InputError
+from headswap.core.lr_find import RangeTest, RangeTestSettings, range_test
 from headswap.core.recipe import Callbacks, Stage, check_plateau
 from headswap.core.resume import StageState
 from headswap.core.train import (
@@ -39,6 +42,7 @@ from headswap.core.train import (
     class_weights,
     compile_model,
     make_callbacks,
+    make_optimizer,
     one_hot_labels,
     parameter_counts,
     set_trainable,
@@ -62,7 +66,8 @@ class FitOptions:
     :func:`~headswap.core.devices.distribution_strategy`; features are not cached there, and
     only the chief writes checkpoints). ``backup_dir``: keep what an interrupted run needs
     to continue (see :mod:`headswap.core.resume`); None keeps nothing. ``extra_callbacks``
-    are added to every stage's.
+    are added to every stage's. ``lr_find``: how the range test that picks a stage's
+    ``learning_rate: auto`` runs (see :mod:`headswap.core.lr_find`).
     """
 
     image_size: tuple[int, int]
@@ -78,6 +83,7 @@ class FitOptions:
     backup_dir: str | Path | None = None
     extra_callbacks: list[keras.callbacks.Callback] = field(default_factory=list)
     verbose: int = 2
+    lr_find: RangeTestSettings = field(default_factory=RangeTestSettings)
 
 
 class EpochOrder(keras.callbacks.Callback):
@@ -104,17 +110,25 @@ def fit(
     Epochs are numbered on one axis from ``first_epoch``. Returns the merged per-epoch history
     (``epoch``, ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ``learning_rate``...)
     with ``stage_starts``, ``trainable_layers`` (per stage), ``parameter_counts`` (of the
-    last stage) and ``seconds`` (the time it took). Under a tf.distribute strategy, or in
-    mixed precision, each stage trains a copy built in its scope and hands the weights back to
-    ``model``.
+    last stage), ``found_learning_rates`` (per stage: the rate the range test found for a
+    ``learning_rate: auto``, else None) and ``seconds`` (the time it took). Under a
+    tf.distribute strategy, or in mixed precision, each stage trains a copy built in its scope
+    and hands the weights back to ``model``.
     """
     check_plateau(stages, options.callbacks)
     started = time.perf_counter()
     run = _Run.start(manifest, options, first_epoch)
-    histories, layers_per_stage, counts = [], [], {}
+    histories, layers_per_stage, counts, found = [], [], {}, []
     epoch = first_epoch
     for i, stage in enumerate(stages, start=1):
         label = f"{name} stage {i}" if len(stages) > 1 else name
+        auto = stage.learning_rate == "auto"
+        if auto:
+            memo = (Path(options.backup_dir) / f"{name}_stage{i}.lr_find.json"
+                    if options.backup_dir else None)
+            with strategy_scope(run.strategy):
+                stage = _auto_rate(model, stage, run, label, epoch, memo)
+        found.append(stage.learning_rate if auto else None)
         work, logged, trainable, counts = _compiled(model, stage, run, label)
         with strategy_scope(run.strategy):
             keras.utils.set_random_seed(options.seed + epoch)
@@ -135,6 +149,7 @@ def fit(
     merged = merge_histories(histories)
     merged["parameter_counts"] = counts
     merged["trainable_layers"] = layers_per_stage
+    merged["found_learning_rates"] = found
     merged["seconds"] = time.perf_counter() - started
     return merged
 
@@ -218,27 +233,8 @@ def _fit_stage(
     state: StageState | None,
 ) -> History:
     """Fit one stage from epoch ``first``, on cached features when the base is frozen."""
-    manifest, options, steps = run.manifest, run.options, run.steps
-    size, batch = options.image_size, options.batch_size
-    if _can_cache(options, stage, work, manifest):
-        trained, (train, val) = _cached_head(work, manifest, options, run.order)
-        # A step of the head alone takes microseconds: one call runs a whole epoch's steps
-        # (on one device; Keras' multi-step loop fails under a tf.distribute strategy).
-        compile_model(trained, work.optimizer, stage.label_smoothing, options.jit_compile,
-                      steps_per_execution=steps if options.distribution == "none" else 1)
-        logger.info("%s: the base is frozen, so the head trains on features computed once "
-                    "per image", label)
-    else:
-        channels, budget = input_spec(work)[2], options.cache_memory_mb * 2**20
-        trained = work
-        train, val = (
-            data.make_dataset(manifest, split, size, channels, batch, shuffle=split == "train",
-                              seed=options.seed, epoch=run.order, cache_bytes=budget)
-            for split in ("train", "val")
-        )
-    if stage.label_smoothing:
-        classes = len(data.class_names(manifest))
-        train, val = (one_hot_labels(d, classes) for d in (train, val))
+    options = run.options
+    trained, train, val = _stage_data(run, work, stage, label)
     callbacks = [EpochOrder(run.order),
                  *make_callbacks(options.callbacks, logged, _checkpoint_path(options, label)),
                  *(state.callbacks() if state else []), *options.extra_callbacks]
@@ -257,6 +253,89 @@ def _fit_stage(
     history = state.history()
     state.finish(work, history)
     return history
+
+
+def _stage_data(
+    run: _Run, work: keras.Model, stage: Stage, label: str, steps_per_execution: int | None = None
+) -> tuple[keras.Model, tf.data.Dataset, tf.data.Dataset]:
+    """The model that trains in ``stage`` (``work``, or its head on cached features when the
+    base is frozen, compiled with ``work``'s optimizer) and the train and val datasets."""
+    manifest, options = run.manifest, run.options
+    size, batch = options.image_size, options.batch_size
+    if _can_cache(options, stage, work, manifest):
+        trained, (train, val) = _cached_head(work, manifest, options, run.order)
+        # A step of the head alone takes microseconds: one call runs a whole epoch's steps
+        # (on one device; Keras' multi-step loop fails under a tf.distribute strategy).
+        if steps_per_execution is None:
+            steps_per_execution = run.steps if options.distribution == "none" else 1
+        compile_model(trained, work.optimizer, stage.label_smoothing, options.jit_compile,
+                      steps_per_execution=steps_per_execution)
+        logger.info("%s: the base is frozen, so the head trains on features computed once "
+                    "per image", label)
+    else:
+        channels, budget = input_spec(work)[2], options.cache_memory_mb * 2**20
+        trained = work
+        train, val = (
+            data.make_dataset(manifest, split, size, channels, batch, shuffle=split == "train",
+                              seed=options.seed, epoch=run.order, cache_bytes=budget)
+            for split in ("train", "val")
+        )
+    if stage.label_smoothing:
+        classes = len(data.class_names(manifest))
+        train, val = (one_hot_labels(d, classes) for d in (train, val))
+    return trained, train, val
+
+
+def find_learning_rate(
+    model: keras.Model, manifest: pd.DataFrame, stage: Stage, options: FitOptions,
+    label: str = "range test",
+) -> RangeTest:
+    """The learning-rate range test (:func:`headswap.core.lr_find.range_test`, settings
+    ``options.lr_find``) on ``model`` as ``stage`` would train it: the same layers open, the
+    stage's optimizer and label smoothing, on the frozen base's cached features when the base
+    does not train. One rate for every layer that trains (per-layer rates, schedules and class
+    weights are left out of the test). The model's weights are the same afterwards; its
+    trainable layers are the stage's and it is compiled for the test."""
+    run = _Run.start(manifest, options, 0)
+    set_trainable(model, stage.train, stage.train_batchnorm)
+    settings = options.lr_find
+    optimizer = make_optimizer(stage.optimizer, settings.min_learning_rate, stage.weight_decay,
+                               stage.momentum)
+    compile_model(model, optimizer, stage.label_smoothing, options.jit_compile)
+    trained, train, _ = _stage_data(run, model, stage, label, steps_per_execution=1)
+    keras.utils.set_random_seed(options.seed)
+    reseed(trained, options.seed)
+    test = range_test(trained, train, settings)
+    logger.info("%s: learning-rate range test over %s steps (%.3g to %.3g); %s; suggested "
+                "learning rate %.3g (smoothed loss lowest at %.3g, falling fastest at %.3g)",
+                label, len(test.learning_rates), settings.min_learning_rate,
+                settings.max_learning_rate, test.stopped, test.suggestion, test.minimum,
+                test.steepest)
+    return test
+
+
+def _auto_rate(model: keras.Model, stage: Stage, run: _Run, label: str, epoch: int,
+               memo: Path | None) -> Stage:
+    """``stage`` with the rate the range test suggests for it; with ``memo`` (a file in the
+    resume folder), a rerun of an interrupted run reuses the rate found the first time."""
+    key = _stage_key(run.manifest, stage, run.options, epoch)
+    if memo is not None and memo.is_file() and json.loads(memo.read_text())["key"] == key:
+        rate = json.loads(memo.read_text())["learning_rate"]
+        logger.info("%s: learning_rate auto, %.3g as found before the interruption", label, rate)
+        return stage.model_copy(update={"learning_rate": rate})
+    target = (rebuild(model, run.options.mixed_precision, synchronized=run.strategy is not None)
+              if run.strategy is not None or run.options.mixed_precision else model)
+    test = find_learning_rate(target, run.manifest, stage, run.options, label)
+    if not np.isfinite(test.suggestion):
+        raise InputError(
+            f"{label}: the learning-rate range test found no rate ({test.stopped} after "
+            f"{len(test.learning_rates)} steps); lower `min_learning_rate` or give the phase a "
+            "learning_rate."
+        )
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps({"key": key, "learning_rate": test.suggestion}))
+    return stage.model_copy(update={"learning_rate": test.suggestion})
 
 
 def _stage_key(manifest: pd.DataFrame, stage: Stage, options: FitOptions, first: int) -> str:

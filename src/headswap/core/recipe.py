@@ -79,10 +79,12 @@ class Discriminative(Settings):
 
 class Stage(Settings):
     """One ``fit``: which base layers train (the head always does), for how many epochs, with
-    which optimizer, learning rate(s) and schedule."""
+    which optimizer, learning rate(s) and schedule. ``learning_rate: auto``: the rate the
+    learning-rate range test suggests for the stage, run just before it (see
+    :mod:`headswap.core.lr_find`)."""
 
     epochs: int = Field(ge=0)
-    learning_rate: float = Field(gt=0)
+    learning_rate: float | Literal["auto"]
     optimizer: Literal["adam", "adamw", "rmsprop", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -100,6 +102,19 @@ class Stage(Settings):
     @classmethod
     def _train(cls, value: Any) -> Any:
         return _selection(value)
+
+    @field_validator("learning_rate", mode="plain")
+    @classmethod
+    def _rate(cls, value: Any) -> float | str:
+        if value == "auto":
+            return value
+        try:
+            rate = float(value)
+        except (TypeError, ValueError):
+            rate = None
+        if isinstance(value, bool) or rate is None or not rate > 0:
+            raise ValueError("give a number above 0, or auto (the range test's suggestion)")
+        return rate
 
     @model_validator(mode="after")
     def _rates(self) -> Stage:

@@ -145,6 +145,7 @@ def train_head(
     """Phase 1: the base frozen (unless a stage opens part of it), the new head trains."""
     history = fit(model, manifest, stages, tracked(options), name="phase1")
     tracking.log_history(history)
+    tracking.log_found_rates(history, "phase1")
     return model, history
 
 
@@ -160,6 +161,7 @@ def fine_tune(
     history = fit(model, manifest, stages, tracked(options), next_epoch(phase1_history),
                   "phase2")
     tracking.log_history(history)
+    tracking.log_found_rates(history, "phase2")
     return model, history
 
 
@@ -308,11 +310,18 @@ def write_model_card(
     weakest classes, intended use and limits."""
     name = registry_config.model_name(data_config.path) or Path(data_config.path).name
     phases = {
-        "Phase 1": ([s.model_dump() for s in phase1_stages], phase1_history),
-        "Phase 2": ([s.model_dump() for s in phase2_stages], phase2_history),
+        "Phase 1": (_with_found_rates(phase1_stages, phase1_history), phase1_history),
+        "Phase 2": (_with_found_rates(phase2_stages, phase2_history), phase2_history),
     }
     return model_card(name, manifest, base_report, head.model_dump(), phases, report,
                       phase1_report, options.image_size)
+
+
+def _with_found_rates(stages: list[Stage], history: History) -> list[dict[str, Any]]:
+    """The stages as dicts, ``learning_rate: auto`` shown with the rate the range test found."""
+    found = history.get("found_learning_rates") or [None] * len(stages)
+    return [s.model_dump() | ({"learning_rate": f"auto ({rate:.3g})"} if rate else {})
+            for s, rate in zip(stages, found, strict=True)]
 
 
 def explain_predictions(

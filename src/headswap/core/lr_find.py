@@ -1,0 +1,177 @@
+"""The learning-rate range test (Smith 2015, "Cyclical Learning Rates for Training Neural
+Networks"; fastai's ``lr_find``): train a few hundred batches at exponentially increasing
+learning rates, watch the smoothed loss, and read a good rate off the curve.
+
+:func:`range_test` runs it on a compiled model and a ``tf.data`` dataset and restores the
+model's weights and its optimizer's state afterwards, so the test leaves no trace on the
+model. :func:`headswap.core.fit.find_learning_rate` prepares a model for one stage (which
+layers train, the stage's optimizer, cached features while the base is frozen) and calls it.
+
+The suggestion is one tenth of the highest rate at which the smoothed loss is still within 10%
+of its minimum (the first tenth of the steps, where the average still settles, left out).
+fastai's rule, the rate at the minimum divided by 10, works on a curve with a clear dip (a new
+head: the loss falls, then blows up) and there both rules land close together; but on a
+curve that stays flat until it climbs (a model that has already learned, as in phase 2: the
+loss cannot fall much, and its minimum is wherever the batches' noise put it, often among the
+lowest rates) it suggests a rate too small to train at. The edge of the low-loss region is
+where training stops being safe on both kinds of curve; one decade below it is the usual
+margin. The steepest descent of the smoothed loss (a derivative of a noisy curve) and the
+minimum are reported beside it, and marked on the plot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from matplotlib.figure import Figure
+from pydantic import Field, model_validator
+
+from headswap.core.recipe import Settings
+
+#: How far above its minimum the smoothed loss may be where the suggestion is read off.
+RISE = 0.1
+
+
+class RangeTestSettings(Settings):
+    """How the range test runs: ``steps`` batches at rates spaced geometrically from
+    ``min_learning_rate`` to ``max_learning_rate``; the loss is smoothed exponentially
+    (``smoothing``, bias-corrected) and the test stops once the smoothed loss exceeds
+    ``divergence`` times its lowest value (or is not finite)."""
+
+    min_learning_rate: float = Field(1e-7, gt=0)
+    max_learning_rate: float = Field(10.0, gt=0)
+    steps: int = Field(100, ge=5)
+    smoothing: float = Field(0.98, ge=0, lt=1)
+    divergence: float = Field(4.0, gt=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> RangeTestSettings:
+        if self.max_learning_rate <= self.min_learning_rate:
+            raise ValueError(
+                f"max_learning_rate ({self.max_learning_rate}) must be above min_learning_rate "
+                f"({self.min_learning_rate})"
+            )
+        return self
+
+
+@dataclass
+class RangeTest:
+    """The rates tried, the loss of each step (raw and smoothed), the suggested rate, the rates
+    at the smoothed loss's minimum and at its steepest descent, and why the test stopped."""
+
+    learning_rates: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    smoothed: list[float] = field(default_factory=list)
+    suggestion: float = math.nan
+    minimum: float = math.nan
+    steepest: float = math.nan
+    stopped: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def learning_rates(settings: RangeTestSettings) -> np.ndarray:
+    """The ``steps`` rates of the test, from the lowest to the highest, spaced geometrically."""
+    return np.geomspace(settings.min_learning_rate, settings.max_learning_rate, settings.steps)
+
+
+def range_test(
+    model: keras.Model, dataset: tf.data.Dataset, settings: RangeTestSettings | None = None
+) -> RangeTest:
+    """Run the range test on ``model`` (compiled with a single optimizer whose learning rate
+    is a plain number, ``steps_per_execution=1``) over batches of ``dataset`` (repeated if
+    it has fewer). The model's weights and the optimizer's variables (its step count, moments
+    and learning rate) are restored afterwards."""
+    settings = settings or RangeTestSettings()
+    optimizer = model.optimizer
+    if not isinstance(optimizer.learning_rate, keras.Variable):
+        raise ValueError("range_test needs an optimizer with a constant learning rate.")
+    optimizer.build(model.trainable_variables)
+    weights = model.get_weights()
+    state = [keras.ops.convert_to_numpy(v) for v in optimizer.variables]
+    result = RangeTest()
+    average, best = 0.0, math.inf
+    try:
+        batches = iter(dataset.repeat())
+        for step, rate in enumerate(learning_rates(settings)):
+            optimizer.learning_rate.assign(rate)
+            x, y = next(batches)
+            loss = float(model.train_on_batch(x, y, return_dict=True)["loss"])
+            if not math.isfinite(loss):
+                result.stopped = f"the loss was not finite at learning rate {rate:.3g}"
+                break
+            average = settings.smoothing * average + (1 - settings.smoothing) * loss
+            smoothed = average / (1 - settings.smoothing ** (step + 1))
+            result.learning_rates.append(float(rate))
+            result.losses.append(loss)
+            result.smoothed.append(smoothed)
+            best = min(best, smoothed)
+            if smoothed > settings.divergence * best:
+                result.stopped = (f"the smoothed loss passed {settings.divergence:g} times its "
+                                  f"lowest value at learning rate {rate:.3g}")
+                break
+        else:
+            result.stopped = "all steps ran without the loss diverging"
+    finally:
+        model.set_weights(weights)
+        for variable, value in zip(optimizer.variables, state, strict=True):
+            variable.assign(value)
+    result.suggestion, result.minimum, result.steepest = suggest(result.learning_rates,
+                                                                  result.smoothed)
+    return result
+
+
+def suggest(rates: list[float], smoothed: list[float]) -> tuple[float, float, float]:
+    """``(suggestion, minimum, steepest)`` read off the smoothed loss, leaving out the first
+    tenth of the steps (where the average still settles): the suggestion, one tenth of the
+    highest rate at which the smoothed loss is still within :data:`RISE` of its minimum; the
+    rate at the minimum; the rate where the loss falls fastest against the log of the rate,
+    up to the minimum. NaN for all when fewer than two steps ran."""
+    if len(rates) < 2:
+        return math.nan, math.nan, math.nan
+    start = len(rates) // 10 if len(rates) >= 20 else 0
+    values = np.asarray(smoothed[start:])
+    lowest = int(np.argmin(values))
+    edge = int(np.flatnonzero(values <= (1 + RISE) * values[lowest])[-1])
+    if lowest >= 1:
+        window = np.log(rates[start:start + lowest + 1])
+        steepest = start + int(np.argmin(np.gradient(values[: lowest + 1], window)))
+    else:
+        steepest = start
+    return rates[start + edge] / 10, rates[start + lowest], rates[steepest]
+
+
+def range_test_figure(tests: list[tuple[str, RangeTest | dict[str, Any]]]) -> Figure:
+    """Smoothed loss against learning rate (log scale), one panel per test, the suggestion
+    marked (and the smoothed loss's minimum, dotted)."""
+    fig = Figure(figsize=(5.5 * len(tests), 4))
+    axes = np.atleast_1d(fig.subplots(1, len(tests)))
+    for ax, (title, test) in zip(axes, tests, strict=True):
+        test = test.to_dict() if isinstance(test, RangeTest) else test
+        ax.plot(test["learning_rates"], test["losses"], color="lightgrey", linewidth=1,
+                label="loss of each step")
+        ax.plot(test["learning_rates"], test["smoothed"], label="smoothed loss")
+        for key, style, text in (("suggestion", "--", "suggestion"),
+                                 ("minimum", ":", "minimum of the smoothed loss")):
+            if math.isfinite(test[key]):
+                ax.axvline(test[key], color="C3" if key == "suggestion" else "grey",
+                           linestyle=style, label=f"{text}: {test[key]:.2g}")
+        settled = test["smoothed"][len(test["smoothed"]) // 10:]
+        if settled:  # from the settled minimum to well above the curve's typical level
+            low = min(settled)
+            span = max(max(settled[0], float(np.median(settled))) - low, 0.05 * abs(low), 1e-3)
+            ax.set_ylim(low - 0.1 * span, low + 2.5 * span)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (log scale)")
+        ax.set_ylabel("training loss")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,48 @@
+"""Thin Kedro nodes of the ``lr_find`` pipeline (the range test is
+:func:`headswap.core.fit.find_learning_rate`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import pandas as pd
+from matplotlib.figure import Figure
+
+from headswap.core import Stage
+from headswap.core.fit import FitOptions, find_learning_rate
+from headswap.core.lr_find import range_test_figure
+from headswap.pipelines import metrics_points
+
+
+def find_head_rate(
+    model: keras.Model, manifest: pd.DataFrame, stages: list[Stage], options: FitOptions
+) -> tuple[dict[str, Any], list[Stage]]:
+    """The range test on the head (phase 1's first stage, the base frozen); and phase 1's
+    stages, a ``learning_rate: auto`` given the suggestion, to train phase 1 with."""
+    test = find_learning_rate(model, manifest, stages[0], options, "phase1")
+    rated = [s.model_copy(update={"learning_rate": test.suggestion})
+             if s.learning_rate == "auto" else s for s in stages]
+    return test.to_dict(), rated
+
+
+def find_fine_tune_rate(
+    model: keras.Model, manifest: pd.DataFrame, stages: list[Stage], options: FitOptions
+) -> dict[str, Any]:
+    """The range test on the model phase 1 trained, opened as phase 2's first stage opens it."""
+    return find_learning_rate(model, manifest, stages[0], options, "phase2").to_dict()
+
+
+def report_rates(
+    phase1: dict[str, Any], phase2: dict[str, Any]
+) -> tuple[dict[str, Any], Figure, dict[str, dict[str, float]]]:
+    """Both tests (rates, losses, suggestions, why each stopped) as one report, the figure of
+    loss against learning rate, and the suggestions as metrics."""
+    report = {"phase1": phase1, "phase2": phase2,
+              "suggested_learning_rates": {"phase1": phase1["suggestion"],
+                                           "phase2": phase2["suggestion"]}}
+    figure = range_test_figure([("Phase 1: the head, base frozen", phase1),
+                                ("Phase 2: from the phase-1 weights, base opened", phase2)])
+    metrics = metrics_points({f"{phase}.suggested_learning_rate": test["suggestion"]
+                              for phase, test in (("phase1", phase1), ("phase2", phase2))})
+    return report, figure, metrics

@@ -1,0 +1,65 @@
+"""Thin Kedro nodes of the ``tune`` pipeline (the search itself is :mod:`headswap.tuning`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import keras
+import pandas as pd
+
+from headswap import tracking, tuning
+from headswap.config import merge_parameters, parse_finetune, parse_tune
+from headswap.core import evaluation
+from headswap.pipelines import metrics_points
+
+logger = logging.getLogger(__name__)
+
+
+def search_recipe(
+    base_model: keras.Model, manifest: pd.DataFrame, finetune: dict[str, Any],
+    tune: dict[str, Any],
+) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any], dict[str, dict[str, float]]]:
+    """Trials of the study ``tune.study`` until it has ``tune.n_trials`` (or ``tune.timeout_s``
+    passed), each the recipe with the trial's settings, scored by validation accuracy, in an
+    MLflow run nested under this one. Returns every trial of the study (this process's and
+    others'), the best settings as a parameters file (twice: saved, and in memory for
+    :func:`evaluate_best`), and the counts as metrics."""
+    cfg = parse_tune(tune)
+
+    def train(params: dict[str, Any], callbacks: list[keras.callbacks.Callback]) -> float:
+        # the epoch's metrics reach MLflow before the pruning callback may stop the trial
+        model, phase1, phase2, options = tuning.train_recipe(
+            base_model, manifest, params, [tracking.EpochMetrics(), *callbacks])
+        tracking.log_found_rates(phase1, "phase1")
+        tracking.log_found_rates(phase2, "phase2")
+        return tuning.validation_accuracy(model, manifest, options)
+
+    study = tuning.search(cfg, finetune, train)
+    table = tuning.trials_table(study)
+    best = tuning.best_parameters(study, finetune)
+    states = table["state"].value_counts()
+    logger.info("Study %s: %s trials (%s complete, %s pruned); best validation accuracy %.4f",
+                cfg.study, len(table), states.get("COMPLETE", 0), states.get("PRUNED", 0),
+                study.best_value)
+    metrics = {"trials": len(table), "complete": states.get("COMPLETE", 0),
+               "pruned": states.get("PRUNED", 0), "best_trial.val_accuracy": study.best_value}
+    return table, best, best, metrics_points(metrics)
+
+
+def evaluate_best(
+    base_model: keras.Model, manifest: pd.DataFrame, finetune: dict[str, Any],
+    best_parameters: dict[str, Any],
+) -> tuple[dict[str, Any], str, dict[str, dict[str, float]]]:
+    """The best settings trained again (the same seed: the same model as their trial) and
+    evaluated once on the test split: the report (dict and text) and metrics."""
+    params = merge_parameters(finetune, best_parameters["finetune"])
+    model, _, _, options = tuning.train_recipe(base_model, manifest, params)
+    top_k = parse_finetune(params).evaluation.top_k
+    result = evaluation.evaluate(model, manifest, options.image_size, options.batch_size,
+                                 top_k=top_k)
+    val = tuning.validation_accuracy(model, manifest, options)
+    logger.info("Best settings, trained again: validation accuracy %.4f, test accuracy %.4f\n%s",
+                val, result["metrics"]["accuracy"], result["text"])
+    metrics = {"val_accuracy": val, **{f"test.{k}": v for k, v in result["metrics"].items()}}
+    return result["report"], result["text"], metrics_points(metrics)

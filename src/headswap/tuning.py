@@ -1,0 +1,272 @@
+"""The ``tune`` search: an Optuna study over the recipe's keys, each trial one fine-tuning of
+the base, pruned on its per-epoch validation accuracy, logged as an MLflow run nested under
+the search's run.
+
+The study lives in Optuna's storage (``tune.storage``: a SQLite file, or a PostgreSQL URL),
+named ``tune.study`` and opened with ``load_if_exists``: every process given the same storage
+and study name, on this machine or another, works on the same search. Optuna hands out trial
+numbers in the storage, so no trial runs twice; ``tune.n_trials`` counts the study's trials,
+whichever process runs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import optuna
+import pandas as pd
+import sqlalchemy.exc
+from optuna.trial import TrialState
+
+from headswap.config import SearchDimension, TuneConfig, merge_parameters, parse_finetune
+from headswap.core import evaluation, fine_tune
+from headswap.core.devices import rebuild
+from headswap.core.errors import InputError
+from headswap.core.fit import FitOptions, History
+from headswap.pipelines.finetune.nodes import swap_head
+
+logger = logging.getLogger(__name__)
+
+OVER_BUDGET = "over_budget"  # user attribute of a trial drawn after the budget was spent
+
+
+class OverBudget(Exception):
+    """A trial drawn after other processes had used up ``tune.n_trials``."""
+
+
+def open_study(cfg: TuneConfig) -> optuna.Study:
+    """The study ``cfg.study`` in ``cfg.storage``, created by the first process that opens it
+    (maximising validation accuracy) and loaded by every other."""
+    url = cfg.storage
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # Several processes write to one file: wait for its lock instead of failing at once.
+        engine: dict[str, Any] = {"connect_args": {"timeout": 60}}
+    else:
+        engine = {"pool_pre_ping": True}
+
+    def create() -> optuna.Study:
+        with warnings.catch_warnings():
+            # Marked experimental: constant_liar (it keeps parallel workers from sampling next
+            # to each other's running trials) and the heartbeat (a killed process's running
+            # trial is marked failed, not left running for ever).
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(
+                seed=cfg.seed, n_startup_trials=cfg.startup_trials, constant_liar=True)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine,
+                                                 heartbeat_interval=30, grace_period=120)
+        return optuna.create_study(study_name=cfg.study, storage=storage, sampler=sampler,
+                                   pruner=_pruner(cfg), direction="maximize",
+                                   load_if_exists=True)
+
+    for attempt in range(4):
+        try:
+            return create()
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+            time.sleep(1 + attempt)  # two processes creating the storage's tables at once
+    return create()
+
+
+def _pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials,
+                                           n_warmup_steps=cfg.warmup_epochs)
+    if cfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(cfg.warmup_epochs, 1))
+    return optuna.pruners.NopPruner()
+
+
+def suggest(trial: optuna.Trial, space: dict[str, SearchDimension]) -> dict[str, Any]:
+    """The trial's value of each key of the search space, ``{dotted key: value}``."""
+    values = {}
+    for key, dim in space.items():
+        if dim.choices is not None:
+            names = list(dim.choices) if isinstance(dim.choices, dict) else None
+            if names is not None:
+                values[key] = dim.choices[trial.suggest_categorical(key, names)]
+            else:
+                values[key] = trial.suggest_categorical(key, dim.choices)
+        elif isinstance(dim.low, int) and isinstance(dim.high, int) and not isinstance(
+                dim.step, float):
+            values[key] = trial.suggest_int(key, dim.low, dim.high, step=dim.step or 1,
+                                            log=dim.log)
+        else:
+            values[key] = trial.suggest_float(key, dim.low, dim.high, step=dim.step, log=dim.log)
+    return values
+
+
+def nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"phase1.learning_rate": 0.01}`` as ``{"phase1": {"learning_rate": 0.01}}``."""
+    result: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, last = key.split(".")
+        node = result
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return result
+
+
+class PruneOnValAccuracy(keras.callbacks.Callback):
+    """Reports each epoch's validation accuracy to the trial (step: the epoch on the run's one
+    axis across both phases) and stops the trial when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        super().__init__()
+        self.trial = trial
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if not logs or "val_accuracy" not in logs:
+            return
+        self.trial.report(float(logs["val_accuracy"]), epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(
+                f"validation accuracy {logs['val_accuracy']:.4f} at epoch {epoch + 1} is below "
+                "the other trials' median there"
+            )
+
+
+def train_recipe(
+    base_model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any],
+    callbacks: list[keras.callbacks.Callback] = (),
+) -> tuple[keras.Model, History, History, FitOptions]:
+    """The finetune recipe with ``params`` (finetune parameters) on a copy of the base: a new
+    head, phase 1, phase 2. No resume state (a trial is short and its own)."""
+    cfg = parse_finetune(params)
+    options = replace(cfg.fit_options(), backup_dir=None, verbose=0,
+                      extra_callbacks=list(callbacks))
+    model = swap_head(rebuild(base_model), manifest, cfg.head, cfg.training.augmentation,
+                      options)
+    phase1, phase2 = fine_tune(model, manifest, cfg.phase1.stages_list(),
+                               cfg.phase2.stages_list(), options)
+    return model, phase1, phase2, options
+
+
+def validation_accuracy(model: keras.Model, manifest: pd.DataFrame, options: FitOptions) -> float:
+    """The trained model's accuracy on the validation split (the search never sees the test
+    split)."""
+    result = evaluation.evaluate(model, manifest, options.image_size, options.batch_size,
+                                 split="val")
+    return float(result["metrics"]["accuracy"])
+
+
+@contextlib.contextmanager
+def _trial_run(name: str) -> Iterator[Any]:
+    """An MLflow run nested under the active one (nothing without an active run)."""
+    if mlflow.active_run() is None:
+        yield None
+        return
+    with mlflow.start_run(run_name=name, nested=True) as run:
+        try:
+            yield run
+        finally:
+            mlflow.flush_async_logging()  # the per-epoch metrics, before the run ends
+
+
+def _rank(study: optuna.Study, trial: optuna.Trial) -> int:
+    """How many of the study's trials (over-budget ones aside) were drawn before ``trial``."""
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.number < trial.number and not t.user_attrs.get(OVER_BUDGET))
+
+
+def _spent(study: optuna.Study) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(OVER_BUDGET))
+
+
+def search(
+    cfg: TuneConfig,
+    finetune: dict[str, Any],
+    train: Callable[[dict[str, Any], list[keras.callbacks.Callback]], float],
+) -> optuna.Study:
+    """Run trials of the study until ``cfg.n_trials`` trials exist in it (counting every
+    process's) or ``cfg.timeout_s`` has passed in this process. ``train(params, callbacks)``
+    trains the finetune ``params`` of a trial with ``callbacks`` and returns the validation
+    accuracy."""
+    study = open_study(cfg)
+
+    def objective(trial: optuna.Trial) -> float:
+        if cfg.n_trials is not None and _rank(study, trial) >= cfg.n_trials:
+            trial.set_user_attr(OVER_BUDGET, True)
+            study.stop()
+            raise OverBudget(f"trial {trial.number}: the study has its {cfg.n_trials} trials")
+        values = suggest(trial, cfg.space)
+        trial.set_user_attr("finetune", nested(values))
+        pruned = None
+        with _trial_run(f"trial {trial.number}") as run:
+            if run is not None:
+                trial.set_user_attr("mlflow_run_id", run.info.run_id)
+                mlflow.set_tags({"optuna.study": cfg.study, "optuna.trial": str(trial.number)})
+                mlflow.log_params({f"finetune.{k}": str(v)[:6000] for k, v in values.items()})
+            try:
+                value = train(merge_parameters(finetune, nested(values)),
+                              [PruneOnValAccuracy(trial)])
+            except optuna.TrialPruned as err:
+                pruned = err
+                if run is not None:
+                    mlflow.set_tags({"trial_state": "PRUNED", "pruned": "true"})
+            except Exception:
+                if run is not None:
+                    mlflow.set_tag("trial_state", "FAIL")
+                raise
+            else:
+                if run is not None:
+                    mlflow.set_tag("trial_state", "COMPLETE")
+                    mlflow.log_metric("val_accuracy", value)
+        if pruned is not None:
+            raise pruned  # Optuna logs it and records the trial as pruned
+        return value
+
+    def enough(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if cfg.n_trials is not None and _spent(study) >= cfg.n_trials:
+            study.stop()
+
+    if cfg.n_trials is None or _spent(study) < cfg.n_trials:
+        study.optimize(objective, timeout=cfg.timeout_s, catch=(OverBudget,),
+                       callbacks=[enough], gc_after_trial=True)
+    return study
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial of the study: number, state, validation accuracy (a pruned trial's:
+    its last reported), epochs it ran, seconds, the searched values, its MLflow run."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get(OVER_BUDGET):
+            continue
+        seconds = ((t.datetime_complete - t.datetime_start).total_seconds()
+                   if t.datetime_complete and t.datetime_start else None)
+        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values \
+            else None
+        rows.append({"trial": t.number, "state": t.state.name,
+                     "val_accuracy": t.value if t.value is not None else last,
+                     "epochs": len(t.intermediate_values), "seconds": seconds,
+                     **t.params,
+                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
+    return pd.DataFrame(rows)
+
+
+def best_parameters(study: optuna.Study, finetune: dict[str, Any]) -> dict[str, Any]:
+    """The best completed trial's settings as a parameters file (``{"finetune": {...}}``, only
+    the searched keys), checked against the parameter schema with ``finetune`` under them."""
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not completed:
+        raise InputError(
+            f"No trial of the study {study.study_name!r} completed (each was pruned or failed): "
+            "there are no best parameters yet. Run more trials (`n_trials`), or prune later "
+            "(`warmup_epochs`, `startup_trials`) or not at all (`pruner`: none)."
+        )
+    best = study.best_trial
+    overrides = best.user_attrs["finetune"]
+    parse_finetune(merge_parameters(finetune, overrides))
+    logger.info("Best of %s completed trials: trial %s, validation accuracy %.4f, with %s",
+                len(completed), best.number, best.value, overrides)
+    return {"finetune": overrides}
