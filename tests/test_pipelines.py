@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -177,6 +178,10 @@ def test_cli_runs_finetune_with_both_pipeline_flags(project: Path):
         result = kedro_cli(project, "run", flag, "finetune", "--env", "test", timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "Completed node: evaluate" in result.stdout + result.stderr
+        sizes = re.search(r"Exported the model: saved_model \(([0-9.e-]+) MB\), tflite "
+                          r"\(([0-9.e-]+) MB\), tflite_quantized \(([0-9.e-]+) MB\)",
+                          result.stdout + result.stderr)
+        assert sizes and all(float(size) > 0 for size in sizes.groups()), sizes
     assert len(versions(project, "data/06_models/phase2_model.keras")) == 3
     assert len(versions(project, "data/06_models/pretrained_base.keras")) == 1
 

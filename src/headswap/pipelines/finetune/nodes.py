@@ -242,8 +242,8 @@ def export_model(
         paths = exports.export_model(model, tmp, data.class_names(manifest), export.formats)
         files = {p.relative_to(tmp).as_posix(): p.read_bytes()
                  for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
-    logger.info("Exported the model: %s", ", ".join(
-        f"{name} ({_size(paths[name]):.2f} MB)" for name in export.formats))
+        logger.info("Exported the model: %s", ", ".join(  # sizes before tmp is removed
+            f"{name} ({_size(paths[name]):.3g} MB)" for name in export.formats))
     return files
 
 
