@@ -313,7 +313,9 @@ def measure_against_plain(
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Run ``pipeline`` (``kedro run`` in ``project``), then the ``plain`` Keras program; their
     wall times, ratio, test accuracies and peak RSS, and the pipeline's time per node."""
+    loads = {"pipeline_load_at_start": load()[0]}
     ran = run_measured(pipeline, project).check("kedro run")
+    loads["plain_keras_load_at_start"] = load()[0]
     keras_run = run_measured(plain + ["--out", str(project / "plain_keras")]).check(
         "plain Keras program")
     inside = json.loads(keras_run.output.strip().splitlines()[-1])
@@ -325,4 +327,5 @@ def measure_against_plain(
         "plain_keras_accuracy": inside["test_accuracy"],
         "plain_keras_training_s": inside["phase1_s"] + inside["phase2_s"],
         "pipeline_peak_rss_mb": ran.peak_rss_mb, "plain_keras_peak_rss_mb": keras_run.peak_rss_mb,
+        **loads,
     }, node_seconds(ran.output)

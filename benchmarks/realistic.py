@@ -7,7 +7,8 @@ image folder of the example's target classes written as 96x96 RGB JPEG files (``
 training and ``--test`` test images per class: 2,500 in all by default) and, under
 ``data/06_models/``, a MobileNetV2 (2.3 M parameters, its input scaling
 inside) pretrained briefly on the example's source classes at that size (``--pretrain-images``,
-``--pretrain-epochs``). Then, alternately, in fresh processes and the same throw-away copy of
+``--pretrain-epochs``; BatchNormalization momentum 0.9, so that its moving statistics settle
+within so few steps). Then, alternately, in fresh processes and the same throw-away copy of
 the project: ``kedro run --pipeline finetune`` on that folder and base, and
 ``benchmarks/plain_keras.py`` doing the same work by hand, both with the Keras
 transfer-learning guide's schedule (phase 1: Adam 1e-3, ``--epochs1`` 20; phase 2: the whole
@@ -83,7 +84,7 @@ def write_folder(train: int, test: int) -> Path:
 def pretrained_base(images: int, epochs: int) -> Path:
     """MobileNetV2 with its input scaling inside, pretrained on the source classes at 96x96
     (made once; its last feature map is ``out_relu``)."""
-    path = ROOT / "data" / "06_models" / f"mobilenet_v2_{SIZE}_source{images}x{epochs}.keras"
+    path = ROOT / "data" / "06_models" / f"mobilenet_v2_{SIZE}_bn09_source{images}x{epochs}.keras"
     if path.exists():
         return path
     import keras
@@ -104,6 +105,9 @@ def pretrained_base(images: int, epochs: int) -> Path:
     outputs = keras.layers.Dense(len(params["source_classes"]), activation="softmax",
                                  name="predictions")(pooled)
     model = keras.Model(inputs, outputs, name="mobilenet_v2_source")
+    for layer in model.layers:  # Keras' 0.999 would leave the moving statistics of a brief
+        if isinstance(layer, keras.layers.BatchNormalization):  # pretraining at their
+            layer.momentum = 0.9                                 # initial values
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=0).batch(32)
