@@ -81,13 +81,18 @@ def test_a_finetune_run_is_recorded_on_the_tracking_server(server, tmp_path: Pat
     assert list((folder / "artifacts").rglob("skipped_images.csv"))
 
     # The model comes back from the server's store and answers with the class names.
-    check_logged_model(run.info.run_id, project)
+    check_logged_model(run.info.run_id, project, uri)
 
 
-def check_logged_model(run_id: str, project: Path) -> None:
+def check_logged_model(run_id: str, project: Path, tracking_uri: str) -> None:
     """The run's ``model``, read back with ``mlflow.pyfunc.load_model`` from the tracking
-    server, answers a few of the project's images with its class names."""
-    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    server ``tracking_uri``, answers a few of the project's images with its class names."""
+    previous = mlflow.get_tracking_uri()  # another test may have set it for this process
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    finally:
+        mlflow.set_tracking_uri(previous)
     files = sorted((project / IMAGES / "filled circle").glob("img 0[0-3].png"))
     answer = model.predict(pd.DataFrame({"image": [str(f) for f in files]}))
     assert set(answer["predicted"]) <= set(MESSY_CLASSES) and len(answer) == len(files)

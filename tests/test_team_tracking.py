@@ -162,7 +162,7 @@ def test_a_finetune_run_is_recorded_on_the_team_server(team_server, s3: str, pos
     assert any(key.endswith("MLmodel") for key in keys)
 
     # The model comes back from the server and answers with the class names.
-    check_logged_model(run.info.run_id, project)
+    check_logged_model(run.info.run_id, project, uri)
 
     # With the server stopped, the next run stops before anything is trained.
     stop(process)

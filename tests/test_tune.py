@@ -93,7 +93,9 @@ def test_auto_rates_are_logged_and_a_killed_run_resumes_with_them(project: Path)
     command continues it in the same MLflow run, with the same rates as parameters."""
     params = ("finetune.data.batch_size=1,finetune.phase1.epochs=2,finetune.phase2.epochs=3,"
               "finetune.phase1.learning_rate=auto,finetune.phase2.learning_rate=auto,"
-              "finetune.training.lr_find.steps=40")
+              "finetune.training.lr_find.steps=40,"
+              # a constant phase-2 rate, so that its first epoch logs the rate found
+              "finetune.phase2.schedule=constant,finetune.phase2.warmup_epochs=0")
     command = [*KEDRO, "--pipeline", "finetune", "--params", params]
     state = project / "data/05_model_input/resume"
     _, before = mlflow_runs(project)

@@ -134,7 +134,7 @@ def fit(
             keras.utils.set_random_seed(options.seed + epoch)
             reseed(work, options.seed + epoch)
             state = (StageState(Path(options.backup_dir) / f"{name}_stage{i}",
-                                _stage_key(manifest, stage, options, epoch))
+                                _stage_key(manifest, stage, options, epoch, model))
                      if options.backup_dir else None)
             history = state.reuse(work) if state else None
             if history is not None:
@@ -318,7 +318,7 @@ def _auto_rate(model: keras.Model, stage: Stage, run: _Run, label: str, epoch: i
                memo: Path | None) -> Stage:
     """``stage`` with the rate the range test suggests for it; with ``memo`` (a file in the
     resume folder), a rerun of an interrupted run reuses the rate found the first time."""
-    key = _stage_key(run.manifest, stage, run.options, epoch)
+    key = _stage_key(run.manifest, stage, run.options, epoch, model)
     if memo is not None and memo.is_file() and json.loads(memo.read_text())["key"] == key:
         rate = json.loads(memo.read_text())["learning_rate"]
         logger.info("%s: learning_rate auto, %.3g as found before the interruption", label, rate)
@@ -338,10 +338,14 @@ def _auto_rate(model: keras.Model, stage: Stage, run: _Run, label: str, epoch: i
     return stage.model_copy(update={"learning_rate": test.suggestion})
 
 
-def _stage_key(manifest: pd.DataFrame, stage: Stage, options: FitOptions, first: int) -> str:
+def _stage_key(manifest: pd.DataFrame, stage: Stage, options: FitOptions, first: int,
+               model: keras.Model) -> str:
     """What a stage's result depends on, as a digest: its images and their split, its settings,
-    the training options and the epoch it starts at."""
+    the training options, the epoch it starts at and the model's weights at its start (so that
+    a model with another head never takes a finished stage's weights)."""
     digest = hashlib.sha256(manifest[["path", "label", "split"]].to_csv(index=False).encode())
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
     settings = {k: v for k, v in vars(options).items()
                 if k not in ("backup_dir", "extra_callbacks", "verbose", "cache_memory_mb")}
     digest.update(repr((stage.model_dump(), settings, first)).encode())
