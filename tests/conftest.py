@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -224,7 +225,8 @@ def serve(command: list[str], cwd: Path, ready: str, log: Path,
 
 
 def stop(server: subprocess.Popen) -> None:
-    """Stop a server started by :func:`serve` and wait for it."""
+    """Stop a server started by :func:`serve` and wait for it; its worker processes (same
+    process group) that outlive it are killed, so that nothing answers on its port after."""
     if server.poll() is None:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -232,6 +234,8 @@ def stop(server: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
     server.wait()
+    with contextlib.suppress(ProcessLookupError):  # the group is empty: all are gone
+        os.killpg(server.pid, signal.SIGKILL)
 
 
 def browser_page(url: str, expected: list[str] = (), attempts: int = 3) -> str:
