@@ -27,6 +27,19 @@ from PIL import Image
 CLASSES = ("circle", "square", "stripes")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _tracking_uri_variable_kept():
+    """``mlflow.set_tracking_uri`` (which several modules call for their project's store) also
+    writes ``MLFLOW_TRACKING_URI`` into this process's environment, which every later
+    subprocess (``kedro run``, servers) would inherit: each module leaves it as it found it."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def draw(kind: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     """A noisy grayscale picture of a filled circle, a filled square or horizontal stripes."""
     image = rng.normal(40, 15, (size, size))

@@ -7,6 +7,7 @@ pipeline through a real KedroSession, and reads the run back through ``MlflowCli
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,12 +88,18 @@ def test_a_finetune_run_is_recorded_on_the_tracking_server(server, tmp_path: Pat
 def check_logged_model(run_id: str, project: Path, tracking_uri: str) -> None:
     """The run's ``model``, read back with ``mlflow.pyfunc.load_model`` from the tracking
     server ``tracking_uri``, answers a few of the project's images with its class names."""
-    previous = mlflow.get_tracking_uri()  # another test may have set it for this process
+    # Another test may have set this process's tracking URI; set_tracking_uri also writes
+    # MLFLOW_TRACKING_URI, which the next `kedro run` subprocess inherits: both restored.
+    previous, variable = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
     try:
         model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     finally:
         mlflow.set_tracking_uri(previous)
+        if variable is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = variable
     files = sorted((project / IMAGES / "filled circle").glob("img 0[0-3].png"))
     answer = model.predict(pd.DataFrame({"image": [str(f) for f in files]}))
     assert set(answer["predicted"]) <= set(MESSY_CLASSES) and len(answer) == len(files)
