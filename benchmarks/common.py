@@ -308,6 +308,22 @@ def pipeline_accuracy(output: str) -> float | None:
     return float(found[-1]) if found else None
 
 
+def alternate_with_plain(
+    pipeline: list[str], plain: list[str], project: Path, repeats: int
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """:func:`measure_against_plain` ``repeats`` times: each repeat's figures, and the median
+    time of each of the pipeline's nodes ({} when its log has none)."""
+    nodes: list[dict[str, float]] = []
+
+    def measure(_: int) -> dict[str, Any]:
+        result, breakdown = measure_against_plain(pipeline, plain, project)
+        nodes.append(breakdown)
+        return result
+
+    runs = repeat(repeats, measure)
+    return runs, medians(nodes) if nodes and nodes[0] else {}
+
+
 def measure_against_plain(
     pipeline: list[str], plain: list[str], project: Path
 ) -> tuple[dict[str, Any], dict[str, float]]:

@@ -22,15 +22,14 @@ from pathlib import Path
 from common import (
     EXAMPLE,
     PRETRAINED,
+    alternate_with_plain,
     argument_parser,
     finetune_command,
     latest_model_file,
-    measure_against_plain,
     medians,
     plain_command,
     project_copy,
     project_parameters,
-    repeat,
     run_measured,
     start,
     table,
@@ -58,16 +57,8 @@ def main() -> None:
         # once untimed: MLflow creates its database at the first run of a new project
         run_measured(finetune_command({"phase1.epochs": 1, "phase2.epochs": 1}),
                      project).check("warm-up kedro run")
-
-        def measure(_: int) -> dict:
-            result, breakdown = measure_against_plain(pipeline, plain, project)
-            nodes.append(breakdown)
-            return result
-
-        nodes: list[dict[str, float]] = []
-        runs = repeat(args.repeats, measure)
+        runs, breakdown = alternate_with_plain(pipeline, plain, project, args.repeats)
     summary = medians(runs)
-    breakdown = medians(nodes) if nodes and nodes[0] else {}
     print(table(
         ["", "wall s (median)", "test accuracy"],
         [["kedro run --pipeline finetune", summary["pipeline_s"], summary["pipeline_accuracy"]],

@@ -29,15 +29,14 @@ import numpy as np
 import yaml
 from common import (
     ROOT,
+    alternate_with_plain,
     argument_parser,
     finetune_command,
     kedro_command,
-    measure_against_plain,
     medians,
     plain_command,
     project_copy,
     project_parameters,
-    repeat,
     run_measured,
     start,
     table,
@@ -147,15 +146,7 @@ def main() -> None:
         (project / "conf" / "local" / "parameters_realistic.yml").write_text(
             yaml.safe_dump({"finetune": overrides}))
         pipeline = kedro_command("run", "--pipeline", "finetune")
-
-        nodes: list[dict[str, float]] = []
-
-        def measure(_: int) -> dict:
-            result, breakdown = measure_against_plain(pipeline, plain, project)
-            nodes.append(breakdown)
-            return result
-
-        runs = repeat(args.repeats, measure)
+        runs, breakdown = alternate_with_plain(pipeline, plain, project, args.repeats)
     summary = medians(runs)
     print(table(
         ["", "wall s", "test accuracy", "peak RSS MiB"],
@@ -174,7 +165,7 @@ def main() -> None:
         "parameters": overrides, "repeats": args.repeats,
         "plain_keras_command": " ".join(Path(c).name if c == sys.executable else c
                                         for c in plain),
-        "summary": summary, "pipeline_breakdown_s": medians(nodes) if nodes[0] else {},
+        "summary": summary, "pipeline_breakdown_s": breakdown,
         "target_ratio": TARGET_RATIO, "runs": runs,
     }, before)
 
