@@ -1,14 +1,14 @@
 """Fine-tuning written as a plain Keras program: the work of the finetune pipeline without it.
 
-Reads an image folder with train/ and test/ class folders (validation carved out of train/),
-loads a saved model, cuts it at a layer, puts a new head on it, trains the head on the frozen
-base, unfreezes the base (BatchNormalization stays in inference mode), recompiles with a lower
-rate (warmed up linearly, then decayed to 0 along a cosine, when asked), trains again
-(training and validation images cached in memory, as TensorFlow's tutorials do) and evaluates
-on the test images the way the recipe asks, as one would by hand: scikit-learn's
-classification report printed, a confusion-matrix plot, learning curves over both phases and
-the fine-tuned model saved (into --out, a temporary folder by default). Prints one JSON line
-of results.
+Reads an image folder with train/ and test/ class folders (and val/; without it validation is
+carved out of train/), loads a saved model, cuts it at a layer, puts a new head on it, trains
+the head on the frozen base, unfreezes the base (BatchNormalization stays in inference mode),
+recompiles with a lower rate (warmed up linearly, then decayed to 0 along a cosine, when
+asked), trains again (training and validation images cached in memory, as TensorFlow's
+tutorials do) and evaluates on the test images the way the recipe asks, as one would by hand:
+scikit-learn's classification report printed, a confusion-matrix plot, learning curves over
+both phases and the fine-tuned model saved (into --out, a temporary folder by default). Prints
+one JSON line of results.
 
     python benchmarks/plain_keras.py --folder data/01_raw/fashion-mnist-target \
         --base data/06_models/pretrained_base.keras/<version>/pretrained_base.keras
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -52,9 +53,14 @@ def main() -> None:
     keras.utils.set_random_seed(args.seed)
     options = {"image_size": tuple(args.image_size), "color_mode": args.color_mode,
                "batch_size": args.batch_size, "seed": args.seed}
-    train, val = keras.utils.image_dataset_from_directory(
-        f"{args.folder}/train", validation_split=args.val_fraction, subset="both", **options
-    )
+    if os.path.isdir(f"{args.folder}/val"):  # the folder gives the validation images
+        train, val = (keras.utils.image_dataset_from_directory(f"{args.folder}/{split}",
+                                                               **options)
+                      for split in ("train", "val"))
+    else:
+        train, val = keras.utils.image_dataset_from_directory(
+            f"{args.folder}/train", validation_split=args.val_fraction, subset="both", **options
+        )
     test = keras.utils.image_dataset_from_directory(f"{args.folder}/test", shuffle=False,
                                                     **options)
     names = train.class_names

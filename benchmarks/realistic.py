@@ -4,7 +4,8 @@ The example is small by design (28x28 gray images, a 100k-parameter base); users
 of 96-224 pixels and bases of millions of parameters, where the frozen base's forward pass
 dominates phase 1. This benchmark makes, once, under ``data/01_raw/fashion-mnist-96``, an
 image folder of the example's target classes written as 96x96 RGB JPEG files (``--train``
-training and ``--test`` test images per class: 2,500 in all by default) and, under
+training images per class, a fifth of them in ``val/`` so that both programs validate on the
+same images, and ``--test`` test images per class: 2,500 in all by default) and, under
 ``data/06_models/``, a MobileNetV2 (2.3 M parameters, its input scaling
 inside) pretrained briefly on the example's source classes at that size (``--pretrain-images``,
 ``--pretrain-epochs``; BatchNormalization momentum 0.9, so that its moving statistics settle
@@ -63,17 +64,19 @@ def larger(image: np.ndarray) -> Image.Image:
 
 
 def write_folder(train: int, test: int) -> Path:
-    """``data/01_raw/fashion-mnist-96-<train>-<test>/{train,test}/<class>/*.jpg`` of the
-    target classes (files already there are kept)."""
-    folder = ROOT / "data" / "01_raw" / f"fashion-mnist-{SIZE}-{train}-{test}"
+    """``data/01_raw/fashion-mnist-96-<train>-<test>-val/{train,val,test}/<class>/*.jpg`` of
+    the target classes, a fifth of each class's ``train`` images in ``val/``, so that both
+    programs validate on the same images (files already there are kept)."""
+    folder = ROOT / "data" / "01_raw" / f"fashion-mnist-{SIZE}-{train}-{test}-val"
     params = project_parameters("example")
     source = fashion_mnist()
     for split, per_class in (("train", train), ("test", test)):
         images, labels = example.load_split(source, split)
         chosen = example.select_classes(labels, params["target_classes"], per_class,
                                         params["seed"])
-        for i in chosen:
-            path = folder / split / example.CLASS_NAMES[labels[i]] / f"{i:05d}.jpg"
+        for n, i in enumerate(chosen):
+            into = "val" if split == "train" and n % per_class < per_class // 5 else split
+            path = folder / into / example.CLASS_NAMES[labels[i]] / f"{i:05d}.jpg"
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 larger(images[i]).save(path, quality=90)

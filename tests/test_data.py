@@ -211,27 +211,36 @@ def _batches(dataset) -> tuple[np.ndarray, np.ndarray, list[int]]:
     return np.concatenate(images), np.concatenate(labels), sizes
 
 
-def test_each_epoch_has_its_seeded_order_read_when_the_dataset_is_iterated(image_folder: Path):
+@pytest.mark.parametrize("cache", [0, 2**30], ids=["streamed", "in-memory"])
+def test_training_data_runs_epoch_after_epoch_each_in_its_seeded_order(
+    image_folder: Path, cache: int
+):
     manifest = data.ingest_image_folder(image_folder, seed=0)[0]
     n = int((manifest["split"] == "train").sum())
-    epoch = tf.Variable(0, dtype=tf.int64)
-    dataset = data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True, seed=7,
-                                epoch=epoch)
+    steps = -(-n // 5)
+    epoch = tf.Variable(2, dtype=tf.int64)  # the trainer sets the first epoch
+
+    def dataset(seed: int = 7):
+        return data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True, seed=seed,
+                                 epoch=epoch, cache_bytes=cache)
+
+    iterator = iter(dataset())
     by_epoch = {}
-    for e in (2, 3, 4):
-        epoch.assign(e)  # as the trainer does when epoch e begins
-        by_epoch[e] = _batches(dataset)
+    for e in (2, 3, 4):  # one iterator, as Keras keeps it across epochs
+        batches = [next(iterator) for _ in range(steps)]
+        by_epoch[e] = _batches(batches)
     # each epoch is whole (its last batch short), a permutation, reshuffled every epoch
     assert by_epoch[2][2] == [5] * (n // 5) + ([n % 5] if n % 5 else [])
     assert all(sorted(by_epoch[e][1]) == sorted(by_epoch[2][1]) for e in (3, 4))
     assert not np.array_equal(by_epoch[2][1], by_epoch[3][1])
-    epoch.assign(3)  # a resumed epoch 3 is epoch 3, in a new dataset too
-    resumed = data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True, seed=7,
-                                epoch=epoch)
-    np.testing.assert_array_equal(_batches(resumed)[0], by_epoch[3][0])
-    other_seed = data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True, seed=8,
-                                   epoch=epoch)
-    assert not np.array_equal(_batches(other_seed)[1], by_epoch[3][1])
+    epoch.assign(3)  # a run resumed at epoch 3 starts at epoch 3's order: the same epochs
+    resumed = iter(dataset())
+    for e in (3, 4):
+        np.testing.assert_array_equal(_batches([next(resumed) for _ in range(steps)])[0],
+                                      by_epoch[e][0])
+    other_seed = iter(dataset(seed=8))
+    assert not np.array_equal(_batches([next(other_seed) for _ in range(steps)])[1],
+                              by_epoch[3][1])
 
 
 @pytest.mark.parametrize(
@@ -242,9 +251,10 @@ def test_cached_images_give_the_same_batches_as_streamed_ones(image_folder: Path
     manifest = data.ingest_image_folder(image_folder, seed=0)[0]
     if "epoch" in order:
         order = {**order, "epoch": tf.Variable(order["epoch"], dtype=tf.int64)}
-    streamed, cached = (
+    steps = -(-int((manifest["split"] == "train").sum()) // 4)
+    streamed, cached = (  # with an epoch: two epochs of the endless stream
         _batches(data.make_dataset(manifest, "train", (12, 10), 3, 4, seed=5, cache_bytes=budget,
-                                   **order))
+                                   **order).take(2 * steps))
         for budget in (0, 2**30)
     )
     np.testing.assert_array_equal(streamed[0], cached[0])

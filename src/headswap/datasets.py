@@ -13,11 +13,12 @@ from mlflow.utils.time import get_current_time_millis
 BATCH = 1000  # the most metrics one MLflow log_batch request takes
 
 
-def log_metrics(run_id: str, metrics: list[Metric]) -> None:
-    """Send ``metrics`` to run ``run_id`` in requests of up to :data:`BATCH` values."""
+def log_metrics(run_id: str, metrics: list[Metric], synchronous: bool = True) -> None:
+    """Send ``metrics`` to run ``run_id`` in requests of up to :data:`BATCH` values (without
+    waiting for the tracking store unless ``synchronous``)."""
     client = mlflow.MlflowClient()
     for start in range(0, len(metrics), BATCH):
-        client.log_batch(run_id, metrics=metrics[start:start + BATCH])
+        client.log_batch(run_id, metrics=metrics[start:start + BATCH], synchronous=synchronous)
 
 
 class MetricsHistoryDataset(AbstractDataset[dict, dict]):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -383,14 +384,11 @@ def _shuffled_index(i: tf.Tensor, seed: int, epoch: Any, count: int) -> tf.Tenso
     )
 
 
-def epoch_shuffled(
-    arrays: tuple[np.ndarray, ...], seed: int, epoch: tf.Variable
+def _epoch_shuffled(
+    arrays: tuple[np.ndarray, ...], seed: int, epoch: tf.Tensor
 ) -> tf.data.Dataset:
-    """The rows of ``arrays`` in an order that is a stateless function of ``(seed, epoch)``.
-
-    ``epoch`` is read each time the dataset is iterated (the caller sets it at the start of
-    every epoch), so epoch k has the same order whether or not the run was interrupted.
-    """
+    """The rows of ``arrays`` in epoch ``epoch``'s order, a stateless function of
+    ``(seed, epoch)``."""
     tensors, count = tuple(tf.constant(a) for a in arrays), len(arrays[0])
 
     def pick(i: tf.Tensor) -> tuple[tf.Tensor, ...]:
@@ -398,6 +396,23 @@ def epoch_shuffled(
         return tuple(t[j] for t in tensors)
 
     return tf.data.Dataset.range(count).map(pick)
+
+
+def epoch_after_epoch(
+    epoch: tf.Variable, one_epoch: Callable[[tf.Tensor], tf.data.Dataset]
+) -> tf.data.Dataset:
+    """Epoch after epoch without end, from the one ``epoch`` holds when iteration starts:
+    ``one_epoch(e)`` is epoch ``e``'s dataset.
+
+    Each epoch's order is keyed on its own number inside the dataset, so one iterator serves a
+    whole training (Keras keeps it across epochs when ``fit`` is given ``steps_per_epoch``)
+    instead of one made per epoch, and the next epoch's first batches can be prepared while
+    the current one ends.
+    """
+    first = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).map(
+        lambda _: tf.cast(epoch, tf.int64)
+    )
+    return first.flat_map(lambda e: tf.data.Dataset.range(e, e + 2**62)).flat_map(one_epoch)
 
 
 def _epoch_indices(
@@ -420,7 +435,8 @@ def array_dataset(
     """Batches of in-memory rows (decoded images or a frozen base's features, and labels).
 
     The order is that of :func:`make_dataset` for the same arguments: as given, or shuffled
-    (see there). Shuffled rows are gathered a batch at a time.
+    (see there; with ``epoch``, epoch after epoch without end). Shuffled rows are gathered a
+    batch at a time.
     """
     if not shuffle:
         return tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
@@ -430,7 +446,9 @@ def array_dataset(
         return tuple(tf.gather(t, j) for t in tensors)
 
     if count and epoch is not None:
-        return _epoch_indices(count, seed, epoch, batch_size).map(gather)
+        return epoch_after_epoch(
+            epoch, lambda e: _epoch_indices(count, seed, e, batch_size)
+        ).map(gather)
     # the same order as make_dataset's streamed shuffle: it depends on the seed alone
     indices = tf.data.Dataset.range(count).shuffle(
         max(count, 1), seed=seed, reshuffle_each_iteration=True
@@ -491,10 +509,12 @@ def make_dataset(
     Either way the batches are the same.
 
     Order: as listed in the manifest, unless ``shuffle`` (for training): then reshuffled each
-    time the dataset is iterated. With ``epoch`` (an integer variable that the trainer sets at
-    the start of each epoch) each epoch's order is a stateless function of ``(seed, epoch)``,
-    so epoch k has the same order whether or not the run was interrupted before it; without
-    it the order is seeded but depends on how often the dataset was iterated.
+    time the dataset is iterated. With ``epoch`` as well (an integer variable) the dataset
+    runs epoch after epoch without end (:func:`epoch_after_epoch`; the trainer takes
+    ``steps_per_epoch`` batches of each), from the epoch the variable holds when iteration
+    starts, and each epoch's order is a stateless function of ``(seed, epoch)``: epoch k has
+    the same order whether or not the run was interrupted before it. Without ``epoch`` the
+    order is seeded but depends on how often the dataset was iterated.
     """
     paths, labels = split_arrays(manifest, split)
     size = tuple(int(s) for s in image_size)
@@ -516,10 +536,14 @@ def make_dataset(
     def load(p: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return decode_image(p, size, channels), y
 
-    dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
     if shuffle and epoch is not None and len(paths):
-        dataset = epoch_shuffled((paths, labels), seed, epoch)
-    elif shuffle:
+        return epoch_after_epoch(epoch, lambda e: (
+            _epoch_shuffled((paths, labels), seed, e)
+            .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .batch(batch_size)
+        )).prefetch(tf.data.AUTOTUNE)
+    dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
+    if shuffle:
         dataset = dataset.shuffle(max(len(paths), 1), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)

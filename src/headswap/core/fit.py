@@ -86,17 +86,6 @@ class FitOptions:
     lr_find: RangeTestSettings = field(default_factory=RangeTestSettings)
 
 
-class EpochOrder(keras.callbacks.Callback):
-    """Sets the variable that keys the training data's order to each epoch as it begins."""
-
-    def __init__(self, variable: tf.Variable) -> None:
-        super().__init__()
-        self.variable = variable
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.variable.assign(epoch)
-
-
 def fit(
     model: keras.Model,
     manifest: pd.DataFrame,
@@ -181,7 +170,7 @@ class _Run:
     steps: int  # batches per epoch
     class_weight: dict[int, float] | None
     strategy: tf.distribute.Strategy | None
-    order: tf.Variable  # the epoch the training data's order is keyed on
+    order: tf.Variable  # the epoch the training data starts at (its order is keyed on epochs)
 
     @classmethod
     def start(cls, manifest: pd.DataFrame, options: FitOptions, first_epoch: int) -> _Run:
@@ -235,15 +224,16 @@ def _fit_stage(
     """Fit one stage from epoch ``first``, on cached features when the base is frozen."""
     options = run.options
     trained, train, val = _stage_data(run, work, stage, label)
-    callbacks = [EpochOrder(run.order),
-                 *make_callbacks(options.callbacks, logged, _checkpoint_path(options, label)),
+    callbacks = [*make_callbacks(options.callbacks, logged, _checkpoint_path(options, label)),
                  *(state.callbacks() if state else []), *options.extra_callbacks]
     resumed = state.backup.restore(trained) if state else None
+    initial = max(first, resumed or 0)
+    run.order.assign(initial)  # the training data starts at this epoch's order
     try:
         result = trained.fit(train, validation_data=val, epochs=first + stage.epochs,
-                             initial_epoch=max(first, resumed or 0), callbacks=callbacks,
-                             class_weight=run.class_weight, verbose=options.verbose,
-                             shuffle=False)
+                             initial_epoch=initial, steps_per_epoch=run.steps,
+                             callbacks=callbacks, class_weight=run.class_weight,
+                             verbose=options.verbose, shuffle=False)
     finally:
         if state is not None:
             state.close()
@@ -277,7 +267,8 @@ def _stage_data(
         trained = work
         train, val = (
             data.make_dataset(manifest, split, size, channels, batch, shuffle=split == "train",
-                              seed=options.seed, epoch=run.order, cache_bytes=budget)
+                              seed=options.seed, epoch=run.order if split == "train" else None,
+                              cache_bytes=budget)
             for split in ("train", "val")
         )
     if stage.label_smoothing:
@@ -387,9 +378,10 @@ def _cached_head(
                                    options.batch_size)
         features = extractor.predict(images, verbose=0)
         labels = data.split_arrays(manifest, split)[1]
+        train = split == "train"
         datasets.append(data.array_dataset((features, labels), options.batch_size,
-                                           shuffle=split == "train", seed=options.seed,
-                                           epoch=order))
+                                           shuffle=train, seed=options.seed,
+                                           epoch=order if train else None))
     return head, (datasets[0], datasets[1])
 
 
