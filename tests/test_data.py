@@ -284,3 +284,18 @@ def test_images_are_kept_in_memory_only_when_the_split_fits_the_budget(
     np.testing.assert_array_equal(_batches(kept)[0], expected)  # decoded once, kept
     with pytest.raises(tf.errors.NotFoundError):
         _batches(streamed)  # read from disk at every pass
+
+
+def test_the_example_pretrains_on_a_seeded_sample_of_each_source_class():
+    from headswap.pipelines.data.nodes import extract_source_task
+
+    params = {"fashion_mnist_dirs": ["/usr/share/datasets/fashion-mnist"],
+              "source_classes": [0, 3], "seed": 42}
+    task = extract_source_task({**params, "source_per_class": 50})
+    assert task["images"].shape == (100, 28, 28)
+    assert np.bincount(task["labels"]).tolist() == [50, 0, 0, 50]
+    assert task["class_names"] == ["T-shirt_top", "Dress"]
+    again = extract_source_task({**params, "source_per_class": 50})
+    np.testing.assert_array_equal(again["images"], task["images"])  # the same sample
+    every = extract_source_task({**params, "source_per_class": None})
+    assert np.bincount(every["labels"]).tolist() == [6000, 0, 0, 6000]
