@@ -380,6 +380,13 @@ def test_an_unreachable_tracking_server_stops_the_run_before_anything(project: P
     assert "conf/unreachable/mlflow.yml" in result.stderr
 
 
+def _as_from_a_shell() -> None:
+    """In the child, before it runs: Ctrl-C's signal handled and delivered as a shell starts a
+    command (a test process may have inherited SIGINT ignored or blocked, as under CI)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def test_an_interrupted_run_is_marked_killed_and_keeps_its_artifacts(project: Path, twin_runs):
     """Ctrl-C in the middle of phase 1 of a ``kedro run``: the run exits with an error, its
     MLflow run is KILLED, what it saved before training is kept and no phase-1 model is
@@ -397,6 +404,7 @@ def test_an_interrupted_run_is_marked_killed_and_keeps_its_artifacts(project: Pa
             [sys.executable, "-m", "kedro", "run", "--pipelines", "finetune", "--env", "test",
              "--params", f"finetune.phase1.epochs={epochs}"],
             cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=_as_from_a_shell,
         )
         try:
             deadline = time.monotonic() + 240

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,10 @@ class EpochMetrics(keras.callbacks.Callback):
             self._send(run.info.run_id)
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Send the epochs not sent yet, and wait until the store has them."""
         run = mlflow.active_run()
         if run is not None:
             self._send(run.info.run_id)
@@ -62,6 +68,18 @@ class EpochMetrics(keras.callbacks.Callback):
         if self._pending:
             log_metrics(run_id, self._pending, synchronous=False)
         self._pending, self._sent_at = [], time.monotonic()
+
+
+@contextmanager
+def epoch_metrics(prefix: str = "epoch") -> Iterator[EpochMetrics]:
+    """An :class:`EpochMetrics` for the trainings run in the block; its last epochs are sent
+    when the block ends, also when training stopped on an exception (a pruned trial, Ctrl-C,
+    an error), which Keras' ``on_train_end`` does not see."""
+    callback = EpochMetrics(prefix)
+    try:
+        yield callback
+    finally:
+        callback.flush()
 
 
 def logged_steps(run_id: str, key: str) -> set[int]:

@@ -143,7 +143,8 @@ def train_head(
     model: keras.Model, manifest: pd.DataFrame, stages: list[Stage], options: FitOptions
 ) -> tuple[keras.Model, History]:
     """Phase 1: the base frozen (unless a stage opens part of it), the new head trains."""
-    history = fit(model, manifest, stages, tracked(options), name="phase1")
+    with tracking.epoch_metrics() as live:
+        history = fit(model, manifest, stages, tracked(options, live), name="phase1")
     tracking.log_history(history)
     tracking.log_found_rates(history, "phase1")
     return model, history
@@ -158,16 +159,18 @@ def fine_tune(
 ) -> tuple[keras.Model, History]:
     """Phase 2: (part of) the base unfrozen, BatchNormalization kept in inference mode; its
     epochs continue phase 1's."""
-    history = fit(model, manifest, stages, tracked(options), next_epoch(phase1_history),
-                  "phase2")
+    with tracking.epoch_metrics() as live:
+        history = fit(model, manifest, stages, tracked(options, live),
+                      next_epoch(phase1_history), "phase2")
     tracking.log_history(history)
     tracking.log_found_rates(history, "phase2")
     return model, history
 
 
-def tracked(options: FitOptions) -> FitOptions:
-    """``options`` with a callback that logs each epoch's metrics to the MLflow run live."""
-    return replace(options, extra_callbacks=[*options.extra_callbacks, tracking.EpochMetrics()])
+def tracked(options: FitOptions, live: tracking.EpochMetrics) -> FitOptions:
+    """``options`` with ``live``, which logs the epochs' metrics to the MLflow run while they
+    train (see :func:`headswap.tracking.epoch_metrics`)."""
+    return replace(options, extra_callbacks=[*options.extra_callbacks, live])
 
 
 def evaluate_head_only(

@@ -28,9 +28,10 @@ def search_recipe(
     cfg = parse_tune(tune)
 
     def train(params: dict[str, Any], callbacks: list[keras.callbacks.Callback]) -> float:
-        # the epoch's metrics reach MLflow before the pruning callback may stop the trial
-        model, phase1, phase2, options = tuning.train_recipe(
-            base_model, manifest, params, [tracking.EpochMetrics(), *callbacks])
+        # the epochs' metrics reach MLflow also when the pruning callback stops the trial
+        with tracking.epoch_metrics() as live:
+            model, phase1, phase2, options = tuning.train_recipe(
+                base_model, manifest, params, [live, *callbacks])
         tracking.log_found_rates(phase1, "phase1")
         tracking.log_found_rates(phase2, "phase2")
         return tuning.validation_accuracy(model, manifest, options)
