@@ -380,6 +380,13 @@ def test_an_unreachable_tracking_server_stops_the_run_before_anything(project: P
     assert "conf/unreachable/mlflow.yml" in result.stderr
 
 
+def _signal_state(pid: int) -> str:
+    """The signal masks of a process (blocked, ignored, caught), as Linux reports them."""
+    status = Path(f"/proc/{pid}/status")
+    lines = status.read_text().splitlines() if status.exists() else []
+    return " ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def _as_from_a_shell() -> None:
     """In the child, before it runs: Ctrl-C's signal handled and delivered as a shell starts a
     command (a test process may have inherited SIGINT ignored or blocked, as under CI)."""
@@ -418,8 +425,12 @@ def test_an_interrupted_run_is_marked_killed_and_keeps_its_artifacts(project: Pa
                     + log.read_text(errors="replace")[-3000:]
                 )
                 time.sleep(0.2)
+            states = _signal_state(process.pid)
             process.send_signal(signal.SIGINT)
-            returncode = process.wait(timeout=120)
+            try:
+                returncode = process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"kedro run went on after Ctrl-C; its signal state: {states}")
         finally:
             if process.poll() is None:
                 process.kill()
