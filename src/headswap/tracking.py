@@ -41,7 +41,7 @@ class EpochMetrics(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         run = mlflow.active_run()
         self._logged = logged_steps(run.info.run_id, f"{self.prefix}.loss") if run else set()
-        self._pending, self._sent_at = [], float("-inf")  # the first epoch is sent at once
+        self._sent_at = float("-inf")  # a training's first epoch is sent at once
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         run = mlflow.active_run()

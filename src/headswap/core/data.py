@@ -533,20 +533,21 @@ def make_dataset(
             decoded_bytes(len(paths), size, channels) / 2**20, cache_bytes / 2**20,
         )
 
-    def load(p: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return decode_image(p, size, channels), y
+    def batches(rows: tf.data.Dataset) -> tf.data.Dataset:
+        """(path, label) rows as batches of decoded images, read in parallel, in order."""
+        return rows.map(lambda p, y: (decode_image(p, size, channels), y),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size)
 
     if shuffle and epoch is not None and len(paths):
-        return epoch_after_epoch(epoch, lambda e: (
-            _epoch_shuffled((paths, labels), seed, e)
-            .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            .batch(batch_size)
-        )).prefetch(tf.data.AUTOTUNE)
-    dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
-    if shuffle:
-        dataset = dataset.shuffle(max(len(paths), 1), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        dataset = epoch_after_epoch(
+            epoch, lambda e: batches(_epoch_shuffled((paths, labels), seed, e)))
+    else:
+        dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
+        if shuffle:
+            dataset = dataset.shuffle(max(len(paths), 1), seed=seed,
+                                      reshuffle_each_iteration=True)
+        dataset = batches(dataset)
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def labelled_subset(manifest: pd.DataFrame, per_class: int, seed: int = 42) -> pd.DataFrame:
