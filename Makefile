@@ -50,7 +50,7 @@ install-test: data $(CHROMIUM) postgresql $(ENVIRONMENT)
 	$(PY) -m pip install -e ".[test]"
 
 example: install
-	$(PY) -m kedro run
+	$(PY) -m kedro run --env example --pipeline example
 
 lint: install-test
 	$(PY) -m ruff check src tests benchmarks

@@ -101,14 +101,15 @@ def start(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, list[flo
 
 
 def project_parameters(section: str = "finetune") -> dict[str, Any]:
-    """``params:<section>`` as ``kedro run`` sees it: read by the project's own config loader
-    with its settings (``CONFIG_LOADER_ARGS``: soft merges, globals), conf/base with conf/local."""
+    """``params:<section>`` as ``kedro run --env example`` sees it: read by the project's own
+    config loader with its settings (``CONFIG_LOADER_ARGS``: soft merges, globals), conf/base
+    with conf/example (the example's folder and base)."""
     from kedro.framework.project import settings
     from kedro.framework.startup import bootstrap_project
 
     bootstrap_project(ROOT)
     loader = settings.CONFIG_LOADER_CLASS(
-        conf_source=str(ROOT / settings.CONF_SOURCE), env="local", **settings.CONFIG_LOADER_ARGS
+        conf_source=str(ROOT / settings.CONF_SOURCE), env="example", **settings.CONFIG_LOADER_ARGS
     )
     return loader["parameters"][section]
 
@@ -116,15 +117,17 @@ def project_parameters(section: str = "finetune") -> dict[str, Any]:
 def write_example_folder(out: Path, labels_per_class: int) -> Path:
     """The example's target folder with ``labels_per_class`` training images per class,
     written by the data pipeline's own node (test: all official test images)."""
+    from headswap.datasets import ImageFolderDataset
     from headswap.pipelines.data.nodes import write_target_folder
 
     params = project_parameters("example")
     dirs = [str(ROOT / d) if not Path(d).is_absolute() else d for d in params["fashion_mnist_dirs"]]
-    path, _ = write_target_folder(
+    files, _ = write_target_folder(
         {**params, "fashion_mnist_dirs": dirs, "target_path": str(out),
          "labels_per_class": labels_per_class}
     )
-    return Path(path)
+    ImageFolderDataset(str(out), overwrite=True).save(files)
+    return out
 
 
 def example_model(
@@ -191,7 +194,9 @@ def run_measured(command: Sequence[str], cwd: Path = ROOT) -> Measured:
 
 
 def kedro_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "kedro", *args]
+    """``kedro <args>``; a run is in the example's environment unless ``args`` name one."""
+    env = ["--env", "example"] if args[:1] == ("run",) and "--env" not in args else []
+    return [sys.executable, "-m", "kedro", *args, *env]
 
 
 def finetune_command(overrides: dict[str, Any]) -> list[str]:

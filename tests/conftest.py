@@ -265,3 +265,54 @@ def browser_page(url: str, expected: list[str] = (), attempts: int = 3) -> str:
         if all(text in page for text in expected):
             break
     return page
+
+
+#: The classes of the users' photo folders (:func:`write_photos`) and their colours.
+COLOURS = {"poppy": (200, 40, 40), "fern": (40, 170, 60), "iris": (60, 70, 210)}
+
+
+def write_photos(folder: Path, per_class: int, seed: int, flat: bool = False) -> list[Path]:
+    """RGB photos of each class (its colour and noise), mixed sizes, JPEG/PNG/WebP; every
+    other JPEG is stored turned, with the EXIF orientation tag (6) that turns it back, as a
+    phone camera stores a portrait photo."""
+    rng = np.random.default_rng(seed)
+    written = []
+    for name, colour in COLOURS.items():
+        for i in range(per_class):
+            height, width = (int(v) for v in rng.integers(60, 160, 2))
+            pixels = (np.array(colour)[None, None] + rng.normal(0, 45, (height, width, 3)))
+            image = Image.fromarray(pixels.clip(0, 255).astype("uint8"))
+            fmt, ext = [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")][i % 3]
+            target = (folder if flat else folder / name) / f"{name}_{i:03d}.{ext}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if fmt == "JPEG" and i % 2:
+                exif = Image.Exif()
+                exif[0x0112] = 6  # shown turned 90 degrees clockwise
+                image.transpose(Image.Transpose.ROTATE_90).save(target, format=fmt, exif=exif)
+            else:
+                image.save(target, format=fmt)
+            written.append(target)
+    return written
+
+
+def small_base(path: Path) -> Path:
+    """A small functional CNN of the user's, taking 48x48 RGB images."""
+    inputs = keras.Input((48, 48, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(16, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(5, activation="softmax")(x)
+    keras.Model(inputs, outputs).save(path)
+    return path
+
+
+def s3_server(folder: Path) -> tuple[str, subprocess.Popen]:
+    """moto's S3 server on 127.0.0.1, started in ``folder`` (its log there): its endpoint URL
+    and process (stop it with :func:`stop`)."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    process = serve([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                     endpoint.rsplit(":", 1)[1]], folder, f"{endpoint}/moto-api/",
+                    folder / "moto.log")
+    return endpoint, process

@@ -4,9 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from headswap.config import BaseConfig
-from headswap.core import FitOptions, bases, heads, train
-from headswap.pipelines.finetune.nodes import read_pretrained
+from headswap.core import bases, heads, train
+from headswap.datasets import BaseModelDataset
 from tests.conftest import small_cnn
 
 
@@ -56,7 +55,7 @@ def test_model_file_and_kedro_versioned_folder_load(tmp_path: Path):
     for version in ("2026-01-01T00.00.00.000Z", "2026-02-01T00.00.00.000Z"):
         (folder / version).mkdir(parents=True)
     model.save(folder / "2026-02-01T00.00.00.000Z" / "m.keras")
-    loaded = read_pretrained(BaseConfig(path=str(folder)), FitOptions(image_size=(32, 32)))
+    loaded = BaseModelDataset(path=str(folder), image_size=32).load()
     np.testing.assert_allclose(loaded.get_layer("conv1").get_weights()[0],
                                model.get_layer("conv1").get_weights()[0])
     legacy = tmp_path / "m.h5"
@@ -86,22 +85,6 @@ def test_keras_application_takes_raw_pixels_and_checks_size():
         bases.keras_application("Xception", (32, 32), weights=None)
     with pytest.raises(bases.BaseLoadError, match="not a known architecture"):
         bases.keras_application("ResNet7", (32, 32), weights=None)
-
-
-def test_caffe_preprocessing_matches_keras_preprocess_input():
-    pixels = np.random.default_rng(0).uniform(0, 255, (2, 4, 4, 3)).astype("float32")
-    layer = bases.preprocessing_layers("caffe", 3)[0]
-    expected = keras.applications.resnet50.preprocess_input(pixels.copy())
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(pixels)), expected, atol=1e-4)
-    scale = bases.preprocessing_layers("tf", 3)[0]
-    expected = keras.applications.mobilenet_v2.preprocess_input(pixels.copy())
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(scale(pixels)), expected, atol=1e-5)
-    torch = bases.preprocessing_layers("torch", 3)
-    out = pixels
-    for layer in torch:
-        out = layer(out)
-    expected = keras.applications.densenet.preprocess_input(pixels.copy())
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(out), expected, atol=1e-4)
 
 
 def test_image_size_must_match_a_fixed_input():

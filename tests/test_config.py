@@ -31,7 +31,7 @@ def test_bad_parameters_name_key_and_value(override, message):
     [
         ({"base": {"source": "keras_applications", "name": "MobileNetV9"}},
          (r"finetune.base.name: got 'MobileNetV9'; not a known keras.applications "
-          r"architecture\. Allowed: MobileNetV2, .*EfficientNetB0")),
+          r"architecture\. Allowed: .*EfficientNetB7, .*InceptionV3, .*MobileNetV2, .*ResNet152")),
         ({"head": {"dropuot": 0.1}},
          (r"finetune.head.dropuot: unknown key \(given 0.1\); allowed keys here: pooling, "
           r"dense, dropout")),

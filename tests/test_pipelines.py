@@ -38,10 +38,11 @@ pytestmark = pytest.mark.slow
 
 TARGET_CLASSES = ["Ankle boot", "Bag", "Sandal", "Shirt", "Sneaker"]
 FINETUNE_NODES = [
-    "check_parameters", "locate_images", "read_pretrained", "ingest_images", "load_base",
+    "check_parameters", "ingest_images", "load_base",
     "swap_head", "train_head", "evaluate_head_only",
     "fine_tune", "predict_test", "evaluate", "evaluate_details", "summarise_training",
-    "publish_model", "export_model", "write_model_card", "explain_predictions",
+    "publish_model", "export_model", "describe_preprocessing", "write_model_card",
+    "explain_predictions",
 ]
 VERSIONED = [
     "data/02_intermediate/manifest.csv",
@@ -50,6 +51,7 @@ VERSIONED = [
     "data/06_models/headswapped_model.keras",
     "data/06_models/phase1_model.keras",
     "data/06_models/phase2_model.keras",
+    "data/06_models/preprocessing.json",
     "data/07_model_output/phase1_history.json",
     "data/07_model_output/phase2_history.json",
     "data/08_reporting/test_predictions.csv",
@@ -73,7 +75,7 @@ VERSIONED = [
 def project(tmp_path_factory) -> Path:
     """A copy of the project in which the whole example ran once (`kedro run`, env test)."""
     path = copy_project(tmp_path_factory.mktemp("project"))
-    run_sessions(path, None)
+    run_sessions(path, ["example"])
     return path
 
 
@@ -174,8 +176,12 @@ def test_kedro_mlflow_hook_is_the_plugins_own_registered_once(project: Path):
 
 
 def test_cli_runs_finetune_with_both_pipeline_flags(project: Path):
-    for flag in ("--pipeline", "--pipelines"):
-        result = kedro_cli(project, "run", flag, "finetune", "--env", "test", timeout=600)
+    """Also the base chosen with --load-versions (the catalog's pretrained_model)."""
+    base_version = versions(project, "data/06_models/pretrained_base.keras")[-1]
+    for flag, extra in (("--pipeline", []),
+                        ("--pipelines", ["--load-versions", f"pretrained_model:{base_version}"])):
+        result = kedro_cli(project, "run", flag, "finetune", "--env", "test", *extra,
+                           timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "Completed node: evaluate" in result.stdout + result.stderr
         sizes = re.search(r"Exported the model: saved_model \(([0-9.e-]+) MB\), tflite "
@@ -193,6 +199,13 @@ def test_invalid_parameters_stop_before_any_node(project: Path):
     assert result.returncode != 0
     assert "finetune.phase1.epochs: got -1" in result.stdout + result.stderr
     assert versions(project, "data/02_intermediate/manifest.csv") == before
+    wrong = "2000-01-01T00.00.00.000Z"
+    result = kedro_cli(project, "run", "--pipeline", "finetune", "--env", "test",
+                       "--load-versions", f"pretrained_model:{wrong}", timeout=600)
+    errors = [line for line in (result.stdout + result.stderr).splitlines()
+              if line.startswith("Error:")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
+    assert f"pretrained_base.keras/{wrong}/pretrained_base.keras" in errors[0]
 
 
 def test_kedro_viz_build_shows_every_finetune_node(project: Path):

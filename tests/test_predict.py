@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from headswap.core import bases, data, evaluation, heads
+from headswap.core import bases, data, evaluation, heads, sources
 from headswap.core.errors import InputError
 from headswap.core.fit import FitOptions, fit
 from headswap.core.predict import (
@@ -91,15 +91,15 @@ def test_list_images_labels_class_sub_folders_and_sets_apart_unsupported(tmp_pat
         Image.new("L", (4, 4)).save(tmp_path / relative)
     (tmp_path / "dog" / "c.tiff").write_bytes(b"II*\x00")
     (tmp_path / "notes.txt").write_text("no image")
-    images, unsupported = list_images(tmp_path)
+    images, unsupported = list_images(sources.open_images(str(tmp_path)))
     assert dict(zip(images["path"].map(lambda p: Path(p).name), images["label"],
                     strict=True)) == {"a.png": "cat", "b.jpg": "dog", "loose.png": ""}
     assert [Path(p).name for p in unsupported["path"]] == ["c.tiff"]
     with pytest.raises(data.MissingDataError, match="does not exist"):
-        list_images(tmp_path / "nowhere")
+        sources.open_images(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="No images found"):
-        list_images(tmp_path / "empty")
+        list_images(sources.open_images(str(tmp_path / "empty")))
 
 
 def test_a_classifier_needs_one_class_name_per_output_and_a_classifier_model(trained,

@@ -22,7 +22,7 @@ import mlflow
 import psycopg2
 import pytest
 
-from tests.conftest import free_port, kedro_cli, serve, stop
+from tests.conftest import free_port, kedro_cli, s3_server, serve, stop
 from tests.test_faults import IMAGES, make_project
 from tests.test_mlflow_server import check_logged_model
 
@@ -80,11 +80,7 @@ def postgres() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory) -> Iterator[str]:
     """An S3-compatible store (moto's server) with an empty bucket: its endpoint URL."""
-    folder = tmp_path_factory.mktemp("s3")
-    endpoint = f"http://127.0.0.1:{free_port()}"
-    process = serve([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                     endpoint.rsplit(":", 1)[1]], folder, f"{endpoint}/moto-api/",
-                    folder / "moto.log")
+    endpoint, process = s3_server(tmp_path_factory.mktemp("s3"))
     try:
         boto3.client("s3", endpoint_url=endpoint, **_boto_keys()).create_bucket(Bucket=BUCKET)
         yield endpoint

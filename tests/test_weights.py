@@ -15,7 +15,8 @@ from keras.src.legacy.saving import legacy_h5_format
 
 from headswap.config import parse_finetune
 from headswap.core import bases, heads, weights
-from headswap.pipelines.finetune.nodes import load_base, read_pretrained
+from headswap.datasets import BaseModelDataset
+from headswap.pipelines.finetune.nodes import load_base
 from tests.conftest import small_cnn
 
 
@@ -171,10 +172,12 @@ def test_weights_file_with_a_lambda_layer_is_refused_in_safe_mode(tmp_path: Path
 
 
 def _load_base(base: dict, tmp_path: Path):
-    """The finetune pipeline's read_pretrained and load_base nodes on these base parameters."""
+    """The catalog's pretrained_model and the load_base node on these base parameters."""
     cfg = parse_finetune({"data": {"path": str(tmp_path), "image_size": [32, 32]}, "base": base})
     options = cfg.fit_options()
-    return load_base(read_pretrained(cfg.base, options), cfg.base, options)
+    pretrained = BaseModelDataset(**cfg.base.model_dump(include={
+        "source", "path", "name", "weights", "allow_unsafe"}), image_size=[32, 32]).load()
+    return load_base(pretrained, cfg.base, options)
 
 
 def test_load_base_node_reports_the_weights_it_loaded(tmp_path: Path, caplog):

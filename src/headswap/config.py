@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from headswap.core.export import FORMATS
 from headswap.core.fit import FitOptions
+from headswap.core.images import RESIZE_MODES
 from headswap.core.lr_find import RangeTestSettings
 from headswap.core.recipe import (
     Augmentation,
@@ -27,12 +28,16 @@ from headswap.core.recipe import (
 
 
 class DataConfig(Settings):
-    path: str
+    # the folder or CSV of images (the catalog's `images` reads it); null: none set yet
+    path: str | None = None
     image_size: tuple[int, int]
     batch_size: int = Field(FitOptions.batch_size, ge=1)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     manifest: str | None = None
+    # how images are brought to image_size: stretch (ignore the aspect ratio), pad (keep it,
+    # pad with black) or crop (keep it, cut the centre); the same in training and prediction
+    resize: Literal[RESIZE_MODES] = "stretch"
     # A split's decoded images (and a frozen base's features) are kept in memory when they
     # fit in this many MiB; larger splits are streamed from disk. 0: always stream.
     cache_memory_mb: int = Field(FitOptions.cache_memory_mb, ge=0)
@@ -62,8 +67,8 @@ class DataConfig(Settings):
 class BaseConfig(Settings):
     """Where the pretrained base comes from (see conf/base/parameters_finetune.yml)."""
 
-    source: Literal["file", "keras_applications"] = "file"
-    path: str | None = None  # model file, for source file
+    source: Literal["file", "keras_applications", "keras_hub"] = "file"
+    path: str | None = None  # model file (source file), preset folder (source keras_hub)
     name: str | None = None  # architecture, for source keras_applications
     # keras_applications: "imagenet", None (random) or the path of the no-top .h5 file Keras
     # downloads for that architecture (loaded by Keras itself).
@@ -123,7 +128,7 @@ class EvaluationConfig(Settings):
 class RegistryConfig(Settings):
     """Where each run's model is registered in the MLflow Model Registry."""
 
-    # "auto": named after the image folder (finetune.data.path); null: not registered.
+    # "auto": named after the image folder (or CSV) trained on; null: not registered.
     name: str | None = "auto"
 
     @field_validator("name")
@@ -133,13 +138,12 @@ class RegistryConfig(Settings):
             raise ValueError("use letters, digits, '_', '-', '.' or spaces (or auto, or null)")
         return value
 
-    def model_name(self, data_path: str) -> str | None:
-        """The registered model's name: as given, (auto) the image folder's name, or None
-        (registration off)."""
+    def model_name(self, images_name: str) -> str | None:
+        """The registered model's name: as given, (auto) the image folder's (or CSV's) own
+        name, or None (registration off)."""
         if self.name != "auto":
             return self.name
-        folder = Path(data_path).resolve().name or "images"
-        return re.sub(r"[^\w.\-]+", "-", folder).strip("-.") or "images"
+        return re.sub(r"[^\w.\-]+", "-", images_name).strip("-.") or "images"
 
 
 class ExportConfig(Settings):
@@ -162,6 +166,7 @@ class PredictConfig(Settings):
     # where finetune runs keep the fine-tuned model and the manifest (the catalog's paths)
     fine_tuned_model: str = "data/06_models/phase2_model.keras"
     manifest: str = "data/02_intermediate/manifest.csv"
+    preprocessing: str = "data/06_models/preprocessing.json"
 
     @field_validator("path", mode="before")
     @classmethod
@@ -293,7 +298,8 @@ class FinetuneConfig(Settings):
         """The core's training options for these parameters."""
         training = self.training
         return FitOptions(
-            image_size=self.data.image_size, batch_size=self.data.batch_size, seed=self.seed,
+            image_size=self.data.image_size, resize=self.data.resize,
+            batch_size=self.data.batch_size, seed=self.seed,
             cache_memory_mb=self.data.cache_memory_mb, cache_features=training.cache_features,
             callbacks=training.callbacks,
             class_weight=training.class_weight, distribution=self.distribution,
@@ -400,11 +406,6 @@ def parse_finetune(params: dict[str, Any], prefix: str = "finetune") -> Finetune
         given = params.get(phase) or {}
         if given.get("stages"):
             config.ignored[phase] = sorted(set(given) - {"stages"})
-    if config.base.source == "file" and not config.base.path:
-        raise ParameterError(
-            f"{prefix}.base.path is required when {prefix}.base.source is file "
-            "(a .keras or .h5 model)."
-        )
     return config
 
 

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import fsspec
 import mlflow
 from kedro.io import AbstractDataset, AbstractVersionedDataset, DatasetError, Version
 from mlflow.entities import Metric
 from mlflow.utils.time import get_current_time_millis
 
+from headswap.core import sources
+
 BATCH = 1000  # the most metrics one MLflow log_batch request takes
+
+logger = logging.getLogger(__name__)
+EMPTY = ".empty"  # marks a saved, empty version of a FilesDataset in an object store
 
 
 def log_metrics(run_id: str, metrics: list[Metric], synchronous: bool = True) -> None:
@@ -73,33 +81,161 @@ class MetricsHistoryDataset(AbstractDataset[dict, dict]):
 
 class FilesDataset(AbstractVersionedDataset[dict, dict]):
     """A folder of files, given and returned as ``{relative path: bytes}``; versioned like
-    Kedro's file datasets (``<filepath>/<version>/<folder name>/...``)."""
+    Kedro's file datasets (``<filepath>/<version>/<folder name>/...``); local or in object
+    storage (any fsspec URL, with ``credentials`` and ``fs_args``)."""
 
     def __init__(self, filepath: str, version: Version | None = None,
+                 credentials: dict[str, Any] | None = None,
+                 fs_args: dict[str, Any] | None = None,
                  metadata: dict[str, Any] | None = None):
-        super().__init__(PurePosixPath(filepath), version)
+        self._fs, path = fsspec.core.url_to_fs(filepath, **_storage_options(credentials,
+                                                                             fs_args))
+        self._protocol = filepath.split("://", 1)[0] if "://" in filepath else None
+        super().__init__(PurePosixPath(path), version, exists_function=self._fs.exists,
+                         glob_function=self._fs.glob)
         self.metadata = metadata
 
     def save(self, data: dict[str, bytes]) -> None:
-        folder = Path(self._get_save_path())
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = str(self._get_save_path())
+        self._fs.makedirs(folder, exist_ok=True)
+        if not data and self._protocol:  # an object store has no empty folders
+            self._fs.pipe_file(f"{folder}/{EMPTY}", b"")
         for relative, content in data.items():
-            path = folder / relative
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content)
+            path = f"{folder}/{relative}"
+            self._fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self._fs.pipe_file(path, content)
 
     def load(self) -> dict[str, bytes]:
-        folder = Path(self._get_load_path())
-        if not folder.is_dir():
+        folder = str(self._get_load_path())
+        if not self._fs.isdir(folder):
             raise DatasetError(f"No folder {folder} to load.")
-        return {p.relative_to(folder).as_posix(): p.read_bytes()
-                for p in sorted(folder.rglob("*")) if p.is_file()}
+        return {path[len(folder) + 1:]: self._fs.cat_file(path)
+                for path in sorted(self._fs.find(folder)) if not path.endswith(f"/{EMPTY}")}
 
     def _exists(self) -> bool:
         try:
-            return Path(self._get_load_path()).is_dir()
+            return self._fs.isdir(str(self._get_load_path()))
         except DatasetError:
             return False
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": self._filepath, "version": self._version}
+        return {"filepath": self._filepath, "protocol": self._protocol, "version": self._version}
+
+
+def _storage_options(credentials: dict[str, Any] | None,
+                     fs_args: dict[str, Any] | None) -> dict[str, Any]:
+    """fsspec's options from a catalog entry's ``credentials`` and ``fs_args``."""
+    return {**(fs_args or {}), **(credentials or {})}
+
+
+class ImageFolderDataset(AbstractDataset[dict, Any]):
+    """The images of a folder (one sub-folder per class, or train/ and test/ of class
+    sub-folders) or of a CSV of ``path,label[,split]``, local or in object storage
+    (``s3://``, ``gs://``: any fsspec protocol, with ``credentials`` and ``fs_args`` as in
+    kedro-datasets).
+
+    Loading lists the files (:func:`headswap.core.sources.open_images`); nothing is decoded
+    or downloaded until the images are ingested. Saving ``{relative path: bytes}`` writes
+    those files into the folder (files already there with the same content are left as they
+    are). Nothing else in the folder is touched, unless ``overwrite`` (for folders the project
+    generates, such as the example's): then the folder holds exactly the files saved.
+    """
+
+    def __init__(self, path: str | None, credentials: dict[str, Any] | None = None,
+                 fs_args: dict[str, Any] | None = None, overwrite: bool = False,
+                 metadata: dict[str, Any] | None = None):
+        self.path = None if path is None else str(path)
+        self.overwrite = overwrite
+        self.metadata = metadata
+        self._options = _storage_options(credentials, fs_args)
+
+    def load(self) -> Any:
+        if not self.path:
+            raise sources.DataError(
+                "No image folder is set. Put `path` (finetune.data.path, or predict.path) in "
+                "conf/local/parameters_finetune.yml, or run `kedro run --params "
+                "finetune.data.path=<folder or .csv>`."
+            )
+        return sources.open_images(self.path, self._options)
+
+    def save(self, data: dict[str, bytes]) -> None:
+        fs, root = fsspec.core.url_to_fs(self.path, **self._options)
+        root = root.rstrip("/")
+        present = set(fs.find(root)) if fs.exists(root) else set()
+        for relative, content in data.items():
+            target = f"{root}/{relative}"
+            if target in present and fs.cat_file(target) == content:
+                continue
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.pipe_file(target, content)
+        stale = sorted(present - {f"{root}/{relative}" for relative in data})
+        if self.overwrite and stale:
+            fs.rm(stale)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+
+class BaseModelDataset(AbstractDataset[None, Any]):
+    """The pretrained network to fine-tune, as ``finetune.base`` names it: a ``.keras``/``.h5``
+    model file (local, a Kedro-versioned folder: its latest version, or remote: any fsspec
+    URL), a ``keras.applications`` architecture, or a keras-hub preset folder. Read only.
+
+    With ``versioned: true`` in the catalog, ``kedro run --load-versions
+    pretrained_model:<version>`` picks that version of a Kedro-versioned model folder (such as
+    the example's ``pretrained_base``); without a load version, the latest one is read."""
+
+    def __init__(self, source: str = "file", path: str | None = None, name: str | None = None,
+                 weights: str | None = "imagenet", image_size: Any = None,
+                 allow_unsafe: bool = False, credentials: dict[str, Any] | None = None,
+                 fs_args: dict[str, Any] | None = None, version: Version | None = None,
+                 metadata: dict[str, Any] | None = None):
+        self.source, self.path, self.name, self.weights = source, path, name, weights
+        if path and version is not None and version.load:
+            self.path = f"{path.rstrip('/')}/{version.load}/{PurePosixPath(path).name}"
+        self.image_size = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.allow_unsafe = allow_unsafe
+        self.metadata = metadata
+        self._options = _storage_options(credentials, fs_args)
+
+    def load(self) -> Any:
+        from headswap.core import bases
+
+        size = tuple(self.image_size) if self.image_size else None
+        if self.source == "keras_applications":
+            return bases.keras_application(self.name, size, self.weights)
+        if self.source == "keras_hub":
+            return bases.keras_hub_base(self.path or self.name, size)
+        if not self.path:
+            raise bases.BaseLoadError(
+                "No base is set. Put `base.path` (a .keras/.h5 file) or `base.source`: "
+                "keras_applications with `base.name` in conf/local/parameters_finetune.yml."
+            )
+        if not sources.is_url(self.path):
+            return bases.load_model_file(_latest_version(Path(self.path)), self.allow_unsafe)
+        suffix = PurePosixPath(self.path).suffix or ".keras"
+        with tempfile.TemporaryDirectory(prefix="headswap_base_") as folder:
+            local = Path(folder) / f"base{suffix}"
+            try:
+                fsspec.core.url_to_fs(self.path, **self._options)[0].get(self.path, str(local))
+            except Exception as err:  # the storage's own refusal, or no such object
+                raise bases.BaseLoadError(
+                    f"Cannot read the base {self.path}: {sources.reason(err)}. "
+                    "Check the URL and the credentials."
+                ) from None
+            return bases.load_model_file(local, self.allow_unsafe)
+
+    def save(self, data: None) -> None:
+        raise DatasetError("The pretrained base is an input: it is read, never written.")
+
+    def _describe(self) -> dict[str, Any]:
+        return {"source": self.source, "path": self.path, "name": self.name}
+
+
+def _latest_version(path: Path) -> Path:
+    """``path``, or for a Kedro-versioned folder (``<path>/<version>/<name>``) its latest
+    version's file."""
+    if not path.is_dir():
+        return path
+    versions = sorted(path.glob(f"*/{path.name}"))
+    return versions[-1] if versions else path

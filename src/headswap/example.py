@@ -8,6 +8,7 @@ fine-tuning reads it exactly as it reads a user's folder.
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import struct
 from pathlib import Path
@@ -96,33 +97,18 @@ def select_classes(
     return np.concatenate(chosen)
 
 
-def write_image_folder(
-    out_dir: Path,
-    images: np.ndarray,
-    labels: np.ndarray,
-    indices: np.ndarray,
-    split: str,
-) -> dict[str, int]:
-    """Write ``images[indices]`` as ``out_dir/split/<class name>/fmnist_<index>.png``.
-
-    Files that already exist are kept, so running it again writes nothing new; example files
-    of this split that are no longer selected (an earlier, larger sample) are removed.
-    Returns the number of images per class.
-    """
-    wanted: set[Path] = set()
-    counts: dict[str, int] = {}
+def image_files(
+    images: np.ndarray, labels: np.ndarray, indices: np.ndarray, split: str
+) -> dict[str, bytes]:
+    """``images[indices]`` as PNG files ``{"<split>/<class name>/fmnist_<index>.png": bytes}``,
+    an image folder's contents (the catalog's image folder datasets write them)."""
+    files = {}
     for i in indices:
+        buffer = io.BytesIO()
+        Image.fromarray(images[i]).save(buffer, format="PNG")
         name = CLASS_NAMES[int(labels[i])]
-        path = out_dir / split / name / f"{_PREFIX}{int(i):05d}.png"
-        wanted.add(path)
-        counts[name] = counts.get(name, 0) + 1
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i]).save(path)
-    for stale in (out_dir / split).glob(f"*/{_PREFIX}*.png"):
-        if stale not in wanted:
-            stale.unlink()
-    return counts
+        files[f"{split}/{name}/{_PREFIX}{int(i):05d}.png"] = buffer.getvalue()
+    return files
 
 
 def compact_cnn(

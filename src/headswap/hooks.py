@@ -19,7 +19,7 @@ import pandas as pd
 from kedro.config import MissingConfigException
 from kedro.framework.hooks import hook_impl
 from kedro.framework.project import pipelines
-from kedro.io import MemoryDataset
+from kedro.io import DatasetError, MemoryDataset
 from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
 
@@ -39,6 +39,9 @@ from headswap.core.errors import InputError
 logger = logging.getLogger(__name__)
 
 SERVER_TIMEOUT_S = 5.0
+#: The parameter that sets each catalog input's location (named in its errors).
+INPUT_KEYS = {"images": "finetune.data.path", "prediction_images": "predict.path",
+              "pretrained_model": "finetune.base.path"}
 
 
 class RunStopped(click.ClickException):
@@ -58,15 +61,49 @@ class UserErrorHook:
                             ("tune", parse_tune)):
             if f"params:{name}" in pipeline.inputs():
                 try:
-                    parse(catalog.load(f"params:{name}"))
+                    config = parse(catalog.load(f"params:{name}"))
                 except ParameterError as err:
                     raise RunStopped(str(err)) from err
+                if name == "finetune":
+                    _check_inputs_set(config, pipeline.inputs())
 
     @hook_impl(trylast=True)
     def on_node_error(self, error: Exception, node) -> None:
         if isinstance(error, (ParameterError, InputError)):
             message = parameter_keys(str(error), node.name.rsplit(".", 1)[-1])
             raise RunStopped(f"Node {node.name} stopped: {message}") from error
+
+    @hook_impl(trylast=True)
+    def on_pipeline_error(self, error: Exception) -> None:
+        # An input the catalog could not load (an image folder, a CSV or a base that is not
+        # there or refuses access): the dataset's own message, without Kedro's wrapping.
+        cause = error
+        while isinstance(cause, DatasetError):
+            cause = cause.__cause__
+        if cause is not error and isinstance(cause, InputError):
+            dataset = str(error).split(":", 1)[0]  # Kedro's "<dataset>: Failed while loading"
+            key = INPUT_KEYS.get(dataset)
+            message = str(cause).replace("`path`", key) if key else str(cause)
+            raise RunStopped(message) from error
+
+
+def _check_inputs_set(config, inputs: set[str]) -> None:
+    """Stop a run whose catalog inputs ``images`` or ``pretrained_model`` have no location."""
+    where = ("in conf/local/parameters_finetune.yml (README, \"Your own images\"; the "
+             "embedded example runs with `make example`)")
+    if "images" in inputs and not config.data.path:
+        raise RunStopped(
+            "finetune.data.path is not set: give the images to fine-tune on, a folder of class "
+            f"sub-folders or a .csv of path,label (local, s3:// or gs://), {where}."
+        )
+    if ("pretrained_model" in inputs and config.base.source != "keras_applications"
+            and not config.base.path):
+        raise RunStopped(
+            "finetune.base.path is not set: give the base to fine-tune, a .keras or .h5 model "
+            "file (or with finetune.base.source: keras_hub, a keras-hub preset folder), or set "
+            "finetune.base.source: keras_applications and finetune.base.name (e.g. "
+            f"MobileNetV2), {where}."
+        )
 
 
 def mlflow_config(context) -> dict[str, Any]:
@@ -444,7 +481,7 @@ class RunDescriptionHook:
         if not self._named:
             names = run_params.get("pipeline_names") or [run_params.get("pipeline_name")]
             label = "+".join(n for n in names if n) or "__default__"
-            label = "example" if label == "__default__" else label
+            label = "finetune" if label == "__default__" else label
             mlflow.set_tag("mlflow.runName", tracking.run_name(label, params))
 
     @hook_impl

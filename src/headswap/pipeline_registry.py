@@ -17,7 +17,9 @@ from headswap.pipelines import (
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    """``data``, ``pretrain`` and ``finetune``; the default runs all three as the example.
+    """``finetune`` (the default) fine-tunes the base ``finetune.base`` names on the images
+    ``finetune.data.path`` names. ``example`` runs the embedded example: ``data`` and
+    ``pretrain`` make its image folder and its base, then finetune runs on them.
     ``predict`` classifies a folder of new images with a fine-tuned model.
     ``compare`` (not in the default) sets the finetune recipe against its alternatives;
     ``label_efficiency`` (not in the default) runs that comparison at each count of labelled
@@ -25,12 +27,12 @@ def register_pipelines() -> dict[str, Pipeline]:
     ``lr_find`` runs the learning-rate range test; ``tune`` searches the recipe's settings
     with Optuna (neither in the default).
 
-    In the default pipeline the recipe's inputs are the example's outputs: the image folder
-    the data pipeline writes and the base the pretrain pipeline trains.
+    In the example the recipe's inputs are the example's outputs: the image folder the data
+    pipeline writes and the base the pretrain pipeline trains.
     """
     example = data.create_pipeline() + pretrain.create_pipeline() + pipeline(
-        finetune.recipe() + finetune.packaging(),
-        inputs={"image_folder": "example_folder", "pretrained_model": "pretrained_base"},
+        finetune.create_pipeline(),
+        inputs={"images": "example_images", "pretrained_model": "pretrained_base"},
     )
     return {
         "data": data.create_pipeline(),
@@ -43,5 +45,6 @@ def register_pipelines() -> dict[str, Pipeline]:
         ),
         "lr_find": lr_find.create_pipeline(),
         "tune": tune.create_pipeline(),
-        "__default__": example,
+        "example": example,
+        "__default__": finetune.create_pipeline(),
     }

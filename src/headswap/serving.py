@@ -4,9 +4,10 @@
 file paths, or the images' bytes base64-encoded (what a REST client sends to
 ``mlflow models serve``). It returns, per row, the predicted class, its confidence, the
 ``top_k`` classes with their probabilities (``top_k`` is a parameter, default 3) and each
-class's probability. The Keras model (raw pixels in), its class names and image size travel
-inside the MLflow model as artifacts, and the images are decoded exactly as in training
-(:mod:`headswap.core.predict`).
+class's probability. The Keras model (raw pixels in), its class names, image size and resize
+mode travel inside the MLflow model as artifacts, and the images are decoded exactly as in
+training (:mod:`headswap.core.predict`). A model logged before the resize mode was recorded
+resizes with ``stretch``, as its training did.
 
 Why not kedro-mlflow's ``pipeline_ml_factory``: its ``KedroPipelineModel`` deep-copies the
 loaded catalog, Keras model included, on every ``predict`` call (measured in
@@ -53,7 +54,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         spec = json.loads(Path(context.artifacts["classifier"]).read_text(encoding="utf-8"))
         model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
         self.classifier = Classifier(model, tuple(spec["class_names"]),
-                                     tuple(spec["image_size"]))
+                                     tuple(spec["image_size"]), spec.get("resize", "stretch"))
 
     def predict(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -111,7 +112,8 @@ def log_classifier(
         classifier.model.save(keras_file)
         spec = Path(tmp) / "classifier.json"
         spec.write_text(json.dumps({"class_names": list(classifier.class_names),
-                                    "image_size": list(classifier.image_size)}, indent=2))
+                                    "image_size": list(classifier.image_size),
+                                    "resize": classifier.resize}, indent=2))
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=str(Path(__file__).with_name("serving_model.py")),

@@ -50,17 +50,18 @@ HOOKS = (
 # Directory that holds configuration.
 # CONF_SOURCE = "conf"
 
-# Class that manages how configuration is loaded.
-# from kedro.config import OmegaConfigLoader
+# Class that manages how configuration is loaded: Kedro's, with ${params:...} in the catalog.
+from headswap.config_loader import ConfigLoader  # noqa: E402
 
-# CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_CLASS = ConfigLoader
 
 # Keyword arguments to pass to the `CONFIG_LOADER_CLASS` constructor.
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
     # An environment (e.g. conf/test) overrides single keys, not whole sections.
-    "merge_strategy": {"parameters": "soft", "globals": "soft"},
+    # conf/local/catalog.yml may add single keys (e.g. `credentials`) to an entry.
+    "merge_strategy": {"parameters": "soft", "globals": "soft", "catalog": "soft"},
     # "config_patterns": {
     #     "spark" : ["spark*/"],
     #     "parameters": ["parameters*", "parameters*/**", "**/parameters*"],

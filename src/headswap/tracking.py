@@ -149,7 +149,9 @@ def run_name(pipeline: str, params: dict[str, Any]) -> str:
 def _short(path_or_uri: str) -> str:
     """The last part of a path or MLflow URI, without a model file's suffix."""
     text = str(path_or_uri).rstrip("/")
-    if ":/" in text:
+    if "://" in text:  # an object store's folder or file: its last part
+        text = text.rsplit("/", 1)[-1]
+    elif ":/" in text:  # an MLflow URI (runs:/..., models:/...)
         return text
     name = Path(text).name
     return Path(name).stem if Path(name).suffix in (".keras", ".h5") else name
@@ -163,8 +165,10 @@ def log_manifest(manifest: pd.DataFrame, folder: str) -> None:
         # MLflow registers its local-file source twice (for paths and for file:// URIs) and
         # warns that a local folder "can be interpreted in multiple ways": both are the same.
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
-        dataset = mlflow.data.from_pandas(manifest, source=Path(folder).resolve().as_uri(),
-                                          name=Path(folder).name)
+        remote = "://" in folder
+        dataset = mlflow.data.from_pandas(
+            manifest, source=folder if remote else Path(folder).resolve().as_uri(),
+            name=folder.rstrip("/").rsplit("/", 1)[-1] if remote else Path(folder).resolve().name)
     mlflow.log_input(dataset, context="training", tags={
         f"{split}_images": str(int(counts.get(split, 0))) for split in ("train", "val", "test")
     })

@@ -155,7 +155,7 @@ def validation_accuracy(model: keras.Model, manifest: pd.DataFrame, options: Fit
     """The trained model's accuracy on the validation split (the search never sees the test
     split)."""
     result = evaluation.evaluate(model, manifest, options.image_size, options.batch_size,
-                                 split="val")
+                                 split="val", resize=options.resize)
     return float(result["metrics"]["accuracy"])
 
 

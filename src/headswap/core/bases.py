@@ -1,4 +1,5 @@
-"""Pretrained bases: a model file of the user's, or a ``keras.applications`` architecture.
+"""Pretrained bases: a model file of the user's, any ``keras.applications`` architecture, or a
+keras-hub preset folder.
 
 Every base returned here takes raw pixels (0-255): the architecture's own preprocessing is
 built from built-in layers inside the model, so saved models load in Keras safe mode and the
@@ -7,13 +8,16 @@ logged MLflow model can be fed images as they are.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
+import re
 import socket
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -26,78 +30,20 @@ BASE_NAME = "base"
 PREPROCESS_PREFIX = "preprocess"
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """A ``keras.applications`` constructor, its preprocessing, minimum input side and weights.
-
-    ``mode`` follows ``keras.applications.imagenet_utils.preprocess_input``: ``tf`` scales to
-    [-1, 1], ``torch`` to ImageNet mean/std, ``caffe`` flips RGB to BGR and subtracts the
-    ImageNet mean; ``none`` means the architecture rescales inside itself. ``min_size`` is the
-    smallest image side Keras accepts (checked by building each one at that size).
-    ``weights_url`` is where Keras downloads the ImageNet weights without the top (the file
-    name is the name Keras caches it under; ``{rows}`` is filled in by
-    :func:`imagenet_weights_url`).
-    """
-
-    constructor: Callable[..., keras.Model]
-    mode: str
-    weights_url: str
-    min_size: int = 32
+def _keras_architectures() -> dict[str, Callable[..., keras.Model]]:
+    """Every model constructor ``keras.applications`` exports (``ResNet50``, ...), by name."""
+    return {
+        name: member
+        for name, member in sorted(vars(keras.applications).items())
+        if name[:1].isupper() and callable(member)
+    }
 
 
-_APPS = keras.applications
-_KERAS_APPS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
-_EFFICIENTNET_URL = "https://storage.googleapis.com/keras-applications/"
-ARCHITECTURES: dict[str, Architecture] = {
-    "MobileNetV2": Architecture(
-        _APPS.MobileNetV2, "tf", _KERAS_APPS_URL + "mobilenet_v2/"
-        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5"),
-    "MobileNetV3Small": Architecture(
-        _APPS.MobileNetV3Small, "none", _KERAS_APPS_URL + "mobilenet_v3/"
-        "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
-    "MobileNetV3Large": Architecture(
-        _APPS.MobileNetV3Large, "none", _KERAS_APPS_URL + "mobilenet_v3/"
-        "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5"),
-    "EfficientNetB0": Architecture(
-        _APPS.EfficientNetB0, "none", _EFFICIENTNET_URL + "efficientnetb0_notop.h5"),
-    "EfficientNetB1": Architecture(
-        _APPS.EfficientNetB1, "none", _EFFICIENTNET_URL + "efficientnetb1_notop.h5"),
-    "EfficientNetB2": Architecture(
-        _APPS.EfficientNetB2, "none", _EFFICIENTNET_URL + "efficientnetb2_notop.h5"),
-    "EfficientNetB3": Architecture(
-        _APPS.EfficientNetB3, "none", _EFFICIENTNET_URL + "efficientnetb3_notop.h5"),
-    "EfficientNetV2B0": Architecture(
-        _APPS.EfficientNetV2B0, "none",
-        _KERAS_APPS_URL + "efficientnet_v2/efficientnetv2-b0_notop.h5"),
-    "ResNet50": Architecture(
-        _APPS.ResNet50, "caffe",
-        _KERAS_APPS_URL + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "ResNet50V2": Architecture(
-        _APPS.ResNet50V2, "tf",
-        _KERAS_APPS_URL + "resnet/resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "VGG16": Architecture(
-        _APPS.VGG16, "caffe",
-        _KERAS_APPS_URL + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "Xception": Architecture(
-        _APPS.Xception, "tf",
-        _KERAS_APPS_URL + "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        min_size=71),
-    "DenseNet121": Architecture(
-        _APPS.DenseNet121, "torch",
-        _KERAS_APPS_URL + "densenet/densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    "ConvNeXtTiny": Architecture(
-        _APPS.ConvNeXtTiny, "none", _KERAS_APPS_URL + "convnext/convnext_tiny_notop.h5"),
-}
-# Keras only adds the rescaling these need for their ImageNet weights when weights="imagenet".
-_NEEDS_IMAGENET_KEYWORD = ("EfficientNetB0", "EfficientNetB1", "EfficientNetB2", "EfficientNetB3")
+# Read from the installed Keras, so each architecture it has can be named.
+ARCHITECTURES: dict[str, Callable[..., keras.Model]] = _keras_architectures()
 # Seconds a socket may wait while Keras downloads weights, so that a blocked network fails
 # instead of hanging.
 DOWNLOAD_TIMEOUT_S = 30.0
-
-_IMAGENET_MEAN_RGB = np.array([123.68, 116.779, 103.939], dtype="float32")
-_TORCH_MEAN_RGB = np.array([0.485, 0.456, 0.406], dtype="float32")
-_TORCH_STD_RGB = np.array([0.229, 0.224, 0.225], dtype="float32")
-
 
 class BaseLoadError(InputError):
     """A pretrained base cannot be loaded as asked."""
@@ -132,7 +78,9 @@ def cut_model(model: keras.Model, cut_at: str | int = "auto") -> keras.Model:
 
     ``cut_at`` is a layer name, an index into ``model.layers`` (negative counts from the
     end, so ``-2`` is ``layers[-2].output``), or ``auto``: the last layer with a spatial
-    (4-D) output, i.e. the feature map before the old head's pooling.
+    (4-D) output, i.e. the feature map before the old head's pooling. Layers are those of
+    ``model`` itself: a nested model (a ``keras.applications`` base called as one layer, as in
+    the Keras transfer-learning guide) is one layer, kept or cut off whole.
     """
     if not isinstance(model, keras.Sequential) and not _has_graph(model):
         raise BaseLoadError(
@@ -140,9 +88,13 @@ def cut_model(model: keras.Model, cut_at: str | int = "auto") -> keras.Model:
             "layers, so it cannot be cut at a layer. Save it as a Functional or Sequential "
             "model (or its feature extractor alone) and use that file."
         )
-    layers = model.layers
+    if isinstance(model, keras.Sequential):
+        inputs, outputs = None, {id(layer): layer.output for layer in model.layers}
+    else:
+        inputs, outputs = _retrace(model)
+    layers = [layer for layer in model.layers if id(layer) in outputs]  # not the input layers
     if cut_at == "auto":
-        spatial = [layer for layer in layers if len(layer.output.shape) == 4]
+        spatial = [layer for layer in layers if len(outputs[id(layer)].shape) == 4]
         if not spatial:
             raise BaseLoadError(
                 f"{model.name} has no layer with a spatial output; set `cut_at` to "
@@ -151,34 +103,55 @@ def cut_model(model: keras.Model, cut_at: str | int = "auto") -> keras.Model:
         layer = spatial[-1]
     elif isinstance(cut_at, int) or (isinstance(cut_at, str) and cut_at.lstrip("-").isdigit()):
         index = int(cut_at)
-        if not -len(layers) <= index < len(layers):
+        if not -len(model.layers) <= index < len(model.layers):
             raise BaseLoadError(
-                f"`cut_at`={index} is out of range: {model.name} has {len(layers)} "
+                f"`cut_at`={index} is out of range: {model.name} has {len(model.layers)} "
                 "layers."
             )
-        layer = layers[index]
+        layer = model.layers[index]
+        if id(layer) not in outputs:
+            raise BaseLoadError(f"`cut_at`={index} is {model.name}'s input: nothing to keep.")
     else:
         names = [layer.name for layer in layers]
         if cut_at not in names:
+            nested = [inner.name for inner in layers if isinstance(inner, keras.Model)
+                      and cut_at in [deep.name for deep in inner.layers]]
+            inside = (f" It is inside the nested model {nested[0]!r}, which is kept or cut "
+                      f"off whole: to keep it, cut at {nested[0]!r}." if nested else "")
             raise BaseLoadError(
-                f"`cut_at`={cut_at!r} is not a layer of {model.name}. Its layers: "
+                f"`cut_at`={cut_at!r} is not a layer of {model.name}.{inside} Its layers: "
                 + ", ".join(names)
             )
         layer = model.get_layer(cut_at)
     logger.info("Cutting %s at layer %r", model.name, layer.name)
-    shape = tuple(model.inputs[0].shape)
     if isinstance(model, keras.Sequential):
         # Re-run the kept layers on a new input: this also frees a batch size fixed by a
         # Sequential model that was first called on one batch.
-        x = inputs = keras.Input(shape=shape[1:], name="image")
-        for kept in layers[: layers.index(layer) + 1]:
+        x = inputs = keras.Input(shape=tuple(model.inputs[0].shape)[1:], name="image")
+        for kept in model.layers[: model.layers.index(layer) + 1]:
             x = kept(x)
         return keras.Model(inputs, x, name=BASE_NAME)
-    base = keras.Model(model.inputs, layer.output, name=BASE_NAME)
-    if shape[0] is not None:
-        inputs = keras.Input(shape=shape[1:], name="image")
-        base = keras.Model(inputs, base(inputs), name=BASE_NAME)
-    return base
+    return keras.Model(inputs, outputs[id(layer)], name=BASE_NAME)
+
+
+def _retrace(model: keras.Model) -> tuple[Any, dict[int, Any]]:
+    """``model``'s graph called again on new inputs of any batch size, sharing its layers:
+    the new inputs and each layer's output there (by ``id``). A nested model's own
+    ``.output`` belongs to its inner graph, so the outer graph's tensors are taken this way."""
+    outputs: dict[int, Any] = {}
+
+    def call(layer: keras.layers.Layer, *args: Any, **kwargs: Any) -> Any:
+        output = layer(*args, **kwargs)
+        outputs.setdefault(id(layer), output)  # a shared layer: its first call
+        return output
+
+    inputs = keras.tree.map_structure(
+        lambda t: keras.Input(shape=tuple(t.shape)[1:], dtype=t.dtype, name=t.name), model.input
+    )
+    keras.models.clone_model(
+        model, input_tensors=inputs, clone_function=lambda layer: layer, call_function=call
+    )
+    return inputs, outputs
 
 
 def _has_graph(model: keras.Model) -> bool:
@@ -194,35 +167,119 @@ def _first_line(err: BaseException) -> str:
     return (text[0] if text else type(err).__name__)[:300]
 
 
-def preprocessing_layers(mode: str, channels: int) -> list[keras.layers.Layer]:
-    """Built-in layers doing ``preprocess_input`` of the given mode on raw RGB pixels."""
-    layers = keras.layers
-    if mode == "none":
-        return []
-    if mode == "tf":
-        return [layers.Rescaling(1 / 127.5, offset=-1.0, name=f"{PREPROCESS_PREFIX}_scale")]
-    if mode == "torch":
-        return [
-            layers.Rescaling(1 / 255.0, name=f"{PREPROCESS_PREFIX}_scale"),
-            layers.Normalization(
-                mean=_TORCH_MEAN_RGB.tolist(),
-                variance=(_TORCH_STD_RGB**2).tolist(),
-                name=f"{PREPROCESS_PREFIX}_normalize",
-            ),
-        ]
-    if mode == "caffe":
-        # RGB -> BGR and mean subtraction as one fixed 1x1 convolution.
-        kernel = np.zeros((1, 1, channels, channels), dtype="float32")
-        for i in range(channels):
-            kernel[0, 0, channels - 1 - i, i] = 1.0
-        bias = -_IMAGENET_MEAN_RGB[::-1].copy()
-        conv = layers.Conv2D(
-            channels, 1, name=f"{PREPROCESS_PREFIX}_bgr_mean", trainable=False
+def _constructor(name: str) -> Callable[..., keras.Model]:
+    if name not in ARCHITECTURES:
+        raise BaseLoadError(
+            f"`name`={name!r} is not a known architecture. keras.applications "
+            f"{keras.__version__} has: " + ", ".join(ARCHITECTURES)
         )
-        conv.build((None, None, None, channels))
-        conv.set_weights([kernel, bias])
-        return [conv]
-    raise ValueError(f"Unknown preprocessing mode {mode!r}.")
+    return ARCHITECTURES[name]
+
+
+def _family(name: str) -> str:
+    """The ``keras.applications`` module of an architecture: ``resnet`` for ``ResNet50``."""
+    return _constructor(name).__module__.rsplit(".", 1)[-1]
+
+
+def preprocess_input(name: str) -> Callable[[Any], Any]:
+    """Keras' own ``preprocess_input`` for an architecture (``keras.applications.resnet``'s
+    for ``ResNet50``)."""
+    module = getattr(keras.applications, _family(name), None) or importlib.import_module(
+        _constructor(name).__module__
+    )
+    return module.preprocess_input
+
+
+def pixel_map(preprocess: Callable[[Any], Any], what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(matrix, offset)`` with ``preprocess(pixels) == pixels @ matrix + offset`` for RGB
+    pixels (0-255), measured on plain-coloured probe images: black, pure red, green and blue
+    give the map, random colours check that it is one."""
+    colours = np.concatenate([
+        np.zeros((1, 3)), 255 * np.eye(3), np.random.default_rng(0).uniform(0, 255, (8, 3))
+    ])
+    probes = np.broadcast_to(colours[:, None, None, :], (len(colours), 4, 4, 3))
+    out = keras.ops.convert_to_numpy(preprocess(probes.astype("float32")))
+    out = out[:, 0, 0, :].astype("float64")
+    offset = out[0]
+    matrix = (out[1:4] - offset) / 255
+    if not np.allclose(colours[4:] @ matrix + offset, out[4:], rtol=1e-4, atol=1e-4):
+        raise BaseLoadError(
+            f"The preprocessing of {what} is not a per-channel affine map of the pixels, so it "
+            "cannot be built into the model from built-in layers. Choose another base."
+        )
+    return matrix, offset
+
+
+def affine_layers(matrix: np.ndarray, offset: np.ndarray) -> list[keras.layers.Layer]:
+    """Built-in layers computing ``pixels @ matrix + offset`` on RGB pixels (safe to reload in
+    Keras safe mode): none for the identity, ``Rescaling`` for one scale and offset,
+    ``Normalization`` for one per channel, else a fixed 1x1 ``Conv2D`` (a channel flip such as
+    RGB -> BGR, with its offset)."""
+    layers = keras.layers
+    scale = np.diag(matrix)
+    if np.abs(matrix - np.diag(scale)).max() <= 1e-7 * np.abs(scale).max():
+        if np.allclose(scale, 1) and np.allclose(offset, 0, atol=1e-6):
+            return []
+        if np.allclose(scale, scale[0]) and np.allclose(offset, offset[0]):
+            return [layers.Rescaling(float(scale[0]), offset=float(offset[0]),
+                                     name=f"{PREPROCESS_PREFIX}_scale")]
+        if (scale > 0).all():  # (x - mean) / std
+            return [layers.Normalization(mean=(-offset / scale).tolist(),
+                                         variance=(1 / scale**2).tolist(),
+                                         name=f"{PREPROCESS_PREFIX}_normalize")]
+    conv = layers.Conv2D(3, 1, name=f"{PREPROCESS_PREFIX}_affine", trainable=False)
+    conv.build((None, None, None, 3))
+    conv.set_weights([matrix[None, None].astype("float32"), offset.astype("float32")])
+    return [conv]
+
+
+def preprocessing_layers(name: str) -> list[keras.layers.Layer]:
+    """Built-in layers doing the architecture's ``preprocess_input`` on raw RGB pixels."""
+    return affine_layers(*_preprocessing_map(name))
+
+
+@functools.lru_cache
+def _preprocessing_map(name: str) -> tuple[np.ndarray, np.ndarray]:
+    return pixel_map(preprocess_input(name), f"keras.applications {name}")
+
+
+@functools.lru_cache
+def minimum_image_size(name: str) -> int:
+    """The smallest image side Keras builds the architecture (without top) for."""
+    try:
+        _constructor(name)(include_top=False, weights=None, input_shape=(1, 1, 3))
+    except ValueError as err:
+        if found := _minimum_in(err):
+            return found
+        raise
+    return 1
+
+
+def _minimum_in(err: BaseException) -> int | None:
+    """The minimum side in Keras' "Input size must be at least 32x32" refusal."""
+    found = re.search(r"at least (\d+)x\d+", str(err))
+    return int(found[1]) if found else None
+
+
+@functools.lru_cache
+def native_image_size(name: str) -> tuple[int, int]:
+    """The image size the architecture is made for (and its ImageNet weights trained at):
+    224x224 for most, 299x299 for InceptionV3 and Xception, 600x600 for EfficientNetB7, ...
+
+    Keras states it when refused a top with ImageNet weights on another size (a check made
+    before anything is built or downloaded); otherwise the size of the built model with its
+    top, or 224x224 when that takes any size (MobileNetV3).
+    """
+    constructor = _constructor(name)
+    try:
+        constructor(include_top=True, weights="imagenet", input_shape=(1, 1, 3))
+    except ValueError as err:
+        if found := re.search(r"should be \((\d+), (\d+), 3\)", str(err)):
+            return int(found[1]), int(found[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        height, width = constructor(include_top=True, weights=None).input_shape[1:3]
+    return (height, width) if height and width else (224, 224)
 
 
 def keras_application(
@@ -230,6 +287,8 @@ def keras_application(
 ) -> keras.Model:
     """A ``keras.applications`` feature extractor (no top) taking raw RGB pixels.
 
+    ``name`` is any architecture the installed Keras has (:data:`ARCHITECTURES`); its own
+    ``preprocess_input`` is built in from built-in layers (:func:`preprocessing_layers`).
     ``weights`` is ``"imagenet"`` (Keras downloads the no-top file into its cache folder once,
     or finds it there), ``None`` (random initialisation), or the path of that same file: a
     legacy ``.h5`` weights file of this architecture, which Keras loads layer by layer in order
@@ -237,55 +296,40 @@ def keras_application(
     loaded by layer name and shape with :func:`headswap.core.weights.load_weights_by_name`.
     Grayscale images are fed with three channels (the data pipeline decodes them so).
     """
-    arch = _architecture(name)
+    constructor = _constructor(name)
     height, width = image_size
-    if min(height, width) < arch.min_size:
-        raise BaseLoadError(
-            f"{name} needs images of at least {arch.min_size}x{arch.min_size} pixels; "
-            f"`image_size` is {height}x{width}. Raise `image_size`."
-        )
     shape = (height, width, 3)
-    if weights == "imagenet":
-        app = _build_with_imagenet_weights(name, arch, shape)
-    elif weights is None:
-        app = _construct(arch, shape, None)
-    else:
-        _check_weights_path(name, weights, image_size)
-        try:
-            app = _construct(arch, shape, weights)
-        except (ValueError, OSError) as err:
+    if weights not in ("imagenet", None):
+        _check_weights_path(name, weights)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        app = _construct(constructor, shape, weights)
+    except ValueError as err:
+        if minimum := _minimum_in(err):
             raise BaseLoadError(
-                f"Keras could not load {weights} into {name} without its top: "
-                f"{_first_line(err)}. `weights` takes the no-top ImageNet file of "
-                f"this architecture ({imagenet_weights_url(name, image_size).rsplit('/', 1)[-1]}"
-                "). To take weights from a file of another model or with another head, set "
-                f"`weights`: null and `weights_file`: {weights} "
-                "(matched by layer name and shape, with a report)."
-            ) from err
+                f"{name} needs images of at least {minimum}x{minimum} pixels; `image_size` is "
+                f"{height}x{width}. Raise `image_size` (it was made for "
+                f"{'x'.join(map(str, native_image_size(name)))})."
+            ) from None
+        if weights in ("imagenet", None):
+            raise
+        raise BaseLoadError(_weights_file_message(name, weights, err)) from err
+    except Exception as err:  # Keras reports a failed download as a bare Exception
+        if weights == "imagenet" and (isinstance(err, OSError) or "URL fetch failure" in str(err)):
+            # the reason is in the message; the HTTP client's traceback says no more
+            raise BaseLoadError(_download_message(name, err)) from None
+        if weights is not None and isinstance(err, OSError):
+            raise BaseLoadError(_weights_file_message(name, weights, err)) from err
+        raise
+    finally:
+        socket.setdefaulttimeout(previous)
+    preprocessing = preprocessing_layers(name)
     inputs = keras.Input(shape=shape, name="image")
     x = inputs
-    for layer in preprocessing_layers(arch.mode, 3):
+    for layer in preprocessing:
         x = layer(x)
     return keras.Model(inputs, app(x), name=BASE_NAME)
-
-
-def _architecture(name: str) -> Architecture:
-    if name not in ARCHITECTURES:
-        raise BaseLoadError(
-            f"`name`={name!r} is not a known architecture. Known: "
-            + ", ".join(ARCHITECTURES)
-        )
-    return ARCHITECTURES[name]
-
-
-def imagenet_weights_url(name: str, image_size: tuple[int, int]) -> str:
-    """The URL of the no-top ImageNet weights file Keras downloads for ``name``.
-
-    The file name at its end is the name Keras looks for in its cache folder.
-    """
-    height, width = image_size
-    rows = height if height == width and height in (96, 128, 160, 192, 224) else 224
-    return _architecture(name).weights_url.format(rows=rows)
 
 
 def keras_cache_folder() -> Path:
@@ -294,43 +338,48 @@ def keras_cache_folder() -> Path:
     return Path(home) / "models"
 
 
-def _construct(arch: Architecture, shape: tuple[int, int, int], weights: str | None) -> keras.Model:
+def _construct(
+    constructor: Callable[..., keras.Model], shape: tuple[int, int, int], weights: str | None
+) -> keras.Model:
     """The architecture without its top. Keras' warnings while building go to the log: that
     a size other than those it has ImageNet weights for gets the 224-pixel weights is worth
     knowing, not a fault."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = arch.constructor(include_top=False, weights=weights, input_shape=shape)
+        model = constructor(include_top=False, weights=weights, input_shape=shape)
     for warning in caught:
         logger.info("Keras, building %s: %s", model.name, warning.message)
     return model
 
 
-def _build_with_imagenet_weights(
-    name: str, arch: Architecture, shape: tuple[int, int, int]
-) -> keras.Model:
-    """Build ``name`` with ``weights="imagenet"``; a failed download raises a clear message."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        return _construct(arch, shape, "imagenet")
-    except Exception as err:  # Keras reports a failed download as a bare Exception
-        if not (isinstance(err, OSError) or "URL fetch failure" in str(err)):
-            raise
-        url = imagenet_weights_url(name, shape[:2])
-        reason = _first_line(err).rsplit(" -- ", 1)[-1]  # Keras' message repeats the URL
-        raise BaseLoadError(
-            f"Could not download the ImageNet weights of {name} ({reason}). Keras "
-            f"wanted the file {url.rsplit('/', 1)[-1]} from {url}. Without network, fetch that "
-            f"file elsewhere and either copy it into the Keras cache folder "
-            f"{keras_cache_folder()}/ (set KERAS_HOME to use another folder) and keep "
-            "`weights`: imagenet, or set `weights` to its local path."
-        ) from None  # the reason is in the message; the HTTP client's traceback says no more
-    finally:
-        socket.setdefaulttimeout(previous)
+def _download_message(name: str, err: BaseException) -> str:
+    """What to fetch and where to put it, read from Keras' own "URL fetch failure on URL:
+    errno -- reason" (a raw socket error names no URL: Keras printed it before)."""
+    text = " ".join(str(err).split())
+    found = re.search(r"URL fetch failure on (\S+): ", text)
+    wanted = (
+        f"Keras wanted the file {found[1].rsplit('/', 1)[-1]} from {found[1]}" if found
+        else "Keras printed the URL it wanted above (\"Downloading data from ...\")"
+    )
+    return (
+        f"Could not download the ImageNet weights of {name} ({text.rsplit(' -- ', 1)[-1][:300]}"
+        f"). {wanted}. Without network, fetch that file elsewhere and either copy it into the "
+        f"Keras cache folder {keras_cache_folder()}/ (set KERAS_HOME to use another folder) "
+        "and keep `weights`: imagenet, or set `weights` to its local path."
+    )
 
 
-def _check_weights_path(name: str, weights: str, image_size: tuple[int, int]) -> None:
+def _weights_file_message(name: str, weights: str, err: BaseException) -> str:
+    return (
+        f"Keras could not load {weights} into {name} without its top: {_first_line(err)}. "
+        "`weights` takes the no-top ImageNet file of this architecture (the file named when "
+        "`weights`: imagenet cannot download it). To take weights from a file of another model "
+        f"or with another head, set `weights`: null and `weights_file`: {weights} (matched by "
+        "layer name and shape, with a report)."
+    )
+
+
+def _check_weights_path(name: str, weights: str) -> None:
     """Refuse a ``weights`` value Keras would not load safely as this architecture's file."""
     path = Path(weights)
     if not path.is_file():
@@ -341,17 +390,94 @@ def _check_weights_path(name: str, weights: str, image_size: tuple[int, int]) ->
     if path.name.endswith(".weights.h5") or path.suffix not in (".h5", ".hdf5"):
         raise BaseLoadError(
             f"`weights`={weights!r}: Keras would match this file to {name} by "
-            "position, not by layer name. `weights` takes the legacy .h5 file "
-            f"Keras downloads ({imagenet_weights_url(name, image_size).rsplit('/', 1)[-1]}). "
-            f"For this file set `weights`: null and `weights_file`: "
+            "position, not by layer name. `weights` takes the legacy no-top .h5 file Keras "
+            f"downloads for {name}. For this file set `weights`: null and `weights_file`: "
             f"{weights} (matched by layer name and shape, with a report)."
         )
-    if name in _NEEDS_IMAGENET_KEYWORD:
+    if _family(name) == "efficientnet":
+        # Keras adds the input rescaling these need for their ImageNet weights only then.
         logger.warning(
             "%s adds the input rescaling its ImageNet weights expect only with weights: "
             "imagenet. If %s is the ImageNet file, copy it into %s/ and use weights: imagenet.",
             name, path, keras_cache_folder(),
         )
+
+
+# --- keras-hub presets ----------------------------------------------------------------------
+
+
+def keras_hub_base(preset: str | Path, image_size: tuple[int, int]) -> keras.Model:
+    """A keras-hub image backbone from a local preset folder, taking raw RGB pixels.
+
+    The folder is one keras-hub wrote with ``save_to_preset`` (``config.json``, the weights,
+    and ``image_converter.json`` when the preset has its own image preprocessing). The
+    converter's scale and offset are built in from built-in layers, so the base takes raw
+    0-255 pixels like the others; images are resized to ``image_size`` by the data pipeline,
+    not by the converter. The backbone is kept as a plain Functional model of its layers.
+    Presets are only read from a local folder: a Kaggle or Hugging Face handle or a preset
+    name is refused at once, with how to fetch it (no network is tried during a run).
+    """
+    folder = Path(preset).expanduser()
+    if not (folder / "config.json").is_file():
+        raise BaseLoadError(_fetch_preset_message(str(preset), folder.is_dir()))
+    try:
+        import keras_hub
+    except ImportError:
+        raise BaseLoadError(
+            "`finetune.base.source`: keras_hub needs the keras-hub package: "
+            "pip install keras-hub."
+        ) from None
+    try:
+        backbone = keras_hub.models.Backbone.from_preset(str(folder))
+        converter = (
+            keras_hub.layers.ImageConverter.from_preset(str(folder))
+            if (folder / "image_converter.json").is_file() else None
+        )
+    except (ValueError, TypeError, KeyError, OSError) as err:
+        raise BaseLoadError(
+            f"keras-hub could not load the preset in {folder}: {_first_line(err)}. Save it "
+            "again with save_to_preset (from the same keras-hub version)."
+        ) from err
+    height, width = image_size
+    if len(backbone.inputs) != 1 or len(backbone.inputs[0].shape) != 4:
+        raise BaseLoadError(
+            f"The preset in {folder} ({type(backbone).__name__}) does not take images alone "
+            f"(its inputs: {[tuple(t.shape) for t in backbone.inputs]}); give an image "
+            "backbone's preset."
+        )
+    features = keras.Model(backbone.inputs, backbone.outputs[0], name=backbone.name)
+    if len(features.outputs[0].shape) != 4:
+        raise BaseLoadError(
+            f"The preset in {folder} ({type(backbone).__name__}) outputs "
+            f"{tuple(features.outputs[0].shape)}, not a feature map (height, width, "
+            "channels); give a convolutional image backbone's preset."
+        )
+    check_image_size(features, (height, width))
+    inputs = keras.Input(shape=(height, width, 3), name="image")
+    x = inputs
+    if converter is not None:
+        logger.info("Preset %s: images of %s, preprocessing built in", folder,
+                    converter.image_size)
+        for layer in affine_layers(*pixel_map(converter, f"the preset in {folder}")):
+            x = layer(x)
+    return keras.Model(inputs, features(x), name=BASE_NAME)
+
+
+def _fetch_preset_message(preset: str, is_folder: bool) -> str:
+    if is_folder:
+        return (
+            f"{preset} has no config.json: it is not a keras-hub preset folder. Give a folder "
+            "written by keras-hub's save_to_preset as `finetune.base.path`."
+        )
+    return (
+        f"`finetune.base.path`={preset!r} is not a local folder: keras-hub presets are read "
+        "only from a local folder, never downloaded during a run. On a machine with network "
+        "(and keras-hub), save it into a folder once: python -c \"import keras_hub as h; "
+        f"h.models.Backbone.from_preset('{preset}').save_to_preset('FOLDER'); "
+        f"h.layers.ImageConverter.from_preset('{preset}').save_to_preset('FOLDER')\" (the "
+        "second call only if the preset has an image converter), copy FOLDER here and set "
+        "`finetune.base.path` to it."
+    )
 
 
 def input_spec(model: keras.Model) -> tuple[int | None, int | None, int]:

@@ -24,35 +24,20 @@ import pandas as pd
 import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
-from headswap.core.errors import InputError
+from headswap.core import sources
+from headswap.core.images import apply_orientation, exif_orientation, resize_image
+from headswap.core.sources import (  # noqa: F401 - part of this module's interface
+    IMAGE_EXTENSIONS,
+    SKIPPED_COLUMNS,
+    SPLITS,
+    UNSUPPORTED_EXTENSIONS,
+    DataError,
+    MissingDataError,
+)
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
-#: Image formats ``tf.io.decode_image`` cannot read: listed as skipped, never silently dropped.
-UNSUPPORTED_EXTENSIONS = frozenset({".tif", ".tiff", ".heic", ".heif", ".avif", ".jp2", ".ico"})
-SPLITS = ("train", "val", "test")
-SKIPPED_COLUMNS = ["path", "reason"]
-_SPLIT_ALIASES = {
-    "train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"
-}
 _SHOWN = 20  # skipped files named one by one in the log
-
-
-class DataError(InputError):
-    """An image folder or manifest that cannot be used as given; the message says how to fix it."""
-
-
-class MissingDataError(DataError, FileNotFoundError):
-    """An image folder, manifest or image file that does not exist."""
-
-
-def _visible_files(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
 
 
 def image_problem(path: str | Path) -> str | None:
@@ -112,27 +97,6 @@ def find_unreadable(paths: list[str]) -> dict[str, str]:
         return {path: problem for path, problem in zip(suspects, problems, strict=True) if problem}
 
 
-def image_files(folder: Path, skipped: list[tuple[str, str]]) -> list[Path]:
-    """The image files under ``folder`` (any depth; hidden ones and files that are no images,
-    such as ``notes.txt``, ignored), sorted; appends files in an image format that cannot be
-    decoded (TIFF, HEIC, ...) to ``skipped`` as ``(path, reason)``."""
-    images = []
-    for path in _visible_files(folder):
-        suffix = path.suffix.lower()
-        if suffix in IMAGE_EXTENSIONS:
-            images.append(path)
-        elif suffix in UNSUPPORTED_EXTENSIONS:
-            skipped.append((str(path), _unsupported(path)))
-    return images
-
-
-def _unsupported(path: Path) -> str:
-    return (
-        f"unsupported format {path.suffix.lower()!r}: tf.io.decode_image reads JPEG, PNG, GIF, "
-        "BMP and WebP; convert the file (e.g. to PNG) to use it"
-    )
-
-
 def log_skipped(skipped: pd.DataFrame, total: int) -> None:
     """Log how many files were skipped and why (the first few by name)."""
     if skipped.empty:
@@ -146,64 +110,97 @@ def log_skipped(skipped: pd.DataFrame, total: int) -> None:
     )
 
 
-def _class_folders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def ingest_image_folder(
     path: str | Path, val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 42
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Scan an image folder into a manifest with a seeded, stratified split, and a skipped table.
+    """:func:`ingest` of the folder or CSV at ``path`` (local or remote,
+    :func:`headswap.core.sources.open_images`)."""
+    return ingest(sources.open_images(str(path)), val_fraction, test_fraction, seed)
 
-    Two layouts are understood:
+
+def ingest(
+    source: sources.ImageSource, val_fraction: float = 0.2, test_fraction: float = 0.2,
+    seed: int = 42,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A manifest with a seeded, stratified split of ``source``'s images, and a skipped table.
+
+    Two folder layouts are understood:
 
     * ``path/<class>/*.png``: every class folder is split into train/val/test;
     * ``path/train/<class>/…`` and ``path/test/<class>/…`` (and optionally ``path/val/…``):
       the given splits are kept; without ``val/``, validation images are carved out of
       ``train/``, stratified.
 
-    Files that cannot be decoded are left out before splitting and returned as the skipped
-    table (``path``, ``reason``); the split depends only on the readable files and ``seed``.
-    Hidden files and folders and files that are no images (e.g. ``notes.txt``) are ignored.
+    A CSV gives each image's label and, in an optional ``split`` column, its split (the same
+    rules: train and test given, val carved out of train when absent).
+
+    Every image is decoded once (a remote one from its local cached copy); files that cannot
+    be are left out before splitting and returned as the skipped table (``path``,
+    ``reason``); the split depends only on the readable files and ``seed``. Hidden files and
+    folders, files that are no images (e.g. ``notes.txt``) and images outside any class
+    folder are ignored.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise MissingDataError(
-            f"Image folder {root} does not exist. Give `path` as a folder holding one "
-            "sub-folder per class (or train/ and test/ folders of class sub-folders)."
+    skipped = [tuple(row) for row in source.skipped.itertuples(index=False)]
+    files = source.files[source.files["label"] != ""]
+    problems = _unreadable(files["path"].tolist(), source)
+    skipped.extend(problems.items())
+    files = files[~files["path"].isin(problems)]
+    if files.empty:
+        why = f" that can be read ({len(skipped)} skipped: {skipped[0][1]}, ...)" if skipped else ""
+        raise DataError(
+            f"No images found under {source.location}{why}. Expected one sub-folder per class "
+            f"holding image files ({', '.join(sorted(sources.IMAGE_EXTENSIONS))}), or a CSV "
+            "of path,label."
         )
-    subfolders = _class_folders(root)
-    names = {p.name.lower() for p in subfolders}
-    skipped: list[tuple[str, str]] = []
-    if subfolders and names <= set(_SPLIT_ALIASES) and "train" in names:
-        frames = {_SPLIT_ALIASES[p.name.lower()]: _scan_classes(p, skipped) for p in subfolders}
-        if "test" not in frames:
-            raise DataError(
-                f"{root} has a train/ folder but no test/ folder. Add test/<class>/ images, or "
-                "put the class folders directly under the folder to have them split."
-            )
-        if "val" not in frames:
-            train, val = _stratified(frames["train"], val_fraction, seed, "validation")
-            frames["train"], frames["val"] = train, val
-        manifest = pd.concat(
-            [frame.assign(split=split) for split, frame in frames.items()], ignore_index=True
-        )
-    else:
-        table = _scan_classes(root, skipped)
-        rest, test = _stratified(table, test_fraction, seed, "test")
-        train, val = _stratified(rest, val_fraction / (1 - test_fraction), seed, "validation")
-        manifest = pd.concat(
-            [train.assign(split="train"), val.assign(split="val"), test.assign(split="test")],
-            ignore_index=True,
-        )
+    manifest = _split(files, val_fraction, test_fraction, seed, source.location)
     check_manifest(manifest)
     manifest["split"] = pd.Categorical(manifest["split"], categories=SPLITS)
     manifest = manifest.sort_values(["split", "label", "path"]).reset_index(drop=True)
     manifest["split"] = manifest["split"].astype(str)
-    _log_manifest(manifest, str(root))
+    _log_manifest(manifest, source.location)
     table = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
     log_skipped(table, len(manifest) + len(table))
     return manifest, table
+
+
+def _unreadable(paths: list[str], source: sources.ImageSource) -> dict[str, str]:
+    """``{path: reason}`` of the images that cannot be read or decoded (remote ones are
+    fetched into the local cache first)."""
+    remote = [p for p in paths if sources.is_url(p)]
+    problems = sources.fetch(remote, source.versions, source.storage_options) if remote else {}
+    readable = [p for p in paths if p not in problems]
+    local = [str(p) for p in sources.local_paths(readable)]
+    broken = find_unreadable(local)
+    back = dict(zip(local, readable, strict=True))
+    return {**problems, **{back[p]: reason for p, reason in broken.items()}}
+
+
+def _split(
+    files: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int, where: str
+) -> pd.DataFrame:
+    """``files`` (path, label, split: given or empty) with every split decided."""
+    given = files[files["split"] != ""]
+    loose = files[files["split"] == ""][["path", "label"]]
+    frames = {split: given[given["split"] == split][["path", "label"]] for split in SPLITS}
+    if not given.empty:
+        if frames["train"].empty or frames["test"].empty:
+            missing = "train" if frames["train"].empty else "test"
+            raise DataError(
+                f"{where} has no {missing}/ folder (or {missing} rows) beside its other "
+                f"splits. Add {missing}/<class>/ images, or put the class folders directly "
+                "under the folder (a CSV: leave out its split column) to have them split."
+            )
+        if frames["val"].empty:
+            frames["train"], frames["val"] = _stratified(
+                frames["train"], val_fraction, seed, "validation")
+        if not loose.empty:
+            logger.warning("%s images of %s have no split; they are left out.", len(loose),
+                           where)
+    else:
+        rest, frames["test"] = _stratified(loose, test_fraction, seed, "test")
+        frames["train"], frames["val"] = _stratified(
+            rest, val_fraction / (1 - test_fraction), seed, "validation")
+    return pd.concat([frames[s].assign(split=s) for s in SPLITS], ignore_index=True)
 
 
 def _log_manifest(manifest: pd.DataFrame, source: str) -> None:
@@ -214,25 +211,6 @@ def _log_manifest(manifest: pd.DataFrame, source: str) -> None:
         manifest["label"].nunique(),
         ", ".join(f"{s} {int((manifest['split'] == s).sum())}" for s in SPLITS),
     )
-
-
-def _scan_classes(folder: Path, skipped: list[tuple[str, str]]) -> pd.DataFrame:
-    """``path, label`` of the readable images of each class folder; appends the rest to
-    ``skipped`` as ``(path, reason)``."""
-    rows = []
-    for class_dir in _class_folders(folder):
-        rows += [(str(p), class_dir.name) for p in image_files(class_dir, skipped)]
-    unreadable = find_unreadable([path for path, _ in rows])
-    skipped.extend(unreadable.items())
-    rows = [row for row in rows if row[0] not in unreadable]
-    if not rows:
-        why = f" that can be read ({len(skipped)} skipped: {skipped[0][1]}, ...)" if skipped else ""
-        raise DataError(
-            f"No images found under {folder}{why}"
-            + ". Expected one sub-folder per class holding image files "
-            f"({', '.join(sorted(IMAGE_EXTENSIONS))})."
-        )
-    return pd.DataFrame(rows, columns=["path", "label"])
 
 
 def _stratified(
@@ -306,7 +284,7 @@ def load_manifest(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         )
     manifest = pd.read_csv(file, dtype=str, keep_default_na=False)
     check_manifest(manifest)
-    gone = [p for p in manifest["path"] if not Path(p).is_file()]
+    gone = [p for p in manifest["path"] if not sources.is_url(p) and not Path(p).is_file()]
     if gone:
         raise MissingDataError(
             f"{len(gone)} of {len(manifest)} images listed in the manifest {file} no longer "
@@ -315,7 +293,10 @@ def load_manifest(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             + ". Restore them, or set `manifest` to null to scan "
             "`path` into a new split."
         )
-    unreadable = find_unreadable(manifest["path"].tolist())
+    paths = manifest["path"].tolist()
+    local = [str(p) for p in sources.local_paths(paths)]
+    back = dict(zip(local, paths, strict=True))
+    unreadable = {back[p]: reason for p, reason in find_unreadable(local).items()}
     skipped = pd.DataFrame(list(unreadable.items()), columns=SKIPPED_COLUMNS)
     manifest = manifest[~manifest["path"].isin(unreadable)].reset_index(drop=True)
     check_manifest(manifest)
@@ -337,24 +318,32 @@ def split_arrays(manifest: pd.DataFrame, split: str) -> tuple[np.ndarray, np.nda
     return rows["path"].to_numpy(dtype=str), rows["label"].map(index).to_numpy(dtype=np.int32)
 
 
-def decode_image(path: tf.Tensor, image_size: tuple[int, int], channels: int) -> tf.Tensor:
+def decode_image(
+    path: tf.Tensor, image_size: tuple[int, int], channels: int, resize: str = "stretch"
+) -> tf.Tensor:
     """Read, decode and resize one image file to float32 pixels in [0, 255]
     (:func:`decode_bytes` of the file's bytes)."""
-    return decode_bytes(tf.io.read_file(path), image_size, channels)
+    return decode_bytes(tf.io.read_file(path), image_size, channels, resize)
 
 
-def decode_bytes(raw: tf.Tensor, image_size: tuple[int, int], channels: int) -> tf.Tensor:
+def decode_bytes(
+    raw: tf.Tensor, image_size: tuple[int, int], channels: int, resize: str = "stretch"
+) -> tf.Tensor:
     """Decode and resize one encoded image (JPEG, PNG, GIF, BMP or WebP bytes) to float32
     pixels in [0, 255]: how every image is read, in training and in prediction.
 
-    Every format and colour mode ``tf.io.decode_image`` reads gives ``channels`` (1 or 3)
-    channels: grayscale is repeated or colour converted to grayscale, alpha is dropped,
-    palettes are expanded and an animated GIF gives its first frame.
+    A JPEG is turned upright by its EXIF orientation
+    (:func:`~headswap.core.images.exif_orientation`). Every format and colour mode
+    ``tf.io.decode_image`` reads gives ``channels`` (1 or 3) channels: grayscale is repeated
+    or colour converted to grayscale, alpha is dropped, palettes are expanded and an animated
+    GIF gives its first frame. ``resize`` is one of
+    :data:`~headswap.core.images.RESIZE_MODES` (stretch, pad or crop).
     """
     image = tf.io.decode_image(raw, channels=0, expand_animations=False)
+    image = apply_orientation(image, exif_orientation(raw))
     image = _with_channels(image, channels)
     image.set_shape([None, None, channels])
-    return tf.image.resize(image, image_size)
+    return resize_image(image, image_size, resize)
 
 
 def _with_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
@@ -470,15 +459,20 @@ def fits_in_memory(
 
 
 def decode_all(
-    paths: np.ndarray, image_size: tuple[int, int], channels: int, batch_size: int = 256
+    paths: np.ndarray,
+    image_size: tuple[int, int],
+    channels: int,
+    batch_size: int = 256,
+    resize: str = "stretch",
 ) -> np.ndarray:
-    """Every image of ``paths``, decoded and resized in parallel, as one float32 array."""
+    """Every image of ``paths``, decoded and resized (:func:`decode_image`) in parallel, as
+    one float32 array."""
     size = tuple(int(s) for s in image_size)
     images = np.empty((len(paths), *size, channels), dtype="float32")
     stream = (
-        tf.data.Dataset.from_tensor_slices(paths)
-        .map(lambda p: decode_image(p, size, channels), num_parallel_calls=tf.data.AUTOTUNE,
-             deterministic=True)
+        tf.data.Dataset.from_tensor_slices(sources.local_paths(paths))
+        .map(lambda p: decode_image(p, size, channels, resize),
+             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .batch(batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
@@ -499,8 +493,10 @@ def make_dataset(
     seed: int = 42,
     epoch: tf.Variable | None = None,
     cache_bytes: int = 0,
+    resize: str = "stretch",
 ) -> tf.data.Dataset:
-    """One split of a manifest as batches of (images, labels).
+    """One split of a manifest as batches of (images, labels), resized to ``image_size`` as
+    ``resize`` says (:func:`headswap.core.images.resize_image`).
 
     Files are read, decoded and resized in parallel, in a deterministic order, and batches are
     prefetched. If the split's decoded images fit in ``cache_bytes``
@@ -517,6 +513,7 @@ def make_dataset(
     order is seeded but depends on how often the dataset was iterated.
     """
     paths, labels = split_arrays(manifest, split)
+    paths = sources.local_paths(paths)
     size = tuple(int(s) for s in image_size)
     if fits_in_memory(len(paths), size, channels, cache_bytes):
         logger.info(
@@ -524,7 +521,7 @@ def make_dataset(
             len(paths), split, decoded_bytes(len(paths), size, channels) / 2**20,
             cache_bytes / 2**20,
         )
-        images = decode_all(paths, size, channels)
+        images = decode_all(paths, size, channels, resize=resize)
         return array_dataset((images, labels), batch_size, shuffle, seed, epoch)
     if cache_bytes:
         logger.info(
@@ -535,7 +532,7 @@ def make_dataset(
 
     def batches(rows: tf.data.Dataset) -> tf.data.Dataset:
         """(path, label) rows as batches of decoded images, read in parallel, in order."""
-        return rows.map(lambda p, y: (decode_image(p, size, channels), y),
+        return rows.map(lambda p, y: (decode_image(p, size, channels, resize), y),
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size)
 
     if shuffle and epoch is not None and len(paths):

@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import classification_report, confusion_matrix
 
-from headswap.core import data
+from headswap.core import data, sources
 from headswap.core.bases import input_spec
 
 
@@ -42,10 +42,13 @@ def predictions_table(
 
 
 def predict_split(
-    model, manifest: pd.DataFrame, split: str, image_size: tuple[int, int], batch_size: int = 32
+    model, manifest: pd.DataFrame, split: str, image_size: tuple[int, int], batch_size: int = 32,
+    resize: str = "stretch",
 ) -> pd.DataFrame:
-    """The model's :func:`predictions_table` over one split of a manifest."""
-    dataset = data.make_dataset(manifest, split, image_size, input_spec(model)[2], batch_size)
+    """The model's :func:`predictions_table` over one split of a manifest (images resized to
+    ``image_size`` as ``resize`` says)."""
+    dataset = data.make_dataset(manifest, split, image_size, input_spec(model)[2], batch_size,
+                                resize=resize)
     y_true, probabilities = predict(model, dataset)
     paths = data.split_arrays(manifest, split)[0]
     return predictions_table(paths, y_true, probabilities, data.class_names(manifest))
@@ -66,10 +69,10 @@ def summarise(predictions: pd.DataFrame, class_names: list[str], top_k: int = 2)
 
 def evaluate(
     model, manifest: pd.DataFrame, image_size: tuple[int, int], batch_size: int = 32,
-    split: str = "test", top_k: int = 2,
+    split: str = "test", top_k: int = 2, resize: str = "stretch",
 ) -> dict[str, Any]:
     """The model on one split: :func:`summarise` of its predictions, with the ``predictions``."""
-    predictions = predict_split(model, manifest, split, image_size, batch_size)
+    predictions = predict_split(model, manifest, split, image_size, batch_size, resize)
     return {**summarise(predictions, data.class_names(manifest), top_k),
             "predictions": predictions}
 
@@ -271,7 +274,7 @@ def confident_errors_figure(errors: pd.DataFrame, columns: int = 4) -> Figure:
     for ax in axes:
         ax.axis("off")
     for ax, row in zip(axes, errors.itertuples(), strict=False):
-        with Image.open(row.path) as image:
+        with Image.open(sources.local_paths([row.path])[0]) as image:
             pixels = np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
         ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None)
         ax.set_title(f"{row.true} -> {row.predicted}\n(p={row.confidence:.2f})", fontsize=8)

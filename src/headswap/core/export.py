@@ -3,8 +3,20 @@ edge devices (a LiteRT/TFLite flatbuffer, float32 or with dynamic-range quantiza
 
 The models take raw pixels (float32, 0-255, shape ``(batch, height, width, channels)``) and
 do their own preprocessing inside, so every exported file takes images as they are decoded
-and gives class probabilities in the order of ``class_names``, which are written one a line
-to a ``labels.txt`` file beside them.
+and resized and gives class probabilities in the order of ``class_names``, which are written
+one a line to a ``labels.txt`` file beside them.
+
+Decoding and resizing stay outside the exported files: beside each ``labels.txt`` a
+``preprocessing.json`` says how to bring an image to the model's input, as in training::
+
+    {"image_size": [224, 224], "channels": 3, "resize": "pad"}
+
+``image_size`` is [height, width], ``channels`` 1 (grayscale) or 3 (RGB), and ``resize`` one
+of :data:`headswap.core.images.RESIZE_MODES`: ``stretch`` (resize to exactly that size),
+``pad`` (fit inside keeping the aspect ratio, centred, black bands: ``tf.image.resize_with_pad``)
+or ``crop`` (cover keeping the aspect ratio, then cut the centre). JPEGs are turned upright by
+their EXIF orientation first. :func:`headswap.core.data.decode_bytes` does all of it;
+:meth:`headswap.core.predict.Classifier.from_file` reads the file.
 
 :func:`export_model` writes the chosen formats into one folder::
 
@@ -13,6 +25,7 @@ to a ``labels.txt`` file beside them.
         model.tflite            "tflite": float32 LiteRT/TFLite file
         model_quantized.tflite  "tflite_quantized": dynamic-range quantized weights
         labels.txt              class names of the .tflite files, in output order
+        preprocessing.json      image size, channels and resize mode of the .tflite files
 
 How the SavedModel is made: Keras' public ``keras.export.ExportArchive`` writes one
 endpoint, ``serve``, that calls ``model(images, training=False)``: the inference graph, with
@@ -82,7 +95,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from headswap.core.predict import LABELS_FILE, check_classifier, write_labels
+from headswap.core.bases import check_image_size, input_spec
+from headswap.core.images import check_resize
+from headswap.core.predict import (
+    LABELS_FILE,
+    PREPROCESSING_FILE,
+    check_classifier,
+    write_labels,
+    write_preprocessing,
+)
 
 FORMATS: tuple[str, ...] = ("saved_model", "tflite", "tflite_quantized")
 """The format names :func:`export_model` accepts."""
@@ -93,14 +114,19 @@ TFLITE_FILES = {"tflite": "model.tflite", "tflite_quantized": "model_quantized.t
 
 # What Keras' SavedModel export and :func:`export_saved_model` put in a folder: a folder
 # holding only these is a previous export, which a new export replaces.
-_SAVED_MODEL_ENTRIES = {"saved_model.pb", "fingerprint.pb", "variables", "assets", LABELS_FILE}
+_SAVED_MODEL_ENTRIES = {"saved_model.pb", "fingerprint.pb", "variables", "assets", LABELS_FILE,
+                        PREPROCESSING_FILE}
 
 
 def export_saved_model(
-    model: keras.Model, folder: str | Path, class_names: Sequence[str]
+    model: keras.Model,
+    folder: str | Path,
+    class_names: Sequence[str],
+    resize: str = "stretch",
+    image_size: tuple[int, int] | None = None,
 ) -> Path:
     """Export ``model`` for inference as a TensorFlow SavedModel in ``folder``, with
-    ``labels.txt`` in it; return ``folder``.
+    ``labels.txt`` and ``preprocessing.json`` in it (:func:`_write_metadata`); return ``folder``.
 
     The SavedModel has the signatures ``serve`` and ``serving_default``, taking a float32
     batch of raw pixels of the model's input shape and giving the class probabilities
@@ -108,10 +134,10 @@ def export_saved_model(
     TensorFlow Serving does, or in Keras with ``keras.layers.TFSMLayer``. ``folder`` must be
     new, empty, or a previous export, which is replaced.
     """
-    check_classifier(model, class_names)
+    _check(model, class_names, resize, image_size)
     folder = _prepare_folder(folder)
     _write_saved_model(model, folder)
-    write_labels(folder / LABELS_FILE, class_names)
+    _write_metadata(folder, model, class_names, resize, image_size)
     return folder
 
 
@@ -120,10 +146,12 @@ def export_tflite(
     path: str | Path,
     class_names: Sequence[str],
     quantize: bool = False,
+    resize: str = "stretch",
+    image_size: tuple[int, int] | None = None,
 ) -> Path:
     """Convert ``model`` to a LiteRT/TFLite file at ``path`` (ending in ``.tflite``), with
-    ``labels.txt`` beside it (in the same folder; a labels file already there is replaced);
-    return ``path``.
+    ``labels.txt`` and ``preprocessing.json`` beside it (in the same folder, replacing those
+    already there; :func:`_write_metadata`); return ``path``.
 
     ``quantize=False`` keeps float32 weights: the file gives Keras' probabilities to float
     rounding. ``quantize=True`` applies dynamic-range quantization (int8 weights, float32
@@ -132,11 +160,11 @@ def export_tflite(
     output the class probabilities; run it with :func:`tflite_predict`.
     """
     path = _check_tflite_path(path)
-    check_classifier(model, class_names)
+    _check(model, class_names, resize, image_size)
     with tempfile.TemporaryDirectory(prefix="headswap_export_") as tmp:
         saved_model = _write_saved_model(model, Path(tmp) / SAVED_MODEL_FOLDER)
         path.write_bytes(_convert_saved_model(saved_model, quantize))
-    write_labels(path.parent / LABELS_FILE, class_names)
+    _write_metadata(path.parent, model, class_names, resize, image_size)
     return path
 
 
@@ -145,25 +173,28 @@ def export_model(
     folder: str | Path,
     class_names: Sequence[str],
     formats: str | Iterable[str] = FORMATS,
+    resize: str = "stretch",
+    image_size: tuple[int, int] | None = None,
 ) -> dict[str, Path]:
     """Export ``model`` in each of ``formats`` (names from :data:`FORMATS`) into ``folder``
     and return ``{format: path}`` in the order given.
 
     ``saved_model`` goes to ``folder/saved_model/`` (see :func:`export_saved_model`),
     ``tflite`` to ``folder/model.tflite`` and ``tflite_quantized`` to
-    ``folder/model_quantized.tflite`` (see :func:`export_tflite`), with ``labels.txt`` in
-    ``folder`` beside them. The model is exported to a SavedModel once, and the TFLite files
-    are converted from it.
+    ``folder/model_quantized.tflite`` (see :func:`export_tflite`), with ``labels.txt`` and
+    ``preprocessing.json`` in ``folder`` beside them (:func:`_write_metadata`). The model is
+    exported to a SavedModel once, and the TFLite files are converted from it.
     """
     chosen = _check_formats(formats)
-    check_classifier(model, class_names)
+    _check(model, class_names, resize, image_size)
     folder = Path(folder)
     if folder.is_file():
         raise FileExistsError(f"{folder} is a file. Give a folder path to export into.")
     paths: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="headswap_export_") as tmp:
         if "saved_model" in chosen:
-            saved_model = export_saved_model(model, folder / SAVED_MODEL_FOLDER, class_names)
+            saved_model = export_saved_model(model, folder / SAVED_MODEL_FOLDER, class_names,
+                                             resize, image_size)
             paths["saved_model"] = saved_model
         else:
             saved_model = _write_saved_model(model, Path(tmp) / SAVED_MODEL_FOLDER)
@@ -174,8 +205,24 @@ def export_model(
                 path.write_bytes(_convert_saved_model(saved_model, name == "tflite_quantized"))
                 paths[name] = path
     if any(name in TFLITE_FILES for name in chosen):
-        write_labels(folder / LABELS_FILE, class_names)
+        _write_metadata(folder, model, class_names, resize, image_size)
     return {name: paths[name] for name in chosen}
+
+
+def _write_metadata(
+    folder: str | Path,
+    model: keras.Model,
+    class_names: Sequence[str],
+    resize: str = "stretch",
+    image_size: tuple[int, int] | None = None,
+) -> None:
+    """Write ``labels.txt`` (``class_names``, one a line) and ``preprocessing.json``
+    (``image_size``, by default the model's input size; the model's channels; ``resize``)
+    into ``folder``: what a user of the exported files needs to read images for them."""
+    height, width, channels = input_spec(model)
+    write_labels(Path(folder) / LABELS_FILE, class_names)
+    write_preprocessing(Path(folder) / PREPROCESSING_FILE, image_size or (height, width),
+                        channels, resize)
 
 
 def tflite_predict(
@@ -304,6 +351,20 @@ def _convert_saved_model(folder: Path, quantize: bool) -> bytes:
                 "device)."
             ) from err
         raise RuntimeError(f"TFLite conversion failed: {_first_line(err)}") from err
+
+
+def _check(
+    model: keras.Model,
+    class_names: Sequence[str],
+    resize: str,
+    image_size: tuple[int, int] | None,
+) -> None:
+    """Refuse a model that is no classifier of ``class_names``, an unknown ``resize`` mode
+    and an ``image_size`` other than the model's fixed input size."""
+    check_classifier(model, class_names)
+    check_resize(resize)
+    if image_size is not None:
+        check_image_size(model, image_size)
 
 
 def _check_formats(formats: str | Iterable[str]) -> list[str]:

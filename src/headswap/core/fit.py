@@ -71,6 +71,7 @@ class FitOptions:
     """
 
     image_size: tuple[int, int]
+    resize: str = "stretch"
     batch_size: int = 32
     seed: int = 42
     cache_memory_mb: int = 1024
@@ -268,7 +269,7 @@ def _stage_data(
         train, val = (
             data.make_dataset(manifest, split, size, channels, batch, shuffle=split == "train",
                               seed=options.seed, epoch=run.order if split == "train" else None,
-                              cache_bytes=budget)
+                              cache_bytes=budget, resize=options.resize)
             for split in ("train", "val")
         )
     if stage.label_smoothing:
@@ -375,7 +376,7 @@ def _cached_head(
     datasets = []
     for split in ("train", "val"):
         images = data.make_dataset(manifest, split, options.image_size, channels,
-                                   options.batch_size)
+                                   options.batch_size, resize=options.resize)
         features = extractor.predict(images, verbose=0)
         labels = data.split_arrays(manifest, split)[1]
         train = split == "train"

@@ -1,6 +1,7 @@
 """Classify images with a fine-tuned model: files of a folder, file paths, or encoded image
 bytes (raw, or base64 as a REST client sends them). Images are read exactly as in training
-(:func:`headswap.core.data.decode_bytes`: decode, channels, resize).
+(:func:`headswap.core.data.decode_bytes`: decode, EXIF orientation, channels, resize in the
+classifier's ``resize`` mode).
 
 A :class:`Classifier` is a Keras model that takes raw pixels together with the class names
 of its outputs. :meth:`Classifier.predict` gives one row per image: the predicted class,
@@ -10,7 +11,7 @@ its confidence, the ``top_k`` classes with their probabilities and each class's 
 ::
 
     from headswap.core.predict import Classifier, list_images
-    classifier = Classifier.from_file("model.keras")    # labels.txt beside it
+    classifier = Classifier.from_file("model.keras")    # labels.txt (+ preprocessing.json)
     table, problems = classifier.predict(["cat.jpg", "dog.png"])
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +29,14 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from headswap.core import data
+from headswap.core import data, sources
 from headswap.core.bases import input_spec, load_model_file
 from headswap.core.errors import InputError
+from headswap.core.images import check_resize
 
 TOP_K = 3
 LABELS_FILE = "labels.txt"
+PREPROCESSING_FILE = "preprocessing.json"
 _CHUNK = 1024  # images read into memory at a time
 _MAX_PATH = 4096  # longer strings are never taken for file paths
 
@@ -106,16 +110,53 @@ def read_labels(path: str | Path) -> list[str]:
     return Path(path).read_text(encoding="utf-8").splitlines()
 
 
+def write_preprocessing(
+    path: str | Path,
+    image_size: tuple[int | None, int | None],
+    channels: int,
+    resize: str = "stretch",
+) -> Path:
+    """Write how images are read for a model to the JSON file ``path`` (``image_size``:
+    [height, width], ``channels``, ``resize``: a mode of
+    :data:`headswap.core.images.RESIZE_MODES`); return ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = [None if side is None else int(side) for side in image_size]
+    settings = {"image_size": size, "channels": int(channels),
+                "resize": check_resize(resize)}
+    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_preprocessing(path: str | Path) -> dict:
+    """The settings :func:`write_preprocessing` wrote to ``path``: ``image_size`` (a tuple,
+    or None where unknown), ``channels`` (None where unknown) and ``resize``. A file that does
+    not exist, or lacks a key, gives None and ``resize="stretch"`` (how images were read
+    before the mode was recorded)."""
+    path = Path(path)
+    settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    size = settings.get("image_size")
+    return {
+        "image_size": tuple(size) if size and None not in size else None,
+        "channels": settings.get("channels"),
+        "resize": check_resize(settings.get("resize", "stretch")),
+    }
+
+
 @dataclass(frozen=True)
 class Classifier:
     """A Keras classifier taking raw pixels, with the names of its classes in output order
-    (and, for a model that takes any size, the ``image_size`` images are resized to)."""
+    (and, for a model that takes any size, the ``image_size`` images are resized to), and how
+    images are resized to its input, as in its training (a mode of
+    :data:`headswap.core.images.RESIZE_MODES`)."""
 
     model: keras.Model
     class_names: tuple[str, ...]
     image_size: tuple[int, int] | None = None
+    resize: str = "stretch"
 
     def __post_init__(self) -> None:
+        check_resize(self.resize)
         object.__setattr__(self, "class_names",
                            tuple(check_classifier(self.model, self.class_names)))
         height, width, _ = input_spec(self.model)
@@ -131,7 +172,9 @@ class Classifier:
     def from_file(cls, path: str | Path, labels: str | Path | None = None,
                   allow_unsafe: bool = False) -> Classifier:
         """The model in a ``.keras``/``.h5`` file, with the class names of ``labels`` (one a
-        line; by default the ``labels.txt`` beside the model, as exports write it)."""
+        line; by default the ``labels.txt`` beside the model, as exports write it), and the
+        image size and resize mode of the ``preprocessing.json`` beside ``labels``
+        (:func:`read_preprocessing`; without one, the model's input size and ``stretch``)."""
         model = load_model_file(path, allow_unsafe)
         labels = Path(labels) if labels else Path(path).parent / LABELS_FILE
         if not labels.is_file():
@@ -139,7 +182,8 @@ class Classifier:
                 f"No class names for {path}: {labels} does not exist. Write the class names "
                 f"one a line, in the model's output order, to {labels} (or give `labels`)."
             )
-        return cls(model, tuple(read_labels(labels)))
+        settings = read_preprocessing(labels.parent / PREPROCESSING_FILE)
+        return cls(model, tuple(read_labels(labels)), settings["image_size"], settings["resize"])
 
     @property
     def channels(self) -> int:
@@ -187,18 +231,18 @@ class Classifier:
         more go through a parallel ``tf.data`` pipeline, which takes longer to set up."""
         if not raw:
             return iter(())
-        size, channels = self.image_size, self.channels
+        size, channels, resize = self.image_size, self.channels, self.resize
         if len(raw) <= batch_size:
             decoded = {}
             for i, image in raw.items():
                 try:
-                    decoded[i] = data.decode_bytes(tf.constant(image), size, channels)
+                    decoded[i] = data.decode_bytes(tf.constant(image), size, channels, resize)
                 except tf.errors.OpError:
                     continue
             return iter([(list(decoded), tf.stack(list(decoded.values())))] if decoded else [])
 
         def decode(index: tf.Tensor, image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            return index, data.decode_bytes(image, size, channels)
+            return index, data.decode_bytes(image, size, channels, resize)
 
         return iter(
             tf.data.Dataset.from_tensor_slices((list(raw), list(raw.values())))
@@ -253,24 +297,21 @@ def label_table(
     return pd.DataFrame(table)
 
 
-def list_images(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The images to classify under ``folder``: ``(path, label)``, where ``label`` is the
-    first sub-folder's name (a folder of class sub-folders) or empty (files directly in
-    ``folder``); and the skipped files in formats that cannot be decoded (path, reason)."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise data.MissingDataError(
-            f"Image folder {root} does not exist. Give `path` as a folder of images (flat, "
-            "or with one sub-folder per class)."
-        )
-    skipped: list[tuple[str, str]] = []
-    files = data.image_files(root, skipped)
-    if not files:
+def list_images(source: sources.ImageSource) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The images to classify of ``source`` (a folder, flat or of class sub-folders, or a CSV
+    of path[,label]): ``(path, label)``, ``label`` being the class sub-folder's (or the CSV's)
+    label or empty; and the files in formats that cannot be decoded (path, reason). Remote
+    images are fetched into the local cache; those that cannot be read are skipped too."""
+    images = source.files[["path", "label"]]
+    if images.empty:
         raise data.DataError(
-            f"No images found under {root}: expected image files "
-            f"({', '.join(sorted(data.IMAGE_EXTENSIONS))}), directly or in sub-folders."
+            f"No images found under {source.location}: expected image files "
+            f"({', '.join(sorted(data.IMAGE_EXTENSIONS))}), directly or in sub-folders, or a "
+            "CSV of path[,label]."
         )
-    labels = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else ""
-              for p in files]
-    return (pd.DataFrame({"path": [str(p) for p in files], "label": labels}),
-            pd.DataFrame(skipped, columns=data.SKIPPED_COLUMNS))
+    remote = [p for p in images["path"] if sources.is_url(p)]
+    problems = sources.fetch(remote, source.versions, source.storage_options) if remote else {}
+    skipped = pd.concat([source.skipped, pd.DataFrame(list(problems.items()),
+                                                      columns=data.SKIPPED_COLUMNS)],
+                        ignore_index=True)
+    return images[~images["path"].isin(problems)].reset_index(drop=True), skipped

@@ -64,7 +64,8 @@ def fit_logistic_regression(
     features = {
         split: evaluation.pooled_features(
             base,
-            data.make_dataset(manifest, split, options.image_size, channels, options.batch_size),
+            data.make_dataset(manifest, split, options.image_size, channels, options.batch_size,
+                              resize=options.resize),
             head.pooling,
         )
         for split in data.SPLITS

@@ -32,7 +32,7 @@ from .nodes import (
 VARIANTS = ("feature_extraction", "head_only", "full", "scratch", "partial")
 HEAD_ONLY = ("check_parameters", "swap_head", "train_head", "evaluate_head_only")
 TWO_PHASES = (*HEAD_ONLY[:-1], "fine_tune", "predict_test", "evaluate")
-SHARED = ("check_parameters", "locate_images", "read_pretrained", "ingest_images", "load_base")
+SHARED = ("check_parameters", "ingest_images", "load_base")
 
 
 def _body(variant: str) -> tuple[Pipeline, str, list[str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,21 +24,23 @@ def extract_source_task(params: dict[str, Any]) -> dict[str, Any]:
     return {"images": images[idx], "labels": labels[idx], "class_names": names}
 
 
-def write_target_folder(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Write the target task as an image folder: ``train/`` (few labels) and ``test/``.
+def write_target_folder(params: dict[str, Any]) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The target task as an image folder: ``train/`` (few labels) and ``test/``.
 
     ``train/`` holds ``labels_per_class`` seeded training images of each target class (the
     finetune pipeline carves its validation images out of them); ``test/`` holds all the
-    official test images of those classes. Files already there are kept. Returns the folder's
-    path and a summary of it (path, source, images per class in each split).
+    official test images of those classes. Returns the folder's files (the catalog writes
+    them) and a summary of it (path, source, images per class in each split).
     """
     folder = example.find_fashion_mnist(params["fashion_mnist_dirs"])
-    out = Path(params["target_path"])
-    summary: dict[str, Any] = {"path": str(out), "source": str(folder)}
+    files: dict[str, bytes] = {}
+    summary: dict[str, Any] = {"path": str(params["target_path"]), "source": str(folder)}
     for split, per_class in (("train", params["labels_per_class"]), ("test", None)):
         images, labels = example.load_split(folder, split)
         idx = example.select_classes(labels, params["target_classes"], per_class, params["seed"])
-        summary[split] = example.write_image_folder(out, images, labels, idx, split)
-        logger.info("Target %s: %s images in %s", split,
-                    int(np.sum(list(summary[split].values()))), out / split)
-    return str(out), summary
+        files.update(example.image_files(images, labels, idx, split))
+        names, counts = np.unique(labels[idx], return_counts=True)
+        summary[split] = {example.CLASS_NAMES[int(n)]: int(c)
+                          for n, c in zip(names, counts, strict=True)}
+        logger.info("Target %s: %s images", split, len(idx))
+    return files, summary

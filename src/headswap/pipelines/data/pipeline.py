@@ -9,7 +9,7 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(extract_source_task, "params:example", "source_task", name="extract_source_task"),
-            Node(write_target_folder, "params:example", ["example_folder", "example_summary"],
+            Node(write_target_folder, "params:example", ["example_images", "example_summary"],
                  name="write_target_folder"),
         ]
     )

@@ -13,8 +13,6 @@ import keras
 import mlflow
 import numpy as np
 import pandas as pd
-from kedro.io import Version
-from kedro_datasets.tensorflow import TensorFlowModelDataset
 from matplotlib.figure import Figure
 
 from headswap import registry, serving, tracking
@@ -36,6 +34,7 @@ from headswap.core import (
     explain,
     fit,
     heads,
+    sources,
     weights,
 )
 from headswap.core import export as exports
@@ -65,41 +64,23 @@ def check_parameters(params: dict[str, Any]) -> tuple[
             cfg.export)
 
 
-def locate_images(data_config: DataConfig) -> str:
-    """The image folder the parameters name (``finetune.data.path``)."""
-    return data_config.path
-
-
-def read_pretrained(base: BaseConfig, options: FitOptions) -> keras.Model:
-    """The pretrained network the parameters name: a model file (of a Kedro-versioned folder,
-    its latest version) or a ``keras.applications`` architecture."""
-    if base.source == "keras_applications":
-        return bases.keras_application(base.name, options.image_size, base.weights)
-    path = Path(base.path)
-    if path.is_dir():  # a Kedro-versioned model, e.g. the example's pretrained_base
-        return TensorFlowModelDataset(
-            filepath=str(path), version=Version(None, None),
-            load_args={"compile": False, "safe_mode": not base.allow_unsafe},
-        ).load()
-    return bases.load_model_file(path, base.allow_unsafe)
-
-
 def ingest_images(
-    image_folder: str, data_config: DataConfig, options: FitOptions
-) -> tuple[pd.DataFrame, pd.DataFrame, Metrics]:
-    """Scan the image folder into a manifest (path, label, split), or reuse a given one.
+    images: sources.ImageSource, data_config: DataConfig, options: FitOptions
+) -> tuple[pd.DataFrame, pd.DataFrame, Metrics, str]:
+    """The images (a folder or CSV, local or remote) as a manifest (path, label, split), or an
+    earlier run's manifest reused; the files left out (path, reason); their counts as metrics;
+    and the name of what was trained on (the folder's or CSV's own name).
 
-    Every image is decoded once here; files that cannot be are left out and returned as the
-    skipped table (path, reason), with ``images`` and ``skipped_images`` counts as metrics.
+    Every image is decoded once here (remote images through the local cache).
     """
     if data_config.manifest:
         manifest, skipped = data.load_manifest(data_config.manifest)
     else:
-        manifest, skipped = data.ingest_image_folder(
-            image_folder, data_config.val_fraction, data_config.test_fraction, options.seed
+        manifest, skipped = data.ingest(
+            images, data_config.val_fraction, data_config.test_fraction, options.seed
         )
     counts = {"images": len(manifest), "skipped_images": len(skipped)}
-    return manifest, skipped, metrics_points(counts)
+    return manifest, skipped, metrics_points(counts), images.name
 
 
 def load_base(
@@ -109,6 +90,8 @@ def load_base(
     of the weights loaded into it by layer name from ``weights_file`` (if any)."""
     if base.source == "keras_applications":
         model, origin = pretrained, f"keras.applications {base.name}, weights: {base.weights}"
+    elif base.source == "keras_hub":
+        model, origin = pretrained, f"keras-hub preset {base.path}"
     else:
         model = bases.cut_model(pretrained, base.cut_at)
         origin = f"model file {base.path}, cut at {base.cut_at}"
@@ -179,7 +162,7 @@ def evaluate_head_only(
 ) -> tuple[dict[str, Any], Metrics]:
     """The phase-1 model on the test split, to show what phase 2 adds."""
     result = evaluation.evaluate(model, manifest, options.image_size, options.batch_size,
-                                 top_k=evaluation_config.top_k)
+                                 top_k=evaluation_config.top_k, resize=options.resize)
     metrics = result["metrics"]
     logger.info("Phase 1 (head only): test accuracy %.4f, macro F1 %.4f",
                 metrics["accuracy"], metrics["macro_f1"])
@@ -190,7 +173,7 @@ def predict_test(model: keras.Model, manifest: pd.DataFrame, options: FitOptions
     """The fine-tuned model's prediction for every test image (path, true and predicted class,
     confidence, each class's probability): computed once, read by the evaluation nodes."""
     return evaluation.predict_split(model, manifest, "test", options.image_size,
-                                    options.batch_size)
+                                    options.batch_size, options.resize)
 
 
 def evaluate(
@@ -234,15 +217,17 @@ def summarise_training(
 
 
 def export_model(
-    model: keras.Model, manifest: pd.DataFrame, export: ExportConfig
+    model: keras.Model, manifest: pd.DataFrame, export: ExportConfig, options: FitOptions
 ) -> dict[str, bytes]:
     """The fine-tuned model exported in ``finetune.export.formats`` (SavedModel, TFLite
-    float32, TFLite with dynamic-range quantization), each with its ``labels.txt``."""
+    float32, TFLite with dynamic-range quantization), each with its ``labels.txt`` and
+    ``preprocessing.json`` (image size, channels, resize mode)."""
     if not export.formats:
         logger.info("No export: finetune.export.formats is empty.")
         return {}
     with tempfile.TemporaryDirectory(prefix="headswap_export_") as tmp:
-        paths = exports.export_model(model, tmp, data.class_names(manifest), export.formats)
+        paths = exports.export_model(model, tmp, data.class_names(manifest), export.formats,
+                                     options.resize, options.image_size)
         files = {p.relative_to(tmp).as_posix(): p.read_bytes()
                  for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
         logger.info("Exported the model: %s", ", ".join(  # sizes before tmp is removed
@@ -252,7 +237,7 @@ def export_model(
 
 def publish_model(
     model: keras.Model, manifest: pd.DataFrame, report: dict[str, Any],
-    data_config: DataConfig, registry_config: RegistryConfig, options: FitOptions,
+    images_name: str, registry_config: RegistryConfig, options: FitOptions,
 ) -> dict[str, Any]:
     """Log the fine-tuned model to the MLflow run as ``model``, an MLflow model that takes
     images (paths or base64 bytes) and answers with class names, and as ``keras_model``, the
@@ -264,11 +249,12 @@ def publish_model(
         logger.info("MLflow tracking is off for this run: the model is neither logged nor "
                     "registered.")
         return {"logged": False, "registered_model": None}
-    classifier = Classifier(model, tuple(data.class_names(manifest)), options.image_size)
-    name = registry_config.model_name(data_config.path)
-    examples = data.split_arrays(manifest, "test")[0][:2]
+    classifier = Classifier(model, tuple(data.class_names(manifest)), options.image_size,
+                            options.resize)
+    name = registry_config.model_name(images_name)
+    examples = sources.local_paths(data.split_arrays(manifest, "test")[0][:2])
     serving.log_keras_model(model, data.decode_all(examples, classifier.image_size,
-                                                   classifier.channels))
+                                                   classifier.channels, resize=options.resize))
     info = serving.log_classifier(classifier, examples[0], name)
     result: dict[str, Any] = {"logged": True, "model_uri": info.model_uri,
                               "registered_model": name}
@@ -292,10 +278,18 @@ def publish_model(
         if champion.class_names != classifier.class_names:
             return None
         predictions = evaluation.predict_split(champion.model, manifest, "test",
-                                               champion.image_size, options.batch_size)
+                                               champion.image_size, options.batch_size,
+                                               champion.resize)
         return float((predictions["true"] == predictions["predicted"]).mean())
 
     return {**result, **registry.elect_champion(name, version, accuracy, digest, score)}
+
+
+def describe_preprocessing(model: keras.Model, options: FitOptions) -> dict[str, Any]:
+    """How the fine-tuned model reads images (image size, channels, resize mode), versioned
+    beside it so that predicting with it later reads images the same way."""
+    return {"image_size": list(options.image_size), "channels": input_spec(model)[2],
+            "resize": options.resize}
 
 
 def _size(path: Path) -> float:
@@ -307,11 +301,11 @@ def write_model_card(
     manifest: pd.DataFrame, base_report: dict[str, Any], head: HeadConfig,
     phase1_stages: list[Stage], phase2_stages: list[Stage], phase1_history: History,
     phase2_history: History, report: dict[str, Any], phase1_report: dict[str, Any],
-    data_config: DataConfig, registry_config: RegistryConfig, options: FitOptions,
+    images_name: str, registry_config: RegistryConfig, options: FitOptions,
 ) -> str:
     """The run's model card (Markdown): data, base and head, each phase, results with the
     weakest classes, intended use and limits."""
-    name = registry_config.model_name(data_config.path) or Path(data_config.path).name
+    name = registry_config.model_name(images_name) or images_name
     phases = {
         "Phase 1": (_with_found_rates(phase1_stages, phase1_history), phase1_history),
         "Phase 2": (_with_found_rates(phase2_stages, phase2_history), phase2_history),
@@ -348,7 +342,8 @@ def explain_predictions(
     rows = [index[p] for p in chosen]
     titles = [f"{names[y_true[i]]} -> {names[y_pred[i]]} (p={probabilities[i, y_pred[i]]:.2f})"
               for i in rows]
-    images = data.decode_all(np.asarray(chosen), options.image_size, input_spec(model)[2])
+    images = data.decode_all(np.asarray(chosen), options.image_size, input_spec(model)[2],
+                             resize=options.resize)
     try:
         cams = explain.grad_cam(model, images, y_pred[rows])
     except InputError as err:

@@ -1,11 +1,13 @@
-"""The ``finetune`` pipeline: image folder -> manifest -> base -> new head -> two phases ->
-reports. Its inputs are the image folder and the pretrained network: read from the paths in
-the parameters (:func:`create_pipeline`), or another pipeline's outputs (:func:`recipe`)."""
+"""The ``finetune`` pipeline: images -> manifest -> base -> new head -> two phases -> reports.
+Its inputs are the catalog's ``images`` (the folder or CSV ``finetune.data.path`` names) and
+``pretrained_model`` (the network ``finetune.base`` names); another pipeline may map them to
+its own datasets (the example's folder and base)."""
 
 from kedro.pipeline import Node, Pipeline
 
 from .nodes import (
     check_parameters,
+    describe_preprocessing,
     evaluate,
     evaluate_details,
     evaluate_head_only,
@@ -14,10 +16,8 @@ from .nodes import (
     fine_tune,
     ingest_images,
     load_base,
-    locate_images,
     predict_test,
     publish_model,
-    read_pretrained,
     summarise_training,
     swap_head,
     train_head,
@@ -30,15 +30,16 @@ CONFIGS = ["data_config", "base_config", "head_config", "augmentation", "fit_opt
 
 
 def recipe(params: str = "params:finetune") -> Pipeline:
-    """The recipe on ``image_folder`` (a path) and ``pretrained_model`` (a Keras model).
+    """The recipe on ``images`` (an image source) and ``pretrained_model`` (a Keras model).
 
     ``params`` holds the finetune parameters: another pipeline that reuses these nodes
     (``compare``) feeds them its own parameters through a dataset.
     """
     return Pipeline([
         Node(check_parameters, params, CONFIGS, name="check_parameters"),
-        Node(ingest_images, ["image_folder", "data_config", "fit_options"],
-             ["manifest", "skipped_images", "data_metrics"], name="ingest_images"),
+        Node(ingest_images, ["images", "data_config", "fit_options"],
+             ["manifest", "skipped_images", "data_metrics", "images_name"],
+             name="ingest_images"),
         Node(load_base, ["pretrained_model", "base_config", "fit_options"],
              ["base_model", "base_weights_report"], name="load_base"),
         Node(swap_head, ["base_model", "manifest", "head_config", "augmentation", "fit_options"],
@@ -70,14 +71,16 @@ def packaging() -> Pipeline:
     and Grad-CAM heatmaps of its test predictions."""
     return Pipeline([
         Node(publish_model, ["phase2_model", "manifest", "classification_report",
-                             "data_config", "registry_config", "fit_options"],
+                             "images_name", "registry_config", "fit_options"],
              "model_registry", name="publish_model"),
-        Node(export_model, ["phase2_model", "manifest", "export_config"], "model_exports",
-             name="export_model"),
+        Node(export_model, ["phase2_model", "manifest", "export_config", "fit_options"],
+             "model_exports", name="export_model"),
+        Node(describe_preprocessing, ["phase2_model", "fit_options"], "preprocessing",
+             name="describe_preprocessing"),
         Node(write_model_card,
              ["manifest", "base_weights_report", "head_config", "phase1_stages",
               "phase2_stages", "phase1_history", "phase2_history", "classification_report",
-              "phase1_classification_report", "data_config", "registry_config", "fit_options"],
+              "phase1_classification_report", "images_name", "registry_config", "fit_options"],
              "model_card", name="write_model_card"),
         Node(explain_predictions, ["phase2_model", "test_predictions", "manifest",
                                    "evaluation_config", "fit_options"],
@@ -85,16 +88,7 @@ def packaging() -> Pipeline:
     ])
 
 
-def inputs_from_parameters() -> Pipeline:
-    """The image folder and the pretrained network that the parameters name."""
-    return Pipeline([
-        Node(locate_images, "data_config", "image_folder", name="locate_images"),
-        Node(read_pretrained, ["base_config", "fit_options"], "pretrained_model",
-             name="read_pretrained"),
-    ])
-
-
 def create_pipeline(**kwargs) -> Pipeline:
-    """The finetune pipeline as users run it: inputs from the parameters, the recipe, then
-    the fine-tuned model logged, registered and exported."""
-    return inputs_from_parameters() + recipe() + packaging()
+    """The finetune pipeline as users run it: the recipe, then the fine-tuned model logged,
+    registered and exported."""
+    return recipe() + packaging()

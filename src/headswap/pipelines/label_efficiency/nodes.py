@@ -18,14 +18,14 @@ logger = logging.getLogger(__name__)
 
 def write_example_folder(
     example: dict[str, Any], overrides: dict[str, Any], *, labels_per_class: int
-) -> dict[str, Any]:
+) -> tuple[dict[str, bytes], dict[str, Any]]:
     """The example's target folder (``example`` with ``label_efficiency.example`` merged in)
     holding ``labels_per_class`` labelled images per class, the largest count, and all the
-    official test images of the target classes."""
+    official test images of the target classes: its files and its summary."""
     params = merge_parameters(
         example, {**(overrides or {}), "labels_per_class": labels_per_class}
     )
-    return write_target_folder(params)[1]
+    return write_target_folder(params)
 
 
 def ingest_parameters(finetune: dict[str, Any], folder: dict[str, Any]) -> dict[str, Any]:

@@ -63,14 +63,16 @@ def create_pipeline(labels_per_class: Sequence[int] = LABELS_PER_CLASS, **kwargs
     counts = _counts(labels_per_class)
     prepare = Pipeline([
         Node(bound(write_example_folder, labels_per_class=counts[-1]),
-             ["params:example", "params:label_efficiency.example"], "label_efficiency_folder",
+             ["params:example", "params:label_efficiency.example"],
+             ["label_efficiency_images", "label_efficiency_folder"],
              name="write_label_efficiency_folder"),
         Node(ingest_parameters, ["params:finetune", "label_efficiency_folder"],
              "label_efficiency_finetune", name="ingest_parameters"),
     ])
     recipe = finetune.recipe(params="label_efficiency_finetune")
-    shared = (recipe.only_nodes("check_parameters", "ingest_images", "load_base")
-              + finetune.inputs_from_parameters())
+    shared = pipeline(recipe.only_nodes("check_parameters", "ingest_images", "load_base"),
+                      inputs={"images": "label_efficiency_images",
+                              "pretrained_model": "pretrained_base"})
     everything = compare.create_pipeline()
     variants = everything - everything.only_nodes(*SHARED)
     parameters = {name.removeprefix("params:") for name in variants.inputs()

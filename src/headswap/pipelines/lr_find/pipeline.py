@@ -20,8 +20,7 @@ from headswap.pipelines.finetune.nodes import train_head
 
 from .nodes import find_fine_tune_rate, find_head_rate, report_rates
 
-PREPARE = ("check_parameters", "locate_images", "read_pretrained", "ingest_images", "load_base",
-           "swap_head")
+PREPARE = ("check_parameters", "ingest_images", "load_base", "swap_head")
 
 
 def create_pipeline(**kwargs) -> Pipeline:

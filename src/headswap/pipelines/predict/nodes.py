@@ -10,12 +10,13 @@ from typing import Any
 
 import pandas as pd
 from kedro.io import DatasetError, Version
+from kedro_datasets.json import JSONDataset
 from kedro_datasets.pandas import CSVDataset
 from kedro_datasets.tensorflow import TensorFlowModelDataset
 
 from headswap import serving
 from headswap.config import PredictConfig, parse_predict
-from headswap.core import data, evaluation, predict
+from headswap.core import data, evaluation, predict, sources
 from headswap.core.errors import InputError
 from headswap.core.predict import Classifier
 from headswap.pipelines import metrics_points
@@ -31,14 +32,15 @@ def check_parameters(params: dict[str, Any]) -> PredictConfig:
     return parse_predict(params)
 
 
-def list_images(config: PredictConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The images under ``predict.path`` (path, label: the class sub-folder or empty) and the
-    files in formats that cannot be decoded (path, reason)."""
-    images, unsupported = predict.list_images(config.path)
-    labelled = int((images["label"] != "").sum())
-    logger.info("%s images to classify under %s%s", len(images), config.path,
-                f" ({labelled} in class sub-folders)" if labelled else "")
-    return images, unsupported
+def list_images(images: sources.ImageSource) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The images of the catalog's ``prediction_images`` (``predict.path``: a folder, flat or
+    of class sub-folders, or a CSV; local or remote): path, label (the class sub-folder or the
+    CSV's label, else empty); and the files that cannot be classified (path, reason)."""
+    table, unsupported = predict.list_images(images)
+    labelled = int((table["label"] != "").sum())
+    logger.info("%s images to classify under %s%s", len(table), images.location,
+                f" ({labelled} labelled)" if labelled else "")
+    return table, unsupported
 
 
 def load_classifier(config: PredictConfig) -> Classifier:
@@ -85,7 +87,9 @@ def _fine_tuned(config: PredictConfig, version: str | None) -> Classifier:
             "model URI."
         ) from err
     logger.info("Model: the fine-tuned model of run %s (%s classes)", version, len(names))
-    return Classifier(model, tuple(names))
+    how = JSONDataset(filepath=config.preprocessing, version=Version(version, None))
+    resize = how.load()["resize"] if how.exists() else "stretch"  # runs before resize modes
+    return Classifier(model, tuple(names), resize=resize)
 
 
 def classify_images(
@@ -96,7 +100,8 @@ def classify_images(
     predicted class, confidence, the top-k classes and each class's probability; and the
     files that could not be classified (path, reason)."""
     paths = images["path"].tolist()
-    table, problems = classifier.predict(paths, config.batch_size, config.top_k)
+    table, problems = classifier.predict(list(sources.local_paths(paths)), config.batch_size,
+                                         config.top_k)
     front = images.iloc[table.index][["path"]].reset_index(drop=True)
     if (images["label"] != "").any():
         front["true"] = images["label"].iloc[table.index].to_numpy()

@@ -1,5 +1,5 @@
-"""The ``predict`` pipeline: a folder of images -> the fine-tuned model's predictions (and a
-classification report when the folder has class sub-folders)."""
+"""The ``predict`` pipeline: images (``predict.path``: a folder or CSV, local or remote) -> the
+fine-tuned model's predictions (and a classification report when they are labelled)."""
 
 from kedro.pipeline import Node, Pipeline
 
@@ -9,7 +9,7 @@ from .nodes import check_parameters, classify_images, list_images, load_classifi
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
         Node(check_parameters, "params:predict", "predict_config", name="check_predict_parameters"),
-        Node(list_images, "predict_config", ["images_to_classify", "unsupported_images"],
+        Node(list_images, "prediction_images", ["images_to_classify", "unsupported_images"],
              name="list_images"),
         Node(load_classifier, "predict_config", "classifier", name="load_classifier"),
         Node(classify_images,

@@ -58,7 +58,7 @@ def evaluate_best(
     model, _, _, options = tuning.train_recipe(base_model, manifest, params)
     top_k = parse_finetune(params).evaluation.top_k
     result = evaluation.evaluate(model, manifest, options.image_size, options.batch_size,
-                                 top_k=top_k)
+                                 top_k=top_k, resize=options.resize)
     val = tuning.validation_accuracy(model, manifest, options)
     logger.info("Best settings, trained again: validation accuracy %.4f, test accuracy %.4f\n%s",
                 val, result["metrics"]["accuracy"], result["text"])

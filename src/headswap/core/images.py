@@ -1,0 +1,141 @@
+"""Pixels as the camera meant them and at the size a model takes: EXIF orientation and the
+resize modes, in TensorFlow ops only, so they run inside ``tf.data`` graphs.
+
+A phone stores a portrait photo as landscape pixels with an EXIF ``Orientation`` tag
+(0x0112) that says how to turn them; :func:`exif_orientation` reads the tag from the encoded
+bytes and :func:`apply_orientation` turns the decoded image as PIL's
+``ImageOps.exif_transpose`` does. :func:`resize_image` brings an image to ``(height, width)``
+in one of :data:`RESIZE_MODES`. :func:`headswap.core.data.decode_bytes` uses both, so every
+image is read the same way in training, prediction and serving.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from headswap.core.errors import InputError
+
+RESIZE_MODES = ("stretch", "pad", "crop")
+"""How :func:`resize_image` brings an image to ``(height, width)``:
+
+* ``stretch``: resized to exactly ``(height, width)``, the aspect ratio changed (the default);
+* ``pad``: resized to fit inside, the aspect ratio kept, centred, with black (0) bands
+  (``tf.image.resize_with_pad``);
+* ``crop``: resized so that it covers ``(height, width)``, the aspect ratio kept, then the
+  centre cut out.
+"""
+
+#: The EXIF segment is looked for in this many first bytes of a JPEG (it comes first, or after
+#: a JFIF segment; an APP segment is at most 64 KiB).
+EXIF_SEARCH_BYTES = 65_536 + 1_024
+_EXIF_HEADER = b"Exif\x00\x00"  # after the APP1 marker (FF E1) and its two length bytes
+_WORDS = 1_024  # 16-bit words read from the APP1 marker on: the TIFF header and the first IFD
+_IFD_ENTRIES = 64  # IFD0 entries looked at for the Orientation tag (cameras write ~10-30)
+_ORIENTATION_TAG = 0x0112
+
+
+def exif_orientation(raw: tf.Tensor) -> tf.Tensor:
+    """The EXIF Orientation (int32, 1-8) of an encoded image (a scalar string tensor); 1 for
+    anything but a JPEG with a readable Orientation tag in its EXIF data (PNG, no EXIF, a
+    truncated or garbled EXIF segment, a value out of range).
+
+    The first APP1 ``Exif`` segment in the first :data:`EXIF_SEARCH_BYTES` bytes is read: its
+    TIFF header (either byte order) and the first IFD, which holds the tag. The segment is
+    read as 16-bit words in the TIFF data's byte order (TIFF keeps its offsets even).
+    """
+    head = tf.strings.substr(raw, 0, EXIF_SEARCH_BYTES)
+    # where "Exif\0\0" first starts (the length of head if nowhere): a native substring search
+    marked = tf.strings.join([head, _EXIF_HEADER])
+    found_at = tf.strings.length(
+        tf.raw_ops.StringSplitV2(input=[marked], sep=_EXIF_HEADER, maxsplit=1).values[0])
+    segment = tf.strings.substr(raw, tf.clip_by_value(found_at - 4, 0, tf.strings.length(raw)),
+                                2 * _WORDS)
+
+    def words(little_endian: bool) -> tf.Tensor:  # zero-padded past the end of the file
+        decoded = tf.io.decode_raw(segment, tf.uint16, little_endian=little_endian,
+                                   fixed_length=2 * _WORDS)
+        return tf.cast(tf.reshape(decoded, [_WORDS]), tf.int32)
+
+    # words: FF E1, length, "Ex", "if", 0, byte order ("II" or "MM"), 42, IFD0's offset (2)
+    big = words(little_endian=False)
+    little = tf.equal(big[5], 0x4949)  # "II": Intel byte order; "MM": Motorola
+    segment_words = tf.where(little, words(little_endian=True), big)
+    ifd_offset = tf.where(little, segment_words[7], segment_words[8])  # bytes from "II"/"MM"
+    ifd = 5 + ifd_offset // 2  # the word holding IFD0's entry count; 12-byte entries follow
+    entries = tf.range(_IFD_ENTRIES)
+    at = ifd + 1 + 6 * entries[:, None] + [0, 4]  # each entry's tag and (SHORT) value
+    fields = tf.gather(segment_words, tf.minimum(at, _WORDS - 1))
+    is_orientation = (
+        tf.equal(fields[:, 0], _ORIENTATION_TAG)
+        & (entries < segment_words[tf.minimum(ifd, _WORDS - 1)])
+        & (ifd + 1 + 6 * (entries + 1) <= _WORDS)
+    )
+    value = tf.reduce_max(tf.where(is_orientation, fields[:, 1], 0))
+    usable = (
+        tf.equal(tf.strings.substr(raw, 0, 2), b"\xff\xd8")  # a JPEG
+        & (found_at < tf.strings.length(head))
+        & tf.equal(big[0], 0xFFE1)
+        & (little | tf.equal(big[5], 0x4D4D))
+        & tf.equal(segment_words[6], 42)
+        & tf.equal(tf.where(little, segment_words[8], segment_words[7]), 0)  # offset < 64 KiB
+        & tf.equal(ifd_offset % 2, 0)
+        & (value >= 1) & (value <= 8)
+    )
+    return tf.where(usable, value, 1)
+
+
+# For each orientation 1-8, how the stored pixels are turned upright: (transpose?, then flip
+# the rows?, flip the columns?). 1 as stored, 2 mirrored, 3 upside down, 4 mirrored upside
+# down; 5-8 stored transposed: 5 mirrored along the main diagonal, 6 turned 90°
+# counter-clockwise (turned back clockwise), 7 mirrored along the other diagonal, 8 turned
+# 90° clockwise.
+_UPRIGHT = ((0, 0, 0), (0, 0, 1), (0, 1, 1), (0, 1, 0),
+            (1, 0, 0), (1, 0, 1), (1, 1, 1), (1, 1, 0))
+
+
+def apply_orientation(image: tf.Tensor, orientation: tf.Tensor | int) -> tf.Tensor:
+    """``image`` (height, width, channels) turned and flipped upright for its EXIF
+    ``orientation`` (1-8), as PIL's ``ImageOps.exif_transpose``; 5-8 swap height and width,
+    other values leave it as it is.
+
+    Orientation 1, most images, costs next to nothing: a transpose by the identity passes the
+    image through, and the flip is skipped.
+    """
+    orientation = tf.cast(orientation, tf.int32)
+    known = (orientation >= 1) & (orientation <= 8)
+    steps = tf.cast(tf.gather(_UPRIGHT, tf.where(known, orientation, 1) - 1), tf.bool)
+    image = tf.transpose(image, tf.where(steps[0], [1, 0, 2], [0, 1, 2]))
+    flipped_axes = tf.reshape(tf.where(steps[1:]), [-1])
+    return tf.cond(tf.reduce_any(steps[1:]), lambda: tf.reverse(image, flipped_axes),
+                   lambda: image)
+
+
+def check_resize(resize: str) -> str:
+    """``resize`` if it is one of :data:`RESIZE_MODES`; else :class:`InputError`."""
+    if resize not in RESIZE_MODES:
+        raise InputError(
+            f"`resize` is {resize!r}; choose one of {', '.join(RESIZE_MODES)} (stretch: to "
+            "the size exactly, pad: fit inside with black bands, crop: cover and cut the "
+            "centre)."
+        )
+    return resize
+
+
+def resize_image(
+    image: tf.Tensor, image_size: tuple[int, int], resize: str = "stretch"
+) -> tf.Tensor:
+    """``image`` (height, width, channels) as float32 of ``image_size`` (height, width),
+    resized bilinearly in the :data:`RESIZE_MODES` mode ``resize``."""
+    height, width = (int(s) for s in image_size)
+    if check_resize(resize) == "stretch":
+        return tf.image.resize(image, (height, width))
+    image = tf.cast(image, tf.float32)
+    if resize == "pad":
+        return tf.image.resize_with_pad(image, height, width)
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    target = tf.constant([height, width], tf.float32)
+    scale = tf.reduce_max(target / shape)
+    covering = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), [height, width])
+    offset = (covering - [height, width]) // 2
+    resized = tf.image.resize(image, covering)
+    return tf.image.crop_to_bounding_box(resized, offset[0], offset[1], height, width)
