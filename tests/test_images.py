@@ -236,6 +236,7 @@ def test_exports_record_the_preprocessing_beside_the_labels(tmp_path: Path):
 
 def test_the_logged_classifier_remembers_its_resize_mode(tmp_path: Path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("resize")  # not the experiment an earlier module made active
     raw = odd_images()[1]
     (tmp_path / "example.png").write_bytes(raw)
     with mlflow.start_run():

@@ -134,6 +134,7 @@ def test_bad_predict_inputs_stop_with_one_error_line(project: Path, tmp_path: Pa
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     errors = [line for line in missing.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "no/such/folder does not exist" in errors[0], missing.stderr
+    assert errors[0].startswith("Error: Node list_images stopped: Image folder ")
     assert "Give predict.path as an existing folder of images" in errors[0]
     # kedro-mlflow says once (not once per node it re-entered the run for) that it closed it
     assert (missing.stdout + missing.stderr).count("was closed because of an error") == 1

@@ -68,6 +68,9 @@ def user_project(tmp_path_factory):
     settings, commands = readme_steps()
     settings = settings.replace("/data/flowers", str(flowers))
     settings = settings.replace("/models/my_base.keras", str(base))
+    # one key more than the README's, as a user may add: a short phase 2 keeps the suite fast
+    settings += "  phase2: {epochs: 3}\n"
+    assert yaml.safe_load(settings)["finetune"]["phase2"] == {"epochs": 3}
     (project / "conf" / "local" / "parameters_finetune.yml").write_text(settings)
     results = []
     for command in commands:

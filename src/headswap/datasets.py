@@ -134,8 +134,9 @@ class ImageFolderDataset(AbstractDataset[dict, Any]):
     (``s3://``, ``gs://``: any fsspec protocol, with ``credentials`` and ``fs_args`` as in
     kedro-datasets).
 
-    Loading lists the files (:func:`headswap.core.sources.open_images`); nothing is decoded
-    or downloaded until the images are ingested. Saving ``{relative path: bytes}`` writes
+    Loading gives an :class:`~headswap.core.sources.ImageSource`, which lists the files when
+    first used (a run that reuses an earlier manifest never lists them); nothing is decoded or
+    downloaded until the images are ingested. Saving ``{relative path: bytes}`` writes
     those files into the folder (files already there with the same content are left as they
     are). Nothing else in the folder is touched, unless ``overwrite`` (for folders the project
     generates, such as the example's): then the folder holds exactly the files saved.
@@ -156,7 +157,7 @@ class ImageFolderDataset(AbstractDataset[dict, Any]):
                 "conf/local/parameters_finetune.yml, or run `kedro run --params "
                 "finetune.data.path=<folder or .csv>`."
             )
-        return sources.open_images(self.path, self._options)
+        return sources.ImageSource(self.path, self._options)  # listed when first used
 
     def save(self, data: dict[str, bytes]) -> None:
         fs, root = fsspec.core.url_to_fs(self.path, **self._options)

@@ -13,12 +13,14 @@ folder larger than memory still works.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
 import posixpath
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -57,19 +59,17 @@ def is_url(path: str) -> bool:
 
 @dataclass(frozen=True)
 class ImageSource:
-    """The image files of a folder or CSV, listed but not read.
+    """The image files of a folder or CSV (local or remote), listed on first use, not read.
 
     ``files``: ``path`` (a local path as given, or a URL), ``label`` (the class; empty for a
     file outside any class folder) and ``split`` (``train``/``val``/``test`` where the layout or
     the CSV gives one, else empty). ``skipped``: files in image formats that cannot be decoded
     (``path``, ``reason``). ``versions``: each remote file's ETag, which keys the local cache.
+    Listing raises :class:`MissingDataError` for a folder or CSV that is not there and
+    :class:`DataError` when the storage refuses access, naming the location.
     """
 
     location: str
-    files: pd.DataFrame
-    skipped: pd.DataFrame = field(
-        default_factory=lambda: pd.DataFrame(columns=SKIPPED_COLUMNS))
-    versions: dict[str, str] = field(default_factory=dict)
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -84,37 +84,49 @@ class ImageSource:
     def remote(self) -> bool:
         return is_url(self.location)
 
+    @property
+    def files(self) -> pd.DataFrame:
+        return self._listing[0]
+
+    @property
+    def skipped(self) -> pd.DataFrame:
+        return self._listing[1]
+
+    @property
+    def versions(self) -> dict[str, str]:
+        return self._listing[2]
+
+    @cached_property
+    def _listing(self) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
+        location = str(self.location)
+        try:
+            fs, root = fsspec.core.url_to_fs(location, **self.storage_options)
+        except (ImportError, ValueError) as err:
+            raise DataError(f"Cannot read {location}: {err}") from None
+        try:
+            if location.lower().endswith(".csv"):
+                return _from_csv(location, fs, root)
+            return _from_folder(location, fs, root)
+        except InputError:
+            raise
+        except FileNotFoundError as err:
+            raise MissingDataError(_missing(location, err)) from None
+        except Exception as err:  # the storage's own refusal: no bucket, no access, no network
+            raise DataError(
+                f"Cannot read {location}: {reason(err)}. Check the URL and the credentials "
+                "(conf/local/credentials.yml, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+                "and AWS_ENDPOINT_URL for an S3-compatible store; "
+                "GOOGLE_APPLICATION_CREDENTIALS for gs://)."
+            ) from None
+
 
 def open_images(location: str, storage_options: dict[str, Any] | None = None) -> ImageSource:
-    """List the images of a folder or a ``.csv`` (``path,label`` and optionally ``split``;
-    relative paths are read from the CSV's folder), local or remote.
-
-    Raises :class:`MissingDataError` for a folder or CSV that is not there and
-    :class:`DataError` when the storage refuses access, naming the location.
-    """
-    location = str(location)
-    options = dict(storage_options or {})
-    try:
-        fs, root = fsspec.core.url_to_fs(location, **options)
-    except (ImportError, ValueError) as err:
-        raise DataError(f"Cannot read {location}: {err}") from None
-    try:
-        if location.lower().endswith(".csv"):
-            source = _from_csv(location, fs, root)
-        else:
-            source = _from_folder(location, fs, root)
-    except InputError:
-        raise
-    except FileNotFoundError as err:
-        raise MissingDataError(_missing(location, err)) from None
-    except Exception as err:  # the storage's own refusal: no bucket, no access, no network
-        raise DataError(
-            f"Cannot read {location}: {reason(err)}. Check the URL and the credentials "
-            "(conf/local/credentials.yml, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and "
-            "AWS_ENDPOINT_URL for an S3-compatible store; GOOGLE_APPLICATION_CREDENTIALS for "
-            "gs://)."
-        ) from None
-    return ImageSource(location, *source, storage_options=options)
+    """The images of a folder or a ``.csv`` (``path,label`` and optionally ``split``; relative
+    paths are read from the CSV's folder), local or remote, listed now (see
+    :class:`ImageSource` for the errors)."""
+    source = ImageSource(str(location), dict(storage_options or {}))
+    source.files  # noqa: B018 - list now: a folder that is not there fails here
+    return source
 
 
 def _missing(location: str, err: BaseException) -> str:
@@ -291,12 +303,14 @@ def fetch(urls: list[str], versions: dict[str, str] | None = None,
     problems: dict[str, str] = {}
     folders: set[str] = set()
     chunks = [todo[start:start + _FETCH_CHUNK] for start in range(0, len(todo), _FETCH_CHUNK)]
+    options = _whole_object_reads(fs)
     with ThreadPoolExecutor(max_workers=1) as downloads:
-        pending = downloads.submit(fs.cat, chunks[0], on_error="return")
+        pending = downloads.submit(fs.cat, chunks[0], on_error="return", **options)
         for index, chunk in enumerate(chunks):
             contents = pending.result()
             if index + 1 < len(chunks):
-                pending = downloads.submit(fs.cat, chunks[index + 1], on_error="return")
+                pending = downloads.submit(fs.cat, chunks[index + 1], on_error="return",
+                                           **options)
             for url in chunk:
                 content = contents.get(url, contents.get(_strip(url)))
                 if isinstance(content, BaseException) or content is None:
@@ -304,6 +318,18 @@ def fetch(urls: list[str], versions: dict[str, str] | None = None,
                     continue
                 _store(files[url], content, versions.get(url, ""), folders)
     return problems
+
+
+def _whole_object_reads(fs: fsspec.AbstractFileSystem) -> dict[str, Any]:
+    """Options of ``fs.cat`` that read each object with one GET. s3fs (``max_concurrency``
+    > 1, its default) first asks every object's size, to read large ones in concurrent
+    ranges: a HEAD request per object, or, once its folder is listed, a scan of that listing
+    per object (quadratic in a folder's size); images are read whole."""
+    try:
+        parameters = inspect.signature(fs._cat_file).parameters
+    except (AttributeError, TypeError, ValueError):
+        return {}
+    return {"max_concurrency": 1} if "max_concurrency" in parameters else {}
 
 
 def _strip(url: str) -> str:
