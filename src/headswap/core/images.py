@@ -25,10 +25,7 @@ RESIZE_MODES = ("stretch", "pad", "crop")
   centre cut out.
 """
 
-#: The EXIF segment is looked for in this many first bytes of a JPEG (it comes first, or after
-#: a JFIF segment; an APP segment is at most 64 KiB).
-EXIF_SEARCH_BYTES = 65_536 + 1_024
-_EXIF_HEADER = b"Exif\x00\x00"  # after the APP1 marker (FF E1) and its two length bytes
+_EXIF_WORDS = (0x4578, 0x6966, 0)  # "Exif\0\0", after the APP1 marker (FF E1) and length
 _WORDS = 1_024  # 16-bit words read from the APP1 marker on: the TIFF header and the first IFD
 _IFD_ENTRIES = 64  # IFD0 entries looked at for the Orientation tag (cameras write ~10-30)
 _ORIENTATION_TAG = 0x0112
@@ -39,17 +36,28 @@ def exif_orientation(raw: tf.Tensor) -> tf.Tensor:
     anything but a JPEG with a readable Orientation tag in its EXIF data (PNG, no EXIF, a
     truncated or garbled EXIF segment, a value out of range).
 
-    The first APP1 ``Exif`` segment in the first :data:`EXIF_SEARCH_BYTES` bytes is read: its
-    TIFF header (either byte order) and the first IFD, which holds the tag. The segment is
-    read as 16-bit words in the TIFF data's byte order (TIFF keeps its offsets even).
+    The APP1 ``Exif`` segment is where cameras and phones put it: first after the JPEG's
+    start marker, or right after a JFIF (APP0) segment. Its TIFF header (either byte order)
+    and the first IFD, which holds the tag, are read as 16-bit words in the TIFF data's byte
+    order (TIFF keeps its offsets even). Only a few hundred bytes are read per image.
     """
-    head = tf.strings.substr(raw, 0, EXIF_SEARCH_BYTES)
-    # where "Exif\0\0" first starts (the length of head if nowhere): a native substring search
-    marked = tf.strings.join([head, _EXIF_HEADER])
-    found_at = tf.strings.length(
-        tf.raw_ops.StringSplitV2(input=[marked], sep=_EXIF_HEADER, maxsplit=1).values[0])
-    segment = tf.strings.substr(raw, tf.clip_by_value(found_at - 4, 0, tf.strings.length(raw)),
-                                2 * _WORDS)
+    # the first segment's marker and length (big-endian words at byte 2); after an APP0 (FF E0)
+    # segment, the next one starts at 2 + 2 + its length
+    length = tf.strings.length(raw)
+    first = tf.io.decode_raw(tf.strings.substr(raw, tf.minimum(2, length), 4), tf.uint16,
+                             little_endian=False, fixed_length=4)
+    first = tf.cast(first, tf.int32)
+    start = tf.clip_by_value(tf.where(tf.equal(first[0], 0xFFE0), 4 + first[1], 2), 0, length)
+    # most images have no EXIF segment there: they skip the parse (a few ops, not thirty)
+    exif_there = (tf.equal(tf.strings.substr(raw, 0, 2), b"\xff\xd8")
+                  & tf.equal(tf.strings.substr(raw, start, 2), b"\xff\xe1"))
+    return tf.cond(exif_there, lambda: _orientation_in(tf.strings.substr(raw, start, 2 * _WORDS)),
+                   lambda: tf.constant(1, tf.int32))
+
+
+def _orientation_in(segment: tf.Tensor) -> tf.Tensor:
+    """The Orientation (1-8) in an APP1 segment's first bytes (from its FF E1 marker on), or
+    1 where they are no readable EXIF data."""
 
     def words(little_endian: bool) -> tf.Tensor:  # zero-padded past the end of the file
         decoded = tf.io.decode_raw(segment, tf.uint16, little_endian=little_endian,
@@ -72,9 +80,8 @@ def exif_orientation(raw: tf.Tensor) -> tf.Tensor:
     )
     value = tf.reduce_max(tf.where(is_orientation, fields[:, 1], 0))
     usable = (
-        tf.equal(tf.strings.substr(raw, 0, 2), b"\xff\xd8")  # a JPEG
-        & (found_at < tf.strings.length(head))
-        & tf.equal(big[0], 0xFFE1)
+        tf.equal(big[0], 0xFFE1)
+        & tf.reduce_all(tf.equal(big[2:5], _EXIF_WORDS))  # "Exif\0\0"
         & (little | tf.equal(big[5], 0x4D4D))
         & tf.equal(segment_words[6], 42)
         & tf.equal(tf.where(little, segment_words[8], segment_words[7]), 0)  # offset < 64 KiB
@@ -98,10 +105,14 @@ def apply_orientation(image: tf.Tensor, orientation: tf.Tensor | int) -> tf.Tens
     ``orientation`` (1-8), as PIL's ``ImageOps.exif_transpose``; 5-8 swap height and width,
     other values leave it as it is.
 
-    Orientation 1, most images, costs next to nothing: a transpose by the identity passes the
-    image through, and the flip is skipped.
+    Orientation 1, most images, passes the image through untouched.
     """
     orientation = tf.cast(orientation, tf.int32)
+    return tf.cond(tf.equal(orientation, 1), lambda: image,
+                   lambda: _turned(image, orientation))
+
+
+def _turned(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     known = (orientation >= 1) & (orientation <= 8)
     steps = tf.cast(tf.gather(_UPRIGHT, tf.where(known, orientation, 1) - 1), tf.bool)
     image = tf.transpose(image, tf.where(steps[0], [1, 0, 2], [0, 1, 2]))
