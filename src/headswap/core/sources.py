@@ -13,7 +13,6 @@ folder larger than memory still works.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import os
 import posixpath
@@ -325,11 +324,8 @@ def _whole_object_reads(fs: fsspec.AbstractFileSystem) -> dict[str, Any]:
     > 1, its default) first asks every object's size, to read large ones in concurrent
     ranges: a HEAD request per object, or, once its folder is listed, a scan of that listing
     per object (quadratic in a folder's size); images are read whole."""
-    try:
-        parameters = inspect.signature(fs._cat_file).parameters
-    except (AttributeError, TypeError, ValueError):
-        return {}
-    return {"max_concurrency": 1} if "max_concurrency" in parameters else {}
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return {"max_concurrency": 1} if "s3" in protocols else {}
 
 
 def _strip(url: str) -> str:
