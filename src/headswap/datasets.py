@@ -100,10 +100,7 @@ class FilesDataset(AbstractVersionedDataset[dict, dict]):
         self._fs.makedirs(folder, exist_ok=True)
         if not data and self._protocol:  # an object store has no empty folders
             self._fs.pipe_file(f"{folder}/{EMPTY}", b"")
-        for relative, content in data.items():
-            path = f"{folder}/{relative}"
-            self._fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            self._fs.pipe_file(path, content)
+        _write_files(self._fs, folder, data)
 
     def load(self) -> dict[str, bytes]:
         folder = str(self._get_load_path())
@@ -120,6 +117,18 @@ class FilesDataset(AbstractVersionedDataset[dict, dict]):
 
     def _describe(self) -> dict[str, Any]:
         return {"filepath": self._filepath, "protocol": self._protocol, "version": self._version}
+
+
+def _write_files(fs: fsspec.AbstractFileSystem, folder: str, files: dict[str, bytes],
+                 present: set[str] = frozenset()) -> None:
+    """Write ``{relative path: bytes}`` under ``folder``; a file among ``present`` (paths
+    already there) that holds the same bytes is left as it is."""
+    for relative, content in files.items():
+        target = f"{folder}/{relative}"
+        if target in present and fs.cat_file(target) == content:
+            continue
+        fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(target, content)
 
 
 def _storage_options(credentials: dict[str, Any] | None,
@@ -163,12 +172,7 @@ class ImageFolderDataset(AbstractDataset[dict, Any]):
         fs, root = fsspec.core.url_to_fs(self.path, **self._options)
         root = root.rstrip("/")
         present = set(fs.find(root)) if fs.exists(root) else set()
-        for relative, content in data.items():
-            target = f"{root}/{relative}"
-            if target in present and fs.cat_file(target) == content:
-                continue
-            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            fs.pipe_file(target, content)
+        _write_files(fs, root, data, present)
         stale = sorted(present - {f"{root}/{relative}" for relative in data})
         if self.overwrite and stale:
             fs.rm(stale)

@@ -163,11 +163,14 @@ def ingest(
     return manifest, table
 
 
-def _unreadable(paths: list[str], source: sources.ImageSource) -> dict[str, str]:
-    """``{path: reason}`` of the images that cannot be read or decoded (remote ones are
-    fetched into the local cache first)."""
+def _unreadable(paths: list[str], source: sources.ImageSource | None = None) -> dict[str, str]:
+    """``{path: reason}`` of the images that cannot be read or decoded, each decoded from its
+    local file (a remote one from its cached copy). With ``source``, remote images are
+    fetched from it first and those it cannot give are listed; without, a remote image that
+    cannot be fetched raises :class:`MissingDataError`."""
     remote = [p for p in paths if sources.is_url(p)]
-    problems = sources.fetch(remote, source.versions, source.storage_options) if remote else {}
+    problems = (sources.fetch(remote, source.versions, source.storage_options)
+                if remote and source is not None else {})
     readable = [p for p in paths if p not in problems]
     local = [str(p) for p in sources.local_paths(readable)]
     broken = find_unreadable(local)
@@ -293,10 +296,7 @@ def load_manifest(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             + ". Restore them, or set `manifest` to null to scan "
             "`path` into a new split."
         )
-    paths = manifest["path"].tolist()
-    local = [str(p) for p in sources.local_paths(paths)]
-    back = dict(zip(local, paths, strict=True))
-    unreadable = {back[p]: reason for p, reason in find_unreadable(local).items()}
+    unreadable = _unreadable(manifest["path"].tolist())
     skipped = pd.DataFrame(list(unreadable.items()), columns=SKIPPED_COLUMNS)
     manifest = manifest[~manifest["path"].isin(unreadable)].reset_index(drop=True)
     check_manifest(manifest)
