@@ -17,7 +17,7 @@ PY := $(PYTHON)
 ENVIRONMENT :=
 endif
 
-.PHONY: install install-test data example lint test test-fast postgresql
+.PHONY: install install-test data example lint test test-fast postgresql docs
 
 $(FASHION_MNIST):
 	$(SUDO) apt-get install -y dataset-fashion-mnist \
@@ -47,7 +47,7 @@ install: data $(ENVIRONMENT)
 	$(PY) -m pip install -e .
 
 install-test: data $(CHROMIUM) postgresql $(ENVIRONMENT)
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,docs]"
 
 example: install
 	$(PY) -m kedro run --env example --pipeline example
@@ -57,6 +57,12 @@ lint: install-test
 
 test: install-test lint
 	$(PY) -m pytest
+
+# The documentation site (mkdocs.yml, docs/), served at http://127.0.0.1:8000 and rebuilt on
+# every change; `make test` builds it with `mkdocs build --strict` (tests/test_docs.py).
+docs: $(ENVIRONMENT)
+	$(PY) -m pip install -e ".[docs]"
+	$(PY) -m mkdocs serve
 
 # Everything but the tests marked slow (Kedro sessions, CLIs, subprocesses, servers).
 test-fast: install-test

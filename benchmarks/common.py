@@ -2,17 +2,22 @@
 project's parameters as ``kedro run`` reads them, a throw-away copy of the project to run
 ``kedro run`` in, timed subprocesses with their peak memory, medians, tables and JSON.
 
-Each benchmark prints a table and writes ``benchmarks/results/<name>.json`` with every
-repeat, the medians, the machine (CPU count, load averages before and after) and the command.
+Each benchmark prints a table and writes ``benchmarks/results/<name>.json`` with
+:func:`write_result`: its figures (what docs/benchmarks.md shows, generated from the file by
+docs/hooks/benchmarks.py), the per-repeat details, the UTC date, the machine (CPU model, logical
+cores, memory, GPUs), the library versions, the load averages before and after, and the exact
+command. The results are committed, so that every figure in the documentation can be checked.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -22,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,15 +59,74 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def machine() -> dict[str, Any]:
-    import tensorflow as tf
+# The versions every result records; a benchmark adds those it depends on beyond these.
+LIBRARIES = ("tensorflow", "keras", "kedro", "mlflow", "numpy", "scikit-learn", "headswap")
+# The keys every result carries besides its figures (tests/test_docs.py checks them).
+METADATA = ("benchmark", "date", "command", "machine", "versions", "load_average")
 
+
+def _proc_field(path: str, name: str) -> str | None:
+    """The value of the first ``name: value`` line of a /proc file (None where unreadable)."""
+    try:
+        with open(path) as lines:
+            for line in lines:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def gpus() -> list[str]:
+    """The machine's GPUs: ``nvidia-smi``'s names and memory, else the GPUs TensorFlow sees
+    when a benchmark has imported it already ([] when there are none)."""
+    if shutil.which("nvidia-smi"):
+        try:
+            found = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30, check=True).stdout
+            return [", ".join(part.strip() for part in line.split(","))
+                    for line in found.splitlines() if line.strip()]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    if "tensorflow" in sys.modules:
+        tf = sys.modules["tensorflow"]
+        return [device.name for device in tf.config.list_physical_devices("GPU")]
+    return []
+
+
+def machine() -> dict[str, Any]:
+    """CPU model (/proc/cpuinfo), logical cores, memory (/proc/meminfo), GPUs, platform."""
+    memory_kb = _proc_field("/proc/meminfo", "MemTotal")
     return {
-        "cpus": os.cpu_count(),
+        "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or None,
+        "logical_cores": os.cpu_count(),
+        "memory_gib": round(int(memory_kb.split()[0]) / 2**20, 1) if memory_kb else None,
+        "gpu": gpus(),
         "platform": platform.platform(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
     }
+
+
+def versions(libraries: Iterable[str] = ()) -> dict[str, str | None]:
+    """Python's version and each installed distribution's of :data:`LIBRARIES` and
+    ``libraries`` (None for one that is not installed)."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in dict.fromkeys([*LIBRARIES, *libraries]):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def this_command() -> str:
+    """The command that runs this process, from the project's root, quoted for a shell."""
+    script, *args = sys.argv
+    path = Path(script).resolve()
+    if path.is_relative_to(ROOT):
+        script = str(path.relative_to(ROOT))
+    return shlex.join(["python", script, *args])
 
 
 def latest_model_file(path: Path) -> Path:
@@ -118,11 +183,11 @@ def write_example_folder(out: Path, labels_per_class: int) -> Path:
     """The example's target folder with ``labels_per_class`` training images per class,
     written by the data pipeline's own node (test: all official test images)."""
     from headswap.datasets import ImageFolderDataset
-    from headswap.pipelines.data.nodes import write_target_folder
+    from headswap.example import target_folder
 
     params = project_parameters("example")
     dirs = [str(ROOT / d) if not Path(d).is_absolute() else d for d in params["fashion_mnist_dirs"]]
-    files, _ = write_target_folder(
+    files, _ = target_folder(
         {**params, "fashion_mnist_dirs": dirs, "target_path": str(out),
          "labels_per_class": labels_per_class}
     )
@@ -228,22 +293,43 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([line(headers), line("-" * w for w in widths), *map(line, cells)])
 
 
-def write_results(name: str, payload: dict[str, Any], load_before: list[float]) -> Path:
-    """``benchmarks/results/<name>.json``: the figures, the machine, its load, the command."""
+def write_result(
+    name: str, figures: dict[str, Any], *, command: str | None = None,
+    details: dict[str, Any] | None = None, libraries: Iterable[str] = (),
+    load_before: list[float] | None = None,
+) -> Path:
+    """Write ``benchmarks/results/<name>.json``: ``figures`` (what the benchmark found, shown
+    in docs/benchmarks.md), ``details`` (the per-repeat figures behind them, in the file only),
+    and where they come from: the UTC date, :func:`machine`, :func:`versions` (with the
+    ``libraries`` the benchmark depends on), the load averages before (``load_before``) and
+    after, and ``command`` (default: the command line of this process)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     record = {
         "benchmark": name,
-        "command": " ".join(["python", *sys.argv]),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command or this_command(),
         "machine": machine(),
-        "load_average_before": load_before,
-        "load_average_after": load(),
-        **payload,
+        "versions": versions(libraries),
+        "load_average": {"before": load_before, "after": load()},
+        "figures": figures,
+        **({"details": details} if details is not None else {}),
     }
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"written {path.relative_to(ROOT)}")
     return path
+
+
+def write_results(name: str, payload: dict[str, Any], load_before: list[float]) -> Path:
+    """:func:`write_result` for a benchmark that hands over one ``payload``: its per-repeat
+    lists (keys ending in ``runs``) go to the details, the rest to the figures; the libraries
+    of a ``machine`` entry in it are added to the versions."""
+    payload = dict(payload)
+    own = payload.pop("machine", None)
+    libraries = list((own or {}).get("libraries") or ()) if isinstance(own, dict) else []
+    details = {k: payload.pop(k) for k in list(payload) if k.endswith("runs")}
+    return write_result(name, payload, details=details or None, libraries=libraries,
+                        load_before=load_before)
 
 
 def plain_command(

@@ -24,7 +24,7 @@ from common import (
     repeat,
     start,
     table,
-    write_results,
+    write_result,
 )
 
 from headswap.core import LayerSelection, data
@@ -90,12 +90,11 @@ def main() -> None:
     step = summary["training step, base trained"]
     print(table(["", "images/s (median)", "x the phase-2 step"],
                 [[name, value, value / step] for name, value in summary.items()]))
-    write_results("input_pipeline", {
+    write_result("input_pipeline", {
         "images": len(paths), "image_size": list(size), "channels": channels,
         "batch_size": bs, "repeats": args.repeats, "images_per_second": summary,
         "streamed_over_phase2_step": summary["input streamed from disk"] / step,
-        "runs": runs,
-    }, before)
+    }, details={"runs": runs}, load_before=before)
 
 
 if __name__ == "__main__":

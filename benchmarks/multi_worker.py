@@ -33,7 +33,7 @@ from common import (
     repeat,
     start,
     table,
-    write_results,
+    write_result,
 )
 
 PARAMS = {"finetune.head.dropout": 0.0, "finetune.training.cache_features": False}
@@ -99,8 +99,8 @@ def main() -> None:
                  ["2 workers", summary["two_workers_s_per_epoch"]]]))
     print(f"per-epoch training loss, largest relative difference: "
           f"{max(r['loss_max_rel_diff'] for r in runs):.2e}")
-    write_results("multi_worker", {"epochs": args.epochs, "params": params, "runs": runs,
-                                   "median": summary}, load_before)
+    write_result("multi_worker", {"epochs": args.epochs, "params": params, "median": summary},
+                 details={"runs": runs}, libraries=["kedro-mlflow"], load_before=load_before)
 
 
 if __name__ == "__main__":

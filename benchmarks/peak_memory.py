@@ -27,7 +27,7 @@ from common import (
     start,
     table,
     write_example_folder,
-    write_results,
+    write_result,
 )
 
 from headswap.config import parse_finetune
@@ -83,10 +83,10 @@ def main() -> None:
     ))
     verdict = "met" if summary["ratio"] <= 1.15 else "missed"
     print(f"peak RSS 10x / 1x: {summary['ratio']:.3f} (target at most 1.15: {verdict})")
-    write_results("peak_memory", {
+    write_result("peak_memory", {
         "epochs_per_phase": args.epochs, "cache_memory_mb": budget, "repeats": args.repeats,
-        "folders": splits, "summary": summary, "target_ratio": 1.15, "runs": runs,
-    }, before)
+        "folders": splits, "summary": summary, "target_ratio": 1.15,
+    }, details={"runs": runs}, libraries=["kedro-mlflow"], load_before=before)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from common import (
     repeat,
     start,
     table,
-    write_results,
+    write_result,
 )
 
 from headswap.config import parse_finetune
@@ -121,11 +121,11 @@ def main() -> None:
         print(f"cached features per epoch vs {name}: {ratio:.1f}x faster "
               f"(target at least 5x: {'met' if ratio >= 5 else 'missed'}); "
               f"accuracy difference {gap:+.2f} points (target within 1)")
-    write_results("phase1_cache", {
+    write_result("phase1_cache", {
         "epochs": args.epochs, "repeats": args.repeats, "summary": summary,
         "speedup_per_epoch": speedup, "target_speedup": 5,
-        "load_at_each_repeat": [r["load_at_start"] for r in loads], "runs": results,
-    }, before)
+    }, details={"load_at_each_repeat": [r["load_at_start"] for r in loads], "runs": results},
+        load_before=before)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from common import (
     run_measured,
     start,
     table,
-    write_results,
+    write_result,
 )
 
 from headswap.config import parse_finetune
@@ -75,14 +75,16 @@ def main() -> None:
           f"ratios; target at most {TARGET}: {verdict} it); the pipeline takes "
           f"{summary['difference_s']:.1f} s longer (median)")
     name = "pipeline_overhead" if args.epochs is None else f"pipeline_overhead_epochs{args.epochs}"
-    write_results(name, {
+    write_result(name, {
         "epochs": [epochs1, epochs2], "batch_size": cfg.data.batch_size,
-        "repeats": args.repeats, "pipeline_command": " ".join(pipeline[1:]),
+        "repeats": args.repeats, "summary": summary, "pipeline_breakdown_s": breakdown,
+        "target_ratio": TARGET,
+    }, details={
+        "pipeline_command": " ".join(pipeline[1:]),
         "plain_keras_command": " ".join(Path(c).name if c == sys.executable else c
                                         for c in plain),
-        "summary": summary, "pipeline_breakdown_s": breakdown, "target_ratio": TARGET,
         "runs": runs,
-    }, before)
+    }, libraries=["kedro-mlflow"], load_before=before)
 
 
 if __name__ == "__main__":

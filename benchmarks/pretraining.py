@@ -25,7 +25,7 @@ from common import (
     run_measured,
     start,
     table,
-    write_results,
+    write_result,
 )
 
 
@@ -68,7 +68,12 @@ def main() -> None:
         [[r["variant"], r["pretrain_s"], r["head_only"]["mean"], r["full"]["mean"],
           r["full"]["min"], r["full"]["max"]] for r in results],
     ))
-    write_results("pretraining", {"seeds": args.seeds, "variants": results}, before)
+    write_result("pretraining", {
+        "seeds": args.seeds,
+        "variants": {r["variant"]: {k: v for k, v in r.items() if k not in ("variant", "runs")}
+                     for r in results},
+    }, details={"runs": {r["variant"]: r["runs"] for r in results}},
+        libraries=["kedro-mlflow"], load_before=before)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from common import (
     run_measured,
     start,
     table,
-    write_results,
+    write_result,
 )
 from PIL import Image
 
@@ -164,14 +164,16 @@ def main() -> None:
           f"{TARGET_RATIO}: {'meets' if summary['ratio'] <= TARGET_RATIO else 'misses'} it); "
           f"test accuracy difference {gap:+.4f} (target within {ACCURACY_POINTS}: "
           f"{'meets' if abs(gap) <= ACCURACY_POINTS else 'misses'} it)")
-    write_results("realistic", {
+    write_result("realistic", {
         "images": images, "image_size": SIZE, "epochs": [args.epochs1, args.epochs2],
-        "parameters": overrides, "repeats": args.repeats,
+        "repeats": args.repeats, "summary": summary, "pipeline_breakdown_s": breakdown,
+        "target_ratio": TARGET_RATIO,
+    }, details={
+        "parameters": overrides,
         "plain_keras_command": " ".join(Path(c).name if c == sys.executable else c
                                         for c in plain),
-        "summary": summary, "pipeline_breakdown_s": breakdown,
-        "target_ratio": TARGET_RATIO, "runs": runs,
-    }, before)
+        "runs": runs,
+    }, libraries=["kedro-mlflow", "pillow", "pyyaml"], load_before=before)
 
 
 if __name__ == "__main__":

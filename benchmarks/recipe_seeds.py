@@ -25,7 +25,7 @@ from common import (
     run_measured,
     start,
     table,
-    write_results,
+    write_result,
 )
 
 
@@ -84,8 +84,9 @@ def main() -> None:
     print(table(["", "mean", "min", "max"],
                 [[k, s["mean"], s["min"], s["max"]] for k, s in opening.items()]))
     name = "recipe_seeds" + (f"_{args.label}" if args.label else "")
-    write_results(name, {"seeds": args.seeds, "params": args.params, "runs": runs,
-                         "test_accuracy": summary, "phase2_opening": opening}, before)
+    write_result(name, {"seeds": args.seeds, "params": args.params,
+                        "test_accuracy": summary, "phase2_opening": opening},
+                 details={"runs": runs}, libraries=["kedro-mlflow"], load_before=before)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from common import (
     run_measured,
     start,
     table,
-    write_results,
+    write_result,
 )
 
 
@@ -236,15 +236,16 @@ def main() -> None:
         ["KedroPipelineModel predict, MobileNetV2 96 px (ms)", large["kedro_pipeline_model_ms"]],
         ["headswap model predict, MobileNetV2 96 px (ms)", large["headswap_model_ms"]],
     ]))
-    write_results("serving", {
+    write_result("serving", {
         "predict_pipeline_wall_s": predicted.wall_s, "classifier_images_per_s": throughput,
-        "classifier_timings_s": timings, "agreement_with_test_predictions": agreement,
+        "agreement_with_test_predictions": agreement,
         "serve_latency_ms": {"median": 1000 * median(latency),
                              "p90": 1000 * percentile(latency, 90), "requests": len(latency)},
         "export_bytes": sizes, "test_accuracy_keras": keras_accuracy,
         "test_accuracy_quantized_tflite": quantized_accuracy,
         "predict_call_ms": {"example_model": small, "mobilenet_v2_96px": large},
-    }, load_before)
+    }, details={"classifier_timings_s": timings},
+        libraries=["kedro-mlflow", "kedro-datasets", "pandas"], load_before=load_before)
 
 
 if __name__ == "__main__":

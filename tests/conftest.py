@@ -17,6 +17,9 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+# gcsfs asks a gRPC control API for a bucket's layout first; the local GCS server speaks only
+# the JSON API that the plain GCSFileSystem uses.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import keras
 import mlflow
@@ -306,6 +309,17 @@ def small_base(path: Path) -> Path:
     outputs = keras.layers.Dense(5, activation="softmax")(x)
     keras.Model(inputs, outputs).save(path)
     return path
+
+
+def gcs_server(folder: Path) -> tuple[str, subprocess.Popen]:
+    """A Google Cloud Storage server (gcp-storage-emulator) on 127.0.0.1, in memory, started
+    in ``folder`` (its log there): its endpoint URL and process (stop it with :func:`stop`)."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = serve([sys.executable, "-m", "gcp_storage_emulator", "start", "--host",
+                     "127.0.0.1", "--port", str(port), "--in-memory"], folder,
+                    f"{endpoint}/storage/v1/b", folder / "gcs.log")
+    return endpoint, process
 
 
 def s3_server(folder: Path) -> tuple[str, subprocess.Popen]:

@@ -35,9 +35,9 @@ def _train_both_phases(folder: Path, dropout: float = 0.2, **extra):
     keras.utils.set_random_seed(0)
     model = heads.attach_head(bases.cut_model(small_cnn()), 3, dense=[16], dropout=dropout)
     options = replace(cfg.fit_options(), backup_dir=None, verbose=0)
-    h1, h2 = fine_tune(model, manifest, cfg.phase1.stages_list(), cfg.phase2.stages_list(),
-                       options)
-    return model, h1, h2
+    histories = fine_tune(model, manifest, {"phase1": cfg.phase1.stages_list(),
+                                            "phase2": cfg.phase2.stages_list()}, options)
+    return model, histories["phase1"], histories["phase2"]
 
 
 def test_mirrored_strategy_on_two_logical_cpus_learns(image_folder: Path):

@@ -252,6 +252,22 @@ def test_keras_hub_preset_without_a_converter_has_no_preprocessing(tmp_path: Pat
     folder = _preset(tmp_path / "bare", converter=False)
     base = bases.keras_hub_base(folder, (16, 16))
     assert not [layer for layer in base.layers if layer.name.startswith("preprocess")]
+    with pytest.raises(bases.BaseLoadError, match=r"any size, so `image_size` has no default"):
+        bases.keras_hub_base(folder, None)  # neither a converter's size nor a fixed input
+
+
+# --- image_size unset: the base's own ------------------------------------------------------
+
+
+def test_unset_image_size_is_the_bases_own(preset: Path):
+    assert bases.input_spec(bases.keras_hub_base(preset, None)) == (24, 24, 3)  # converter's
+    app = bases.keras_application("MobileNetV2", None, weights=None)
+    assert bases.input_spec(app) == (224, 224, 3)  # the size it was made for
+    assert bases.image_size_for(app, None) == (224, 224)
+    assert bases.image_size_for(app, (160, 128)) == (160, 128)  # a set size wins
+    free = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(2, 3)])
+    with pytest.raises(bases.BaseLoadError, match="set it, e.g. `image_size`: \\[224, 224\\]"):
+        bases.image_size_for(free, None)
 
 
 @pytest.mark.parametrize(

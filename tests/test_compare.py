@@ -57,7 +57,7 @@ def test_the_table_has_every_variant_with_sane_numbers(project: Path):
     assert [line.split("|")[1].strip() for line in markdown[2:]] == list(VARIANTS)
     assert _latest(project, "data/08_reporting/comparison_curves.png").stat().st_size > 0
     for variant in ("head_only", "full", "scratch", "partial"):
-        assert (project / f"data/06_models/compare/{variant}/phase1_model.keras").is_dir()
+        assert (project / f"data/06_models/compare/{variant}/fine_tuned_model.keras").is_dir()
 
 
 def test_one_nested_mlflow_run_per_variant_under_the_compare_run(project: Path):

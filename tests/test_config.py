@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from headswap.config import ParameterError, parse_finetune
@@ -15,7 +17,8 @@ def test_defaults_and_square_image_size():
     "override, message",
     [
         ({"phase1": {"epochs": -1}}, "finetune.phase1.epochs: got -1"),
-        ({"phase2": {"optimizer": "adagrad"}}, "finetune.phase2.optimizer: got 'adagrad'"),
+        ({"phase2": {"optimizer": "adamm"}},
+         "finetune.phase2.optimizer: got .adamm.; unknown optimizer"),
         ({"head": {"dropuot": 0.1}}, "finetune.head.dropuot: unknown key"),
         ({"data": {"path": "x", "batch_size": "many"}}, "finetune.data.batch_size: got 'many'"),
         ({"base": {"source": "keras_applications"}}, "finetune.base.name is required"),
@@ -48,7 +51,7 @@ def test_errors_say_what_is_allowed(override, message):
 
 def test_every_problem_is_in_one_message():
     with pytest.raises(ParameterError) as caught:
-        parse_finetune({**BASE, "phase1": {"epochs": -1, "optimizer": "adagrad"}, "sed": 1})
+        parse_finetune({**BASE, "phase1": {"epochs": -1, "optimizer": "adamm"}, "sed": 1})
     lines = str(caught.value).splitlines()
     assert lines[0] == "Invalid parameters:" and len(lines) == 4
     assert {line.split(":")[0].strip() for line in lines[1:]} == {
@@ -98,3 +101,35 @@ def test_core_messages_get_the_parameter_keys_of_the_node_that_raised_them():
     assert parameter_keys("Set `image_size`: [32, 32].", "load_base") == (
         "Set finetune.data.image_size: [32, 32].")
     assert parameter_keys("`unknown` stays", "train_head") == "`unknown` stays"
+
+
+def test_the_yaml_shows_the_schemas_defaults():
+    """conf/base/parameters_finetune.yml states every default it lists as the schema has it."""
+    import yaml
+
+    path = Path(__file__).parents[1] / "conf/base/parameters_finetune.yml"
+    shown = yaml.safe_load(path.read_text())["finetune"]
+    defaults = parse_finetune({"base": {}, "data": {}}).model_dump(mode="json")
+    from_yaml = parse_finetune(shown).model_dump(mode="json")
+
+    def leaves(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and value:
+                out.update(leaves(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    listed = leaves(shown)
+    differ = {key: (value, leaves(defaults).get(key)) for key, value in
+              leaves(from_yaml).items() if key in listed and leaves(defaults).get(key) != value}
+    assert not differ, f"YAML value vs schema default: {differ}"
+    assert len(listed) > 40  # the file lists the keys, not a handful
+
+
+def test_the_finetune_pipeline_has_a_node_per_phase_of_the_parameters():
+    from headswap.pipelines.finetune.pipeline import PHASES, phases
+
+    assert list(PHASES) == list(parse_finetune({"base": {}, "data": {}}).phases())
+    assert [n.name for n in phases().nodes] == list(PHASES.values())

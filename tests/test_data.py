@@ -168,6 +168,21 @@ def test_a_saved_manifest_is_reused_as_it_is(image_folder: Path, tmp_path: Path)
     assert skipped.empty and list(skipped.columns) == data.SKIPPED_COLUMNS
 
 
+def test_the_catalogs_images_with_a_manifest_reuse_its_split(image_folder: Path, tmp_path):
+    from headswap.datasets import ImageFolderDataset
+
+    manifest = data.ingest_image_folder(image_folder, seed=3)[0]
+    file = tmp_path / "manifest.csv" / "2024-01-01T00.00.00.000Z" / "manifest.csv"
+    file.parent.mkdir(parents=True)
+    manifest.to_csv(file, index=False)
+    images = ImageFolderDataset(str(image_folder), manifest=str(file)).load()
+    again, skipped = data.ingest(images, seed=4)  # another seed: the split is still the file's
+    pd.testing.assert_frame_equal(again, manifest)
+    assert images.name == image_folder.name and skipped.empty
+    with pytest.raises(data.MissingDataError, match="versioned folder.*2024-01-01"):
+        data.ingest(ImageFolderDataset(None, manifest=str(tmp_path / "manifest.csv")).load())
+
+
 def test_a_reused_manifest_skips_images_that_no_longer_decode(image_folder: Path, tmp_path):
     manifest = data.ingest_image_folder(image_folder, seed=3)[0]
     broken = manifest.loc[manifest["split"] == "test", "path"].iloc[0]

@@ -103,10 +103,9 @@ def _trained_model_and_manifest(folder: Path):
 
 def test_evaluate_details_node_on_a_trained_model_reads_the_images(image_folder: Path):
     model, manifest, params = _trained_model_and_manifest(image_folder)
-    options = params.fit_options()
-    predictions = nodes.predict_test(model, manifest, options)
+    predictions = nodes.predict_test(model, manifest, params)
     counts, shares, per_class, errors, figure = nodes.evaluate_details(
-        predictions, manifest, params.evaluation
+        predictions, manifest, params
     )
     test_size = int((manifest["split"] == "test").sum())
     assert len(predictions) == test_size
@@ -119,7 +118,7 @@ def test_evaluate_details_node_on_a_trained_model_reads_the_images(image_folder:
     shown = [ax for ax in figure.axes if ax.images]
     assert len(shown) == len(errors)
 
-    _, metrics = nodes.evaluate_head_only(model, manifest, options, params.evaluation)
+    _, metrics = nodes.evaluate_head_only(model, manifest, params)
     assert metrics["accuracy"]["value"] <= metrics["top_2_accuracy"]["value"] <= 1.0
 
 

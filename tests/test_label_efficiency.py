@@ -79,7 +79,7 @@ def test_counts_are_checked_when_the_pipeline_is_built():
         with pytest.raises(ValueError, match="distinct integers of at least 2.*pipeline_registry"):
             label_efficiency.create_pipeline(labels_per_class=counts)
     names = {n.name for n in label_efficiency.create_pipeline(labels_per_class=(30, 10)).nodes}
-    assert {"labels_10.select_labels", "labels_30.full.fine_tune", "collect_counts"} <= names
+    assert {"labels_10.select_labels", "labels_30.full.train", "collect_counts"} <= names
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,8 @@ def test_the_counts_train_on_nested_subsets_of_one_folder_and_test_on_all_of_it(
         test = subset[subset["split"] == "test"].reset_index(drop=True)
         assert test.equals(full[full["split"] == "test"].reset_index(drop=True))
     assert _labelled(subsets[COUNTS[0]]) < _labelled(subsets[COUNTS[1]]) == _labelled(full)
-    assert (project / "data/06_models/label_efficiency/labels_3/full/phase2_model.keras").is_dir()
+    models = project / "data/06_models/label_efficiency/labels_3/full"
+    assert (models / "fine_tuned_model.keras").is_dir()
 
 
 def test_one_mlflow_run_per_count_with_one_per_variant_below_it(project: Path):

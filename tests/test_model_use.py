@@ -19,10 +19,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from headswap.config import PredictConfig
 from headswap.core import data
 from headswap.core.predict import write_labels
-from headswap.pipelines.predict.nodes import load_classifier
+from headswap.datasets import ClassifierDataset
 from tests.conftest import (
     copy_project,
     free_port,
@@ -157,14 +156,14 @@ def test_bad_predict_inputs_stop_with_one_error_line(project: Path, tmp_path: Pa
 def test_a_version_a_model_file_and_a_run_uri_name_the_same_classifier(project: Path,
                                                                         tmp_path: Path):
     version = versions(project, "data/06_models/phase2_model.keras")[-1]
-    settings = {"path": TEST_FOLDER,
-                "fine_tuned_model": str(project / "data/06_models/phase2_model.keras"),
-                "manifest": str(project / "data/02_intermediate/manifest.csv")}
+    stored = {"fine_tuned_model": str(project / "data/06_models/phase2_model.keras"),
+              "manifest": str(project / "data/02_intermediate/manifest.csv"),
+              "preprocessing": str(project / "data/06_models/preprocessing.json")}
     file = tmp_path / "model.keras"
     file.write_bytes(latest(project, "data/06_models/phase2_model.keras").read_bytes())
     write_labels(tmp_path / "labels.txt", CLASSES)
     run_id = finetune_run(project).info.run_id
-    classifiers = [load_classifier(PredictConfig(**settings, model=model))
+    classifiers = [ClassifierDataset(**stored, model=model).load()
                    for model in (None, version, str(file), f"runs:/{run_id}/model")]
     images = [str(p) for p in sorted((project / TEST_FOLDER / "Shirt").glob("*.png"))[:4]]
     first = classifiers[0].probabilities(images)[0]

@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import fsspec
 import pandas as pd
 import pytest
 import s3fs
@@ -16,6 +17,7 @@ import yaml
 from tests.conftest import (
     COLOURS,
     copy_project,
+    gcs_server,
     kedro_cli,
     s3_server,
     small_base,
@@ -149,3 +151,43 @@ def test_credentials_from_credentials_yml_reach_the_image_dataset(s3, tmp_path: 
         source = session.load_context().catalog.load("images")
     assert source.location == f"s3://{BUCKET}/flowers"
     assert len(source.files) == 36 and set(source.files["label"]) == set(COLOURS)
+
+
+# --- Google Cloud Storage ------------------------------------------------------------------
+
+
+def test_images_and_base_read_from_gs_through_the_catalogs_datasets(tmp_path: Path,
+                                                                   monkeypatch):
+    """The catalog's `images` and `pretrained_model` on gs:// URLs (a real GCS server on
+    127.0.0.1, gcsfs with the catalog entry's credentials): listed, ingested through the local
+    cache, batched; the base read; a missing bucket names its URL."""
+    from headswap.core import data
+    from headswap.datasets import BaseModelDataset, ImageFolderDataset
+
+    endpoint, process = gcs_server(tmp_path)
+    try:
+        credentials = {"token": "anon", "endpoint_url": endpoint, "project": "test"}
+        fs = fsspec.filesystem("gs", **credentials)
+        fs.mkdir("photos")
+        write_photos(tmp_path / "flowers", per_class=6, seed=0)
+        fs.put(str(tmp_path / "flowers"), "photos/flowers", recursive=True)
+        fs.put(str(small_base(tmp_path / "base.keras")), "photos/models/base.keras")
+        monkeypatch.setenv("HEADSWAP_CACHE", str(tmp_path / "cache"))
+
+        images = ImageFolderDataset("gs://photos/flowers", credentials=credentials).load()
+        manifest, skipped = data.ingest(images, seed=0)
+        assert skipped.empty and len(manifest) == 6 * len(COLOURS)
+        assert manifest["path"].str.startswith("gs://photos/flowers/").all()
+        assert sorted(manifest["label"].unique()) == sorted(COLOURS)
+        batch, labels = next(iter(data.make_dataset(manifest, "train", (32, 32), 3, 4)))
+        assert tuple(batch.shape) == (4, 32, 32, 3) and len(labels) == 4
+
+        base = BaseModelDataset(path="gs://photos/models/base.keras",
+                                credentials=credentials).load()
+        assert tuple(base.inputs[0].shape[1:]) == (48, 48, 3)
+
+        missing = ImageFolderDataset("gs://no-such-bucket/flowers", credentials=credentials)
+        with pytest.raises(data.DataError, match="gs://no-such-bucket/flowers"):
+            data.ingest(missing.load())
+    finally:
+        stop(process)

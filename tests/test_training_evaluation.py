@@ -84,6 +84,17 @@ def test_unknown_optimizer_is_refused():
         train.make_optimizer("adagrad-ish", 1e-3)
 
 
+def test_any_keras_optimizer_by_name():
+    from headswap.core import Stage
+
+    assert Stage(epochs=1, learning_rate=1e-3, optimizer="Lion").optimizer == "lion"
+    lion = train.make_optimizer("lion", 1e-3, weight_decay=0.01)
+    assert isinstance(lion, keras.optimizers.Lion) and lion.weight_decay == 0.01
+    sgd = train.make_optimizer("sgd", 1e-2, momentum=0.8)
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.momentum == 0.8
+    assert train.make_optimizer("adamw", 1e-3).weight_decay == 0.004  # AdamW's own default
+
+
 def test_report_confusion_matrix_and_curves():
     names = ["a", "b c", "d"]
     y_true = np.array([0, 0, 1, 1, 2, 2])

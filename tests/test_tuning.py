@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from headswap.config import ParameterError, merge_parameters, parse_finetune, parse_tune
-from headswap.tuning import nested, suggest
+from headswap.tuning import best_parameters, nested, search, suggest
 
 FINETUNE = {"data": {"path": "images", "image_size": 28}, "base": {"path": "base.keras"}}
 
@@ -16,7 +16,7 @@ FINETUNE = {"data": {"path": "images", "image_size": 28}, "base": {"path": "base
 def test_the_base_search_space_is_valid_and_its_trials_are_valid_finetune_parameters():
     with open("conf/base/parameters_tune.yml") as f:
         cfg = parse_tune(yaml.safe_load(f)["tune"])
-    assert {"phase1.learning_rate", "phase2.train.top", "head.dense",
+    assert {"phase1.learning_rate", "phase2.train", "head.dense",
             "training.augmentation"} <= set(cfg.space)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
     for _ in range(5):
@@ -26,7 +26,7 @@ def test_the_base_search_space_is_valid_and_its_trials_are_valid_finetune_parame
         assert values["head.dense"] in (32, 64, 128)
         assert isinstance(values["training.augmentation"], dict)  # the named choice's value
         params = parse_finetune(merge_parameters(FINETUNE, nested(values)))
-        assert params.phase2.train.top == values["phase2.train.top"]
+        assert params.phase2.train.all or params.phase2.train.top in (2, 4, 8, 12)
         assert params.head.dense == [values["head.dense"]]
 
 
@@ -56,3 +56,39 @@ def test_dotted_and_nested_keys_mean_the_same():
 def test_bad_tune_parameters_name_their_key(tune, message):
     with pytest.raises(ParameterError, match=message):
         parse_tune(tune)
+
+
+def _value_at(cfg, key: str):
+    value = cfg.model_dump()
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def test_a_new_study_runs_the_default_recipe_first(tmp_path):
+    """The study's first trial trains the finetune parameters as they are (every searched key
+    at its default), so the best trial is never worse on validation than the defaults; the
+    trials after it search the space, and a study that has trials gets no second one."""
+    with open("conf/base/parameters_tune.yml") as f:
+        tune = yaml.safe_load(f)["tune"]
+    with open("conf/base/parameters_finetune.yml") as f:
+        finetune = merge_parameters(yaml.safe_load(f)["finetune"], FINETUNE)
+    cfg = parse_tune({**tune, "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "n_trials": 3,
+                      "seed": 0, "startup_trials": 1})
+    trained = []
+
+    def train(params, callbacks):
+        trained.append(parse_finetune(params))
+        return 0.9 if len(trained) == 1 else 0.5  # the default recipe stays the best
+
+    study = search(cfg, finetune, train)
+    defaults = parse_finetune(finetune)
+    assert len(trained) == 3 and study.trials[0].user_attrs["default_recipe"]
+    for key in cfg.space:
+        assert _value_at(trained[0], key) == _value_at(defaults, key), key
+    assert trained[0] == defaults
+    assert any(_value_at(trained[1], key) != _value_at(defaults, key) for key in cfg.space)
+    assert best_parameters(study, finetune)["finetune"] == study.trials[0].user_attrs["finetune"]
+
+    more = search(cfg.model_copy(update={"n_trials": 4}), finetune, train)
+    assert len(trained) == 4 and "default_recipe" not in more.trials[3].user_attrs

@@ -174,10 +174,9 @@ def test_weights_file_with_a_lambda_layer_is_refused_in_safe_mode(tmp_path: Path
 def _load_base(base: dict, tmp_path: Path):
     """The catalog's pretrained_model and the load_base node on these base parameters."""
     cfg = parse_finetune({"data": {"path": str(tmp_path), "image_size": [32, 32]}, "base": base})
-    options = cfg.fit_options()
     pretrained = BaseModelDataset(**cfg.base.model_dump(include={
         "source", "path", "name", "weights", "allow_unsafe"}), image_size=[32, 32]).load()
-    return load_base(pretrained, cfg.base, options)
+    return load_base(pretrained, cfg)
 
 
 def test_load_base_node_reports_the_weights_it_loaded(tmp_path: Path, caplog):

@@ -12,8 +12,16 @@ import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from headswap.core import heads
 from headswap.core.export import FORMATS
 from headswap.core.fit import FitOptions
 from headswap.core.images import RESIZE_MODES
@@ -28,19 +36,41 @@ from headswap.core.recipe import (
 
 
 class DataConfig(Settings):
-    # the folder or CSV of images (the catalog's `images` reads it); null: none set yet
+    """The images: where they are, how they are split, read and batched."""
+
     path: str | None = None
-    image_size: tuple[int, int]
+    """Your images: a folder with one sub-folder per class, or with `train/` and `test/` (and
+    optionally `val/`) of class sub-folders, or a `.csv` of `path,label[,split]`; local, or
+    `s3://...`/`gs://...`. The catalog's `images` reads it; null: none set yet."""
+    image_size: tuple[int, int] | None = None
+    """`[height, width]` (or one number, a square) the images are resized to; null: the base's
+    own input size (its fixed input, or the size a keras.applications architecture was made
+    for)."""
     batch_size: int = Field(FitOptions.batch_size, ge=1)
+    """Images per batch (with a `distribution`, the global batch, split across the replicas)."""
     val_fraction: float = Field(0.2, gt=0, lt=1)
+    """Fraction held out for validation, stratified and seeded: of all the images of a folder of
+    class folders, or of `train/` when there is no `val/`."""
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    """Fraction of the images held out for the test split, stratified and seeded, when the images
+    have no split of their own (no `test/` folder, no `split` column)."""
     manifest: str | None = None
-    # how images are brought to image_size: stretch (ignore the aspect ratio), pad (keep it,
-    # pad with black) or crop (keep it, cut the centre); the same in training and prediction
+    """An earlier run's manifest to reuse its split
+    (`data/02_intermediate/manifest.csv/<version>/manifest.csv`); null: split the images."""
+    quality: Literal["warn", "stop", "off"] = "warn"
+    """The data-quality check before training (duplicates, near-duplicates, leakage across
+    splits, conflicting labels, label-issue candidates, class balance, unreadable files),
+    written to `data/08_reporting/data_quality*`: `warn` logs what it found, `stop` also ends
+    the run before training when it finds leakage across splits or conflicting labels, `off`
+    checks only the class balance."""
     resize: Literal[RESIZE_MODES] = "stretch"
-    # A split's decoded images (and a frozen base's features) are kept in memory when they
-    # fit in this many MiB; larger splits are streamed from disk. 0: always stream.
+    """How images are brought to `image_size`: `stretch` (the aspect ratio is not kept), `pad`
+    (kept, black bands) or `crop` (kept, the centre cut out); the same in training, `predict`,
+    serving and the exports."""
     cache_memory_mb: int = Field(FitOptions.cache_memory_mb, ge=0)
+    """A split's decoded images (and a frozen base's features) are kept in memory when they
+    fit in this many MiB; larger splits are streamed from disk every epoch. 0: always
+    stream."""
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -49,8 +79,8 @@ class DataConfig(Settings):
 
     @field_validator("image_size")
     @classmethod
-    def _positive(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if min(value) < 1:
+    def _positive(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and min(value) < 1:
             raise ValueError("both sides must be at least 1 pixel")
         return value
 
@@ -68,22 +98,40 @@ class BaseConfig(Settings):
     """Where the pretrained base comes from (see conf/base/parameters_finetune.yml)."""
 
     source: Literal["file", "keras_applications", "keras_hub"] = "file"
-    path: str | None = None  # model file (source file), preset folder (source keras_hub)
-    name: str | None = None  # architecture, for source keras_applications
-    # keras_applications: "imagenet", None (random) or the path of the no-top .h5 file Keras
-    # downloads for that architecture (loaded by Keras itself).
+    """Where the base comes from: `file` (a model file at `path`), `keras_applications` (the
+    architecture `name`) or `keras_hub` (a preset folder at `path`)."""
+    path: str | None = None
+    """`file`: the `.keras`/`.h5` model (local, `s3://` or `gs://`; a Kedro-versioned folder
+    means its latest version); `keras_hub`: a preset folder saved by keras-hub."""
+    name: str | None = None
+    """The `keras.applications` architecture (e.g. `MobileNetV2`); required when `source` is
+    `keras_applications`."""
     weights: str | None = "imagenet"
+    """`keras_applications`: `imagenet` (Keras downloads and caches the file), null (random
+    weights) or the path of the no-top `.h5` file Keras downloads for that architecture
+    (loaded by Keras itself)."""
     cut_at: str | int = "auto"
-    # A .keras, .weights.h5 or legacy .h5 file whose weights are loaded into the base by layer
-    # name and shape after it is built (both sources); reported as base_weights_report.
+    """Where the model is cut (everything above is dropped): `auto` (after the last feature
+    map), a layer name, or a layer index (`-2` keeps `layers[0]` to `layers[-2]`)."""
     weights_file: str | None = None
+    """A `.keras`, `.weights.h5` or legacy `.h5` file whose weights are loaded into the base by
+    layer name and shape after it is built (either source); reported as
+    `base_weights_report`."""
     allow_unsafe: bool = False
+    """Load model files containing `Lambda` layers (arbitrary code): only files you trust."""
 
 
 class HeadConfig(Settings):
+    """The new head put on the cut base."""
+
     pooling: Literal["avg", "max", "flatten"] = "avg"
-    dense: list[int] = Field(default_factory=lambda: [64])
-    dropout: float = Field(0.3, ge=0, lt=1)
+    """How the base's feature map becomes a vector: global `avg` or `max` pooling, or
+    `flatten` (skipped when the base already gives vectors)."""
+    dense: list[int] = Field(default_factory=lambda: list(heads.DENSE))
+    """Units of each hidden `Dense` layer (ReLU) of the new head, one number or a list; `[]`
+    or null: none (the classifier sits on the pooled features)."""
+    dropout: float = Field(heads.DROPOUT, ge=0, lt=1)
+    """Dropout rate after each hidden `Dense` layer (or before the classifier without one)."""
 
     @field_validator("dense", mode="before")
     @classmethod
@@ -98,6 +146,8 @@ class PhaseConfig(Stage):
     phase's own keys other than ``stages`` are not used."""
 
     stages: list[Stage] = Field(default_factory=list)
+    """Gradual unfreezing: stages with the keys of a phase, run in order on one epoch axis, each
+    recompiled; when given, the phase's other keys are not used (the run says which)."""
 
     def stages_list(self) -> list[Stage]:
         return list(self.stages) or [Stage(**self.model_dump(exclude={"stages"}))]
@@ -106,30 +156,50 @@ class PhaseConfig(Stage):
 class TrainingConfig(Settings):
     """Settings shared by both phases."""
 
-    class_weight: Literal["balanced"] | dict[str, float] | None = None
+    class_weight: Literal["balanced", "auto"] | dict[str, float] | None = None
+    """Loss weight of each class: null (all 1), `balanced` (inversely proportional to the class's
+    training images), `auto` (`balanced` when the largest training class has at least 1.5
+    times the smallest's images, as the data-quality report recommends) or `{class name:
+    weight}`."""
     augmentation: Augmentation = Field(default_factory=Augmentation)
-    callbacks: Callbacks = Field(default_factory=Callbacks)
+    """Random layers in the model, active in training only (all off by default)."""
+    callbacks: Callbacks = Field(
+        default_factory=lambda: Callbacks(checkpoint_dir="data/06_models/checkpoints"))
+    """Keras callbacks every stage of both phases gets."""
     cache_features: bool = FitOptions.cache_features
-    # Keep per-epoch backups so that the same command, run again after an interruption,
-    # continues where it stopped (false: keep none and always start afresh).
+    """While the base is frozen (phase 1) and there is no augmentation, compute the base's features
+    once per image and train the head on them."""
     resume: bool = True
+    """Keep per-epoch backups so that the same command, run again after an interruption,
+    continues where it stopped (false: keep none and always start afresh)."""
     resume_dir: str = "data/05_model_input/resume"
-    # The learning-rate range test (a phase's `learning_rate: auto`, the lr_find pipeline).
+    """Where the backups are kept, in a folder per set of parameters; removed when the run
+    finishes."""
     lr_find: RangeTestSettings = Field(default_factory=RangeTestSettings)
+    """The learning-rate range test (a phase's `learning_rate: auto`, the `lr_find`
+    pipeline)."""
+    verbose: Literal["progress", "epochs", "quiet"] = "progress"
+    """What training logs: `progress` (a summary line every few epochs and each stage's end),
+    `epochs` (a line per epoch) or `quiet` (each stage's end); the log file has every epoch."""
 
 
 class EvaluationConfig(Settings):
     """What the test-set evaluation adds to the classification report."""
 
-    top_k: int = Field(2, ge=1)  # top-k accuracy (capped at the number of classes)
-    misclassified: int = Field(16, ge=0)  # most confident errors shown in the grid
+    top_k: int = Field(2, ge=1)
+    """k of the top-k accuracy metric (`test.top_2_accuracy`); capped at the number of
+    classes."""
+    misclassified: int = Field(16, ge=0)
+    """How many of the most confidently misclassified test images are listed and shown in a
+    grid."""
 
 
 class RegistryConfig(Settings):
     """Where each run's model is registered in the MLflow Model Registry."""
 
-    # "auto": named after the image folder (or CSV) trained on; null: not registered.
     name: str | None = "auto"
+    """The registered model's name: `auto` (after the image folder or CSV trained on), a name
+    of your own, or null (not registered)."""
 
     @field_validator("name")
     @classmethod
@@ -150,23 +220,30 @@ class ExportConfig(Settings):
     """The files the fine-tuned model is exported to, for serving and for devices."""
 
     formats: list[Literal[FORMATS]] = Field(default_factory=lambda: list(FORMATS))
+    """Which exports to write: any of `saved_model`, `tflite`, `tflite_quantized`; `[]` for none."""
 
 
 class PredictConfig(Settings):
     """The ``predict`` pipeline's parameters (conf/base/parameters_predict.yml)."""
 
     path: str
-    # null: the latest fine-tuned model; or a Kedro version of it, a .keras/.h5 file (with
-    # labels.txt beside it, or `labels`), or an MLflow model URI.
+    """Required: the images to classify, a folder (flat, or one sub-folder per class: then a
+    classification report against those labels is written too) or a CSV; local, `s3://` or
+    `gs://`."""
     model: str | None = None
+    """null: the latest fine-tuned model (`phase2_model`); or a Kedro version of it
+    (`2026-11-30T04.19.02.123Z`), a `.keras`/`.h5` file (class names in `labels.txt` beside
+    it, or `labels`), or an MLflow model URI (`runs:/<run id>/model`,
+    `models:/<name>@champion`)."""
     labels: str | None = None
+    """A file of class names, one a line, for a `.keras`/`.h5` model without `labels.txt`
+    beside it."""
     top_k: int = Field(3, ge=1)
+    """Classes listed per image (`top_1` ... `top_k`), most probable first."""
     batch_size: int = Field(FitOptions.batch_size, ge=1)
+    """Images classified per batch."""
     allow_unsafe: bool = False
-    # where finetune runs keep the fine-tuned model and the manifest (the catalog's paths)
-    fine_tuned_model: str = "data/06_models/phase2_model.keras"
-    manifest: str = "data/02_intermediate/manifest.csv"
-    preprocessing: str = "data/06_models/preprocessing.json"
+    """Load model files containing `Lambda` layers (arbitrary code): only files you trust."""
 
     @field_validator("path", mode="before")
     @classmethod
@@ -182,10 +259,16 @@ class SearchDimension(Settings):
     of values, or a mapping of names to values, such as ``{off: {...}, on: {...}}``)."""
 
     low: int | float | None = None
+    """The lowest value of a range (with `high`; integers when both are)."""
     high: int | float | None = None
+    """The highest value of a range, above `low`."""
     log: bool = False
+    """Sample the range on a log scale (`low` above 0)."""
     step: int | float | None = None
+    """Sample the range on a grid of this step (integers: 1 when not given)."""
     choices: list[Any] | dict[str, Any] | None = None
+    """Instead of a range: a list of values, or a mapping of names to values (the trial's
+    value is the mapping's value)."""
 
     @model_validator(mode="after")
     def _one_kind(self) -> SearchDimension:
@@ -203,18 +286,30 @@ class TuneConfig(Settings):
     """The ``tune`` pipeline's parameters (conf/base/parameters_tune.yml)."""
 
     study: str = Field("headswap", min_length=1)
-    # Optuna's storage URL: processes (and machines) given the same storage and study share
-    # the search. A relative SQLite path is inside the project folder.
+    """The study's name in the storage."""
     storage: str = "sqlite:///data/07_model_output/tune/optuna.db"
-    n_trials: int | None = Field(20, ge=1)  # trials of the study, whichever process runs them
-    timeout_s: float | None = Field(None, gt=0)  # this process starts no trial after that
-    seed: int | None = None  # the sampler's seed (null: each process draws its own)
-    startup_trials: int = Field(5, ge=0)  # random trials before TPE, and before any pruning
+    """Optuna's storage URL: processes (and machines) given the same storage and study share
+    the search. A relative SQLite path is inside the project folder; for a team, a database
+    such as `postgresql://user:password@host/db`."""
+    n_trials: int | None = Field(20, ge=1)
+    """Trials of the study, whichever process runs them (null: no count, `timeout_s`
+    alone)."""
+    timeout_s: float | None = Field(None, gt=0)
+    """This process starts no trial after this many seconds (null: no limit)."""
+    seed: int | None = None
+    """The sampler's seed (null: each process draws its own)."""
+    startup_trials: int = Field(5, ge=0)
+    """Random trials before TPE models the space, and before any pruning."""
     pruner: Literal["median", "hyperband", "none"] = "median"
-    warmup_epochs: int = Field(2, ge=0)  # epochs a trial runs before it can be pruned
-    # finetune keys as in parameters_finetune.yml (nested, or dotted: phase1.learning_rate),
-    # each ending in a SearchDimension
+    """Stop weak trials early: `median` (below the other trials' median validation accuracy
+    at the same epoch), `hyperband`, or `none`."""
+    warmup_epochs: int = Field(2, ge=0)
+    """Epochs a trial runs before it can be pruned."""
     space: dict[str, SearchDimension] = Field(min_length=1)
+    """The searched finetune keys, nested as in parameters_finetune.yml (or dotted:
+    `phase1.learning_rate`), each a range `{low, high[, log][, step]}` or `{choices: ...}`;
+    not the keys of `data` and `base` (every trial shares the images and the base), except
+    `data.batch_size`."""
 
     @field_validator("space", mode="before")
     @classmethod
@@ -262,20 +357,37 @@ class FinetuneConfig(Settings):
 
     # the core's defaults (FitOptions), stated once
     seed: int = FitOptions.seed
+    """Seeds the split, the shuffling and the new head's initial weights."""
     distribution: Literal["none", "mirrored", "multi_worker_mirrored"] = FitOptions.distribution
+    """`none`; `mirrored`: data-parallel on every local GPU (without one, every logical CPU
+    device); `multi_worker_mirrored`: across the machines `TF_CONFIG` names."""
     mixed_precision: bool = FitOptions.mixed_precision
+    """Compute in `mixed_float16` (variables and the output layer stay float32)."""
     jit_compile: bool = FitOptions.jit_compile
+    """XLA-compile the training step."""
     data: DataConfig
+    """The images: where they are, how they are split, read and batched."""
     base: BaseConfig
+    """The pretrained base: where it comes from and where it is cut."""
     head: HeadConfig = Field(default_factory=HeadConfig)
+    """The new head put on the cut base."""
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    """Settings both phases share."""
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    """What the test-split evaluation adds to the classification report."""
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    """Registration of each run's model in the MLflow Model Registry."""
     export: ExportConfig = Field(default_factory=ExportConfig)
-    # keys of a phase that its stages make unused (see parse_finetune)
+    """Files of the fine-tuned model for serving and devices."""
     ignored: dict[str, list[str]] = Field(default_factory=dict, exclude=True)
+    """Not a parameter: the keys of a phase that its `stages` make unused (set by
+    `parse_finetune`)."""
     phase1: PhaseConfig = Field(default_factory=lambda: PhaseConfig(**PHASE_DEFAULTS["phase1"]))
+    """The new head alone, the base frozen (a stage's keys, or `stages`); keys not given keep
+    the phase's defaults."""
     phase2: PhaseConfig = Field(default_factory=lambda: PhaseConfig(**PHASE_DEFAULTS["phase2"]))
+    """The base opened (by default all of it, BatchNormalization in inference mode) at a lower
+    rate (a stage's keys, or `stages`); keys not given keep the phase's defaults."""
 
     @field_validator("phase1", "phase2", mode="before")
     @classmethod
@@ -294,6 +406,9 @@ class FinetuneConfig(Settings):
                 raise ValueError(f"{phase}: {err}") from None
         return self
 
+    # where a run of these parameters keeps its resume state (see with_image_size)
+    _state: Path | None = PrivateAttr(None)
+
     def fit_options(self) -> FitOptions:
         """The core's training options for these parameters."""
         training = self.training
@@ -304,9 +419,23 @@ class FinetuneConfig(Settings):
             callbacks=training.callbacks,
             class_weight=training.class_weight, distribution=self.distribution,
             mixed_precision=self.mixed_precision, jit_compile=self.jit_compile,
-            backup_dir=state_dir(self) if self.keeps_backups() else None,
-            lr_find=training.lr_find,
+            backup_dir=(self._state or state_dir(self)) if self.keeps_backups() else None,
+            lr_find=training.lr_find, verbose=training.verbose,
         )
+
+    def phases(self) -> dict[str, list[Stage]]:
+        """The recipe's phases in order, each a list of stages (what
+        :func:`headswap.core.fine_tune` trains)."""
+        return {"phase1": self.phase1.stages_list(), "phase2": self.phase2.stages_list()}
+
+    def with_image_size(self, image_size: tuple[int, int]) -> FinetuneConfig:
+        """These parameters with ``data.image_size`` set (the base's own, when unset). The
+        resume folder stays that of the parameters as given: the hook that reopens an
+        interrupted run finds it before any base is loaded."""
+        resolved = self.model_copy(update={
+            "data": self.data.model_copy(update={"image_size": tuple(image_size)})})
+        resolved._state = self._state or state_dir(self)
+        return resolved
 
     def keeps_backups(self) -> bool:
         """Whether the run keeps what it needs to resume: ``training.resume``, except across
@@ -318,9 +447,10 @@ class FinetuneConfig(Settings):
 def state_dir(cfg: FinetuneConfig) -> Path:
     """Where a run with these parameters keeps what it needs to resume after an interruption.
 
-    Settings that change no result (resuming itself, the memory budget) leave it as it is."""
+    Settings that change no result (resuming itself, the memory budget, the log's detail)
+    leave it as it is."""
     key = hashlib.sha256(
-        cfg.model_dump_json(exclude={"training": {"resume"}, "data": {"cache_memory_mb"},
+        cfg.model_dump_json(exclude={"training": {"resume", "verbose"}, "data": {"cache_memory_mb"},
                                      "registry": True, "export": True}).encode()
     ).hexdigest()[:16]
     return Path(cfg.training.resume_dir) / key
@@ -358,14 +488,14 @@ class ParameterError(ValueError):
 
 #: The section of ``finetune`` each node's core arguments belong to, and the arguments whose
 #: key is the same wherever they come up.
-NODE_SECTIONS = {"locate_images": "data", "ingest_images": "data", "read_pretrained": "base",
-                 "load_base": "base"}
+NODE_SECTIONS = {"ingest_images": "data", "load_base": "base"}
 ARGUMENT_KEYS = {"image_size": "data.image_size", "manifest": "data.manifest",
-                 "class_weight": "training.class_weight", "top_k": "evaluation.top_k"}
+                 "quality": "data.quality", "class_weight": "training.class_weight",
+                 "top_k": "evaluation.top_k"}
 
 
 #: Nodes of the ``predict`` pipeline: their arguments are ``predict.<argument>``.
-PREDICT_NODES = {"list_images", "load_classifier", "classify_images"}
+PREDICT_NODES = {"list_images", "classify_images"}
 
 
 def parameter_keys(message: str, node: str, prefix: str = "finetune") -> str:

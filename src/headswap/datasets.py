@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -14,11 +15,14 @@ from mlflow.entities import Metric
 from mlflow.utils.time import get_current_time_millis
 
 from headswap.core import sources
+from headswap.core.errors import InputError
 
 BATCH = 1000  # the most metrics one MLflow log_batch request takes
 
 logger = logging.getLogger(__name__)
 EMPTY = ".empty"  # marks a saved, empty version of a FilesDataset in an object store
+KEDRO_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}\.\d{2}\.\d{2}\.\d{3}Z")
+MLFLOW_URI = re.compile(r"[a-z][a-z0-9+.-]*:/", re.IGNORECASE)
 
 
 def log_metrics(run_id: str, metrics: list[Metric], synchronous: bool = True) -> None:
@@ -149,24 +153,28 @@ class ImageFolderDataset(AbstractDataset[dict, Any]):
     those files into the folder (files already there with the same content are left as they
     are). Nothing else in the folder is touched, unless ``overwrite`` (for folders the project
     generates, such as the example's): then the folder holds exactly the files saved.
+    ``manifest``: an earlier run's manifest.csv, whose split is reused (the images it lists
+    must all still be there).
     """
 
     def __init__(self, path: str | None, credentials: dict[str, Any] | None = None,
                  fs_args: dict[str, Any] | None = None, overwrite: bool = False,
-                 metadata: dict[str, Any] | None = None):
+                 manifest: str | None = None, metadata: dict[str, Any] | None = None):
         self.path = None if path is None else str(path)
+        self.manifest = None if manifest is None else str(manifest)
         self.overwrite = overwrite
         self.metadata = metadata
         self._options = _storage_options(credentials, fs_args)
 
     def load(self) -> Any:
-        if not self.path:
+        if not self.path and not self.manifest:
             raise sources.DataError(
                 "No image folder is set. Put `path` (finetune.data.path, or predict.path) in "
                 "conf/local/parameters_finetune.yml, or run `kedro run --params "
                 "finetune.data.path=<folder or .csv>`."
             )
-        return sources.ImageSource(self.path, self._options)  # listed when first used
+        # listed when first used; with a manifest, that manifest's split instead
+        return sources.ImageSource(self.path or self.manifest, self._options, self.manifest)
 
     def save(self, data: dict[str, bytes]) -> None:
         fs, root = fsspec.core.url_to_fs(self.path, **self._options)
@@ -244,3 +252,80 @@ def _latest_version(path: Path) -> Path:
         return path
     versions = sorted(path.glob(f"*/{path.name}"))
     return versions[-1] if versions else path
+
+
+class ClassifierDataset(AbstractDataset):
+    """The classifier the ``predict`` pipeline uses, as ``predict.model`` names it: null (the
+    latest fine-tuned model), a Kedro version of it, a .keras/.h5 file (class names from
+    ``labels`` or a labels.txt beside it) or an MLflow model URI. A fine-tuned model comes
+    with the class names of its run's manifest and its run's resize mode (``preprocessing``).
+    Read only."""
+
+    def __init__(self, fine_tuned_model: str, manifest: str, preprocessing: str,
+                 model: str | None = None, labels: str | None = None,
+                 allow_unsafe: bool = False, metadata: dict[str, Any] | None = None):
+        self.model, self.labels, self.allow_unsafe = model, labels, allow_unsafe
+        self.fine_tuned_model, self.manifest = fine_tuned_model, manifest
+        self.preprocessing = preprocessing
+        self.metadata = metadata
+
+    def load(self) -> Any:
+        from headswap import serving
+        from headswap.core.predict import Classifier
+
+        model = self.model
+        if model is None or KEDRO_VERSION.fullmatch(model):
+            return self._fine_tuned(model)
+        if MLFLOW_URI.match(model) and not Path(model).exists():
+            try:
+                return serving.load_classifier(model)
+            except InputError:
+                raise
+            except Exception as err:  # MLflow says why: unknown run, alias, registry...
+                raise InputError(f"`model` {model} cannot be loaded from MLflow: "
+                                 f"{str(err).splitlines()[0]}") from err
+        return Classifier.from_file(model, self.labels, self.allow_unsafe)
+
+    def _fine_tuned(self, version: str | None) -> Any:
+        """A version (None: the latest) of the fine-tuned model, with the class names of the
+        manifest of the same run."""
+        from kedro_datasets.json import JSONDataset
+        from kedro_datasets.pandas import CSVDataset
+        from kedro_datasets.tensorflow import TensorFlowModelDataset
+
+        from headswap.core import data
+        from headswap.core.predict import Classifier
+
+        stored = TensorFlowModelDataset(filepath=self.fine_tuned_model,
+                                        version=Version(version, None),
+                                        load_args={"compile": False})
+        try:
+            version = stored.resolve_load_version()
+            model = stored.load()
+        except DatasetError as err:
+            which = f"version {version} of the" if version else "a"
+            raise InputError(
+                f"There is no {which} fine-tuned model in {self.fine_tuned_model}: run "
+                "`kedro run` (or `kedro run --pipeline finetune`) first, or give `model` "
+                "(a .keras file or an MLflow model URI)."
+            ) from err
+        manifest = CSVDataset(filepath=self.manifest, version=Version(version, None),
+                              load_args={"dtype": str, "keep_default_na": False})
+        try:
+            names = data.class_names(manifest.load())
+        except DatasetError as err:
+            raise InputError(
+                f"The fine-tuned model {version} has no manifest of its run in "
+                f"{self.manifest}, so its class names are unknown. Give `model` as another "
+                "version or an MLflow model URI."
+            ) from err
+        logger.info("Model: the fine-tuned model of run %s (%s classes)", version, len(names))
+        how = JSONDataset(filepath=self.preprocessing, version=Version(version, None))
+        resize = how.load()["resize"] if how.exists() else "stretch"  # runs before resize modes
+        return Classifier(model, tuple(names), resize=resize)
+
+    def save(self, data: Any) -> None:
+        raise DatasetError("The classifier is an input: it is read, never written.")
+
+    def _describe(self) -> dict[str, Any]:
+        return {"model": self.model or "the latest fine-tuned model"}

@@ -12,6 +12,7 @@ import io
 import logging
 import struct
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -169,3 +170,25 @@ def pretrain_compact_cnn(
     result = model.fit(train, validation_data=val, epochs=epochs, verbose=2, shuffle=False)
     history = {k: [float(v) for v in values] for k, values in result.history.items()}
     return model, {"epoch": [int(e) for e in result.epoch], **history}
+
+
+def target_folder(params: dict[str, Any]) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The target task as an image folder: ``train/`` (few labels) and ``test/``.
+
+    ``train/`` holds ``labels_per_class`` seeded training images of each target class (the
+    finetune pipeline carves its validation images out of them); ``test/`` holds all the
+    official test images of those classes. Returns the folder's files (the catalog writes
+    them) and a summary of it (path, source, images per class in each split).
+    """
+    folder = find_fashion_mnist(params["fashion_mnist_dirs"])
+    files: dict[str, bytes] = {}
+    summary: dict[str, Any] = {"path": str(params["target_path"]), "source": str(folder)}
+    for split, per_class in (("train", params["labels_per_class"]), ("test", None)):
+        images, labels = load_split(folder, split)
+        idx = select_classes(labels, params["target_classes"], per_class, params["seed"])
+        files.update(image_files(images, labels, idx, split))
+        names, counts = np.unique(labels[idx], return_counts=True)
+        summary[split] = {CLASS_NAMES[int(n)]: int(c)
+                          for n, c in zip(names, counts, strict=True)}
+        logger.info("Target %s: %s images", split, len(idx))
+    return files, summary

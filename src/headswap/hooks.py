@@ -39,9 +39,17 @@ from headswap.core.errors import InputError
 logger = logging.getLogger(__name__)
 
 SERVER_TIMEOUT_S = 5.0
-#: The parameter that sets each catalog input's location (named in its errors).
-INPUT_KEYS = {"images": "finetune.data.path", "prediction_images": "predict.path",
-              "pretrained_model": "finetune.base.path"}
+#: The parameters behind each catalog input's arguments (named in its errors).
+INPUT_KEYS = {
+    "images": {"path": "finetune.data.path"},
+    "prediction_images": {"path": "predict.path"},
+    "pretrained_model": {"path": "finetune.base.path", "name": "finetune.base.name",
+                         "weights": "finetune.base.weights",
+                         "allow_unsafe": "finetune.base.allow_unsafe",
+                         "image_size": "finetune.data.image_size"},
+    "classifier": {"model": "predict.model", "labels": "predict.labels",
+                   "allow_unsafe": "predict.allow_unsafe"},
+}
 
 
 class RunStopped(click.ClickException):
@@ -54,6 +62,15 @@ class UserErrorHook:
     MLflow run starts), and a node's :class:`~headswap.core.InputError` or
     :class:`ParameterError`, naming the parameter keys. The pipeline error hooks still run:
     the MLflow run is marked FAILED."""
+
+    @hook_impl(tryfirst=True)
+    def after_context_created(self, context) -> None:
+        # before kedro-mlflow's setup, which would retry an absent server for minutes
+        if mlflow.active_run() is not None:
+            return
+        uri, where = tracking_uri(context)
+        if uri and uri.startswith(("http://", "https://")):
+            check_tracking_server(uri, where)
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -82,8 +99,9 @@ class UserErrorHook:
             cause = cause.__cause__
         if cause is not error and isinstance(cause, InputError):
             dataset = str(error).split(":", 1)[0]  # Kedro's "<dataset>: Failed while loading"
-            key = INPUT_KEYS.get(dataset)
-            message = str(cause).replace("`path`", key) if key else str(cause)
+            message = str(cause)
+            for argument, key in INPUT_KEYS.get(dataset, {}).items():
+                message = message.replace(f"`{argument}`", key)
             raise RunStopped(message) from error
 
 
@@ -91,7 +109,7 @@ def _check_inputs_set(config, inputs: set[str]) -> None:
     """Stop a run whose catalog inputs ``images`` or ``pretrained_model`` have no location."""
     where = ("in conf/local/parameters_finetune.yml (README, \"Your own images\"; the "
              "embedded example runs with `make example`)")
-    if "images" in inputs and not config.data.path:
+    if "images" in inputs and not (config.data.path or config.data.manifest):
         raise RunStopped(
             "finetune.data.path is not set: give the images to fine-tune on, a folder of class "
             f"sub-folders or a .csv of path,label (local, s3:// or gs://), {where}."
@@ -142,19 +160,6 @@ def check_tracking_server(uri: str, where: str, timeout: float = SERVER_TIMEOUT_
         f"nothing was run. Start the server, correct {where}, "
         "or set it to sqlite:///mlflow.db to record runs in a local file."
     )
-
-
-class MlflowServerCheckHook:
-    """Stops a run before anything else (kedro-mlflow's setup included, which would retry for
-    minutes) when the configured http(s) MLflow tracking server does not answer."""
-
-    @hook_impl(tryfirst=True)
-    def after_context_created(self, context) -> None:
-        if mlflow.active_run() is not None:
-            return
-        uri, where = tracking_uri(context)
-        if uri and uri.startswith(("http://", "https://")):
-            check_tracking_server(uri, where)
 
 
 class MultiWorkerHook:
@@ -210,84 +215,6 @@ class MultiWorkerHook:
             devices.wait_for_workers(self._strategy)
 
 
-class SkippedImagesSummaryHook:
-    """Repeats at the end of a run how many image files ingest skipped, and where they are
-    listed."""
-
-    def __init__(self) -> None:
-        self._counts: dict[str, int] = {}
-
-    @hook_impl
-    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        self._counts = {}
-
-    @hook_impl
-    def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
-        if dataset_name in ("manifest", "skipped_images") and isinstance(data, pd.DataFrame):
-            self._counts[dataset_name] = len(data)
-
-    @hook_impl
-    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        if "skipped_images" not in self._counts:
-            return
-        skipped = self._counts["skipped_images"]
-        (logger.warning if skipped else logger.info)(
-            "Run summary: %s images used, %s image files skipped%s.",
-            self._counts.get("manifest", 0), skipped,
-            " (listed in skipped_images, and in the MLflow run under data/)" if skipped else "",
-        )
-
-
-class MlflowRunEndHook:
-    """Leaves the MLflow run that kedro-mlflow started closed, with a status that tells what
-    happened.
-
-    kedro-mlflow re-enters its run before each node (``nested: true``), so after a run the same
-    run is still active once per node: a later session in the same process would log into it.
-    After the pipeline they are all closed. When the process exits mid-run (Ctrl-C, which
-    ``kedro run`` turns into an exit), the run is marked KILLED instead of the FINISHED that
-    MLflow's own exit handler would record. Failed runs are marked FAILED by kedro-mlflow.
-    """
-
-    def __init__(self) -> None:
-        self._outer_run = False
-        self._run_id: str | None = None
-        atexit.register(self._end_interrupted_run)
-
-    @hook_impl
-    def after_context_created(self, context) -> None:
-        self._outer_run = mlflow.active_run() is not None  # started by the caller: left open
-
-    @hook_impl(trylast=True)
-    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        run = mlflow.active_run()
-        self._run_id = run.info.run_id if run is not None and not self._outer_run else None
-
-    @hook_impl(trylast=True)
-    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        self._close(RunStatus.FINISHED)
-
-    @hook_impl(tryfirst=True)
-    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline, catalog):
-        # kedro-mlflow's own error handler ends the run once per time it was re-entered, and
-        # says so each time: leave it entered once, so the user reads that line once.
-        run_id = self._run_id
-        self._close(RunStatus.FAILED)
-        if run_id is not None:
-            mlflow.start_run(run_id=run_id)
-
-    def _close(self, status: int) -> None:
-        while (run := mlflow.active_run()) is not None and run.info.run_id == self._run_id:
-            mlflow.end_run(RunStatus.to_string(status))
-        self._run_id = None
-
-    def _end_interrupted_run(self) -> None:
-        run = mlflow.active_run()
-        if self._run_id and run is not None and run.info.run_id == self._run_id:
-            logger.warning("The run was interrupted; MLflow run %s is marked KILLED.", self._run_id)
-            self._close(RunStatus.KILLED)
-
-
 class MlflowArtifactHook:
     """Logs each saved output whose catalog entry has ``metadata: {mlflow_artifact: <dir>}``
     to the active MLflow run, under ``<dir>/`` (figures as PNG, dicts as JSON, tables as CSV).
@@ -333,33 +260,59 @@ def _log_files(files: dict[str, bytes], folder: str) -> None:
         mlflow.log_artifacts(tmp, folder)
 
 
-class ResumeHook:
-    """A finetune run that was killed or interrupted, run again with the same parameters (and
-    ``finetune.training.resume``, on by default), continues in its MLflow run.
+class MlflowRunHook:
+    """The MLflow run of a ``kedro run``, from start to end (kedro-mlflow starts and ends it;
+    this hook runs after kedro-mlflow's own at each step).
 
-    The run's MLflow id is kept beside its resume state (:func:`headswap.config.state_dir`);
-    the next ``kedro run`` with the same parameters hands that id to kedro-mlflow, which reopens
-    the run instead of starting one. Once a pipeline finishes, or fails on an error (which a
-    rerun would meet again), the resume folder is removed: only a run that was killed or
-    stopped with Ctrl-C leaves its state to resume from.
+    * **Resume.** A finetune run that was killed or interrupted, run again with the same
+      parameters (and ``finetune.training.resume``, on by default), continues in its MLflow run:
+      the run's id is kept beside its resume state (:func:`headswap.config.state_dir`) and
+      handed to kedro-mlflow, which reopens the run instead of starting one. Once a pipeline
+      finishes, or fails on an error (which a rerun would meet again), the resume folder is
+      removed: only a run killed or stopped with Ctrl-C leaves its state to resume from.
+    * **Names.** Each run is named after what ran (``<pipeline> - <base> - <image folder>``,
+      unless ``tracking.run.name`` in mlflow.yml names it); the manifest is logged as its input
+      dataset; a finished finetune run gets a description with its headline result and tags.
+    * **Namespaces.** Each node namespace (a variant of ``compare``) logs into its own run,
+      nested under the pipeline's run (``labels_10.full`` under ``labels_10`` under it), opened
+      before each of its nodes and closed once the node's last output is saved, so metrics
+      datasets saved by the node land in the innermost one. A saved
+      ``<namespace>.finetune_params`` dict is logged as that run's parameters.
+    * **End.** kedro-mlflow re-enters its run before each node (``nested: true``): after the
+      pipeline the run is closed as many times as it is still active, so that a later session
+      in the same process does not log into it; a process that exits mid-run (Ctrl-C) marks it
+      KILLED instead of the FINISHED MLflow's exit handler would record; a failed one is
+      FAILED. The end of a run repeats how many image files ingest skipped.
     """
 
     def __init__(self) -> None:
-        self._state: Path | None = None
-        self._folder: Path | None = None
+        self._outer_run = False  # a run the caller started: left open
+        self._named = False
+        self._state: Path | None = None  # this run's resume state
+        self._resume_dir: Path | None = None
+        self._run_id: str | None = None  # the pipeline's run, to close
+        self._pipeline_run: str | None = None  # the pipeline's run, to describe
+        self._folder: str | None = None
+        self._counts: dict[str, int] = {}
+        self._runs: dict[str, str] = {}  # namespace -> its nested run
+        self._open: str | None = None  # the node whose nested runs are open
+        self._depth = 0  # how many nested runs it opened
+        atexit.register(self._end_interrupted_run)
 
     @hook_impl(trylast=True)
     def after_context_created(self, context) -> None:
-        self._state = self._folder = None
+        self._outer_run = mlflow.active_run() is not None
+        config = getattr(context, "mlflow", None)  # kedro-mlflow's configuration
+        self._named = bool(config is not None and config.tracking.run.name)
+        self._state = self._resume_dir = None
         try:
             cfg = parse_finetune(context.params["finetune"])
         except (KeyError, ParameterError):
             return  # not a finetune configuration, or UserErrorHook reports it
         if not cfg.keeps_backups():
             return
-        self._state, self._folder = state_dir(cfg), Path(cfg.training.resume_dir)
+        self._state, self._resume_dir = state_dir(cfg), Path(cfg.training.resume_dir)
         run_file = self._state / "mlflow_run_id"
-        config = getattr(context, "mlflow", None)  # kedro-mlflow's configuration
         if run_file.is_file() and config is not None:
             config.tracking.run.id = run_file.read_text().strip()
             logger.info("Resuming: logging into the interrupted MLflow run %s",
@@ -368,49 +321,32 @@ class ResumeHook:
     @hook_impl(trylast=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         run = mlflow.active_run()
+        self._pipeline_run = run.info.run_id if run is not None else None
+        self._run_id = self._pipeline_run if not self._outer_run else None
+        self._counts, self._runs, self._open, self._depth = {}, {}, None, 0
+        self._keep_resume_state(pipeline, run)
+        self._folder = None
+        if run is None:
+            return
+        params = {key: catalog.load(f"params:{key}") for key in ("finetune", "predict")
+                  if f"params:{key}" in pipeline.inputs()}
+        if not params:
+            return
+        self._folder = ((params.get("finetune") or {}).get("data") or {}).get("path")
+        if not self._named:
+            names = run_params.get("pipeline_names") or [run_params.get("pipeline_name")]
+            label = "+".join(n for n in names if n) or "__default__"
+            label = "finetune" if label == "__default__" else label
+            mlflow.set_tag("mlflow.runName", tracking.run_name(label, params))
+
+    def _keep_resume_state(self, pipeline, run) -> None:
         # tune's trials keep no resume state; several processes may share one search
         if ("params:finetune" not in pipeline.inputs() or "params:tune" in pipeline.inputs()
                 or run is None):
-            self._state = self._folder = None
+            self._state = self._resume_dir = None
         if self._state is not None:
             self._state.mkdir(parents=True, exist_ok=True)
             (self._state / "mlflow_run_id").write_text(run.info.run_id)
-
-    @hook_impl
-    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        self._remove()
-
-    @hook_impl
-    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline, catalog):
-        self._remove()
-
-    def _remove(self) -> None:
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
-        self._state = self._folder = None
-
-
-class NamespaceRunsHook:
-    """Each node namespace of a run (a variant of the ``compare`` pipeline) logs into its own
-    MLflow run, nested under the pipeline's run, so the MLflow UI compares them side by side.
-    Nested namespaces nest their runs: ``labels_10.full`` (a variant of one count of the
-    ``label_efficiency`` pipeline) logs into the run ``labels_10.full``, nested under the run
-    ``labels_10``, nested under the pipeline's run.
-
-    The namespace's runs are opened (created the first time, named after the namespace) before
-    each of its nodes, after kedro-mlflow has re-entered the pipeline's run, and closed once the
-    node's last output is saved, so metrics datasets saved by the node land in the innermost
-    one. A saved ``<namespace>.finetune_params`` dict is logged as that run's parameters.
-    """
-
-    def __init__(self) -> None:
-        self._runs: dict[str, str] = {}
-        self._open: str | None = None  # name of the node whose nested runs are open
-        self._depth = 0  # how many nested runs it opened
-
-    @hook_impl
-    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        self._runs, self._open, self._depth = {}, None, 0
 
     @hook_impl(trylast=True)
     def before_node_run(self, node) -> None:
@@ -429,73 +365,83 @@ class NamespaceRunsHook:
 
     @hook_impl(trylast=True)
     def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
+        if dataset_name in ("manifest", "skipped_images") and isinstance(data, pd.DataFrame):
+            self._counts[dataset_name] = len(data)
+            if (dataset_name == "manifest" and self._folder
+                    and mlflow.active_run() is not None):
+                tracking.log_manifest(data, self._folder)
         if self._open != node.name:
             return
         if dataset_name.endswith(".finetune_params") and isinstance(data, dict):
             flat = pd.json_normalize(data, sep=".").iloc[0].to_dict()
             mlflow.log_params({f"finetune.{k}": str(v)[:6000] for k, v in flat.items()})
         if dataset_name == node.outputs[-1]:
-            self._close(RunStatus.FINISHED)
+            self._close_namespace(RunStatus.FINISHED)
 
     @hook_impl(trylast=True)
     def after_node_run(self, node) -> None:
         if self._open == node.name and not node.outputs:
-            self._close(RunStatus.FINISHED)
+            self._close_namespace(RunStatus.FINISHED)
 
     @hook_impl(tryfirst=True)
     def on_node_error(self, error: Exception, node) -> None:
         if self._open == node.name:
-            self._close(RunStatus.FAILED)
+            self._close_namespace(RunStatus.FAILED)
 
-    def _close(self, status: int) -> None:
+    @hook_impl(trylast=True)
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        self._describe()
+        self._summarise_skipped()
+        self._remove_resume_state()
+        self._close(RunStatus.FINISHED)
+
+    @hook_impl(tryfirst=True)
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline, catalog):
+        self._remove_resume_state()
+        # kedro-mlflow's own error handler ends the run once per time it was re-entered, and
+        # says so each time: leave it entered once, so the user reads that line once.
+        run_id = self._run_id
+        self._close(RunStatus.FAILED)
+        if run_id is not None:
+            mlflow.start_run(run_id=run_id)
+
+    def _describe(self) -> None:
+        """The finished run's description and tags (base, test accuracy)."""
+        if self._pipeline_run is None:
+            return
+        client = mlflow.MlflowClient()
+        finished = client.get_run(self._pipeline_run)
+        for key, value in tracking.describe_run(finished.data.metrics,
+                                                finished.data.params).items():
+            client.set_tag(self._pipeline_run, key, value)
+
+    def _summarise_skipped(self) -> None:
+        if "skipped_images" not in self._counts:
+            return
+        skipped = self._counts["skipped_images"]
+        (logger.warning if skipped else logger.info)(
+            "Run summary: %s images used, %s image files skipped%s.",
+            self._counts.get("manifest", 0), skipped,
+            " (listed in skipped_images, and in the MLflow run under data/)" if skipped else "",
+        )
+
+    def _remove_resume_state(self) -> None:
+        if self._resume_dir is not None:
+            shutil.rmtree(self._resume_dir, ignore_errors=True)
+        self._state = self._resume_dir = None
+
+    def _close_namespace(self, status: int) -> None:
         for _ in range(self._depth):
             mlflow.end_run(RunStatus.to_string(status))
         self._open, self._depth = None, 0
 
+    def _close(self, status: int) -> None:
+        while (run := mlflow.active_run()) is not None and run.info.run_id == self._run_id:
+            mlflow.end_run(RunStatus.to_string(status))
+        self._run_id = None
 
-class RunDescriptionHook:
-    """Makes runs tell themselves apart in the MLflow UI: names each run after what ran
-    (``<pipeline> - <base> - <image folder>``, unless ``tracking.run.name`` in mlflow.yml
-    names it), logs the manifest as the run's input dataset, and gives a finished finetune
-    run a description with its headline result and tags (base, test accuracy)."""
-
-    def __init__(self) -> None:
-        self._named = False
-        self._folder: str | None = None
-
-    @hook_impl
-    def after_context_created(self, context) -> None:
-        config = getattr(context, "mlflow", None)  # kedro-mlflow's configuration
-        self._named = bool(config is not None and config.tracking.run.name)
-
-    @hook_impl(trylast=True)
-    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
-        self._folder = None
-        if mlflow.active_run() is None:
-            return
-        params = {key: catalog.load(f"params:{key}") for key in ("finetune", "predict")
-                  if f"params:{key}" in pipeline.inputs()}
-        if not params:
-            return
-        self._folder = ((params.get("finetune") or {}).get("data") or {}).get("path")
-        if not self._named:
-            names = run_params.get("pipeline_names") or [run_params.get("pipeline_name")]
-            label = "+".join(n for n in names if n) or "__default__"
-            label = "finetune" if label == "__default__" else label
-            mlflow.set_tag("mlflow.runName", tracking.run_name(label, params))
-
-    @hook_impl
-    def after_dataset_saved(self, dataset_name: str, data: Any, node) -> None:
-        if (dataset_name == "manifest" and self._folder and isinstance(data, pd.DataFrame)
-                and mlflow.active_run() is not None):
-            tracking.log_manifest(data, self._folder)
-
-    @hook_impl(tryfirst=True)
-    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+    def _end_interrupted_run(self) -> None:
         run = mlflow.active_run()
-        if run is None:
-            return
-        finished = mlflow.MlflowClient().get_run(run.info.run_id)
-        tags = tracking.describe_run(finished.data.metrics, finished.data.params)
-        if tags:
-            mlflow.set_tags(tags)
+        if self._run_id and run is not None and run.info.run_id == self._run_id:
+            logger.warning("The run was interrupted; MLflow run %s is marked KILLED.", self._run_id)
+            self._close(RunStatus.KILLED)

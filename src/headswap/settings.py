@@ -11,28 +11,18 @@ warnings.filterwarnings("ignore", r"register_new_resolver\(\) is deprecated", Us
 
 from headswap.hooks import (  # noqa: E402 - after the filters, which must come first
     MlflowArtifactHook,
-    MlflowRunEndHook,
-    MlflowServerCheckHook,
+    MlflowRunHook,
     MultiWorkerHook,
-    NamespaceRunsHook,
-    ResumeHook,
-    RunDescriptionHook,
-    SkippedImagesSummaryHook,
     UserErrorHook,
 )
 
-# Next to kedro-mlflow's own hook (registered by the plugin); those that must come before it
-# are marked tryfirst, those that need its MLflow run trylast.
+# Next to kedro-mlflow's own hook (registered by the plugin); what must come before it is
+# marked tryfirst, what needs its MLflow run trylast.
 HOOKS = (
     MultiWorkerHook(),
-    MlflowServerCheckHook(),
     UserErrorHook(),
     MlflowArtifactHook(),
-    SkippedImagesSummaryHook(),
-    MlflowRunEndHook(),
-    ResumeHook(),
-    NamespaceRunsHook(),
-    RunDescriptionHook(),
+    MlflowRunHook(),
 )
 
 # Class that manages the KedroSession.

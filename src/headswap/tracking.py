@@ -8,6 +8,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import pandas as pd
 from mlflow.entities import Metric
 from mlflow.utils.time import get_current_time_millis
 
+from headswap.core import Stage
+from headswap.core.fit import FitOptions, History, fit
 from headswap.datasets import log_metrics
 
 
@@ -80,6 +83,22 @@ def epoch_metrics(prefix: str = "epoch") -> Iterator[EpochMetrics]:
         yield callback
     finally:
         callback.flush()
+
+
+def fit_phase(
+    model: keras.Model, manifest: pd.DataFrame, stages: list[Stage], options: FitOptions,
+    name: str, first_epoch: int = 0,
+) -> History:
+    """One phase of the recipe (:func:`headswap.core.fit.fit`), its epochs' metrics logged to
+    the active MLflow run while they train, then any the run lacks and the learning rates the
+    range test found."""
+    with epoch_metrics() as live:
+        history = fit(model, manifest, stages,
+                      replace(options, extra_callbacks=[*options.extra_callbacks, live]),
+                      first_epoch, name)
+    log_history(history)
+    log_found_rates(history, name)
+    return history
 
 
 def logged_steps(run_id: str, key: str) -> set[int]:

@@ -16,7 +16,6 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +25,21 @@ import optuna
 import pandas as pd
 import sqlalchemy.exc
 from optuna.trial import TrialState
+from optuna_integration.tfkeras import TFKerasPruningCallback
 
-from headswap.config import SearchDimension, TuneConfig, merge_parameters, parse_finetune
-from headswap.core import evaluation, fine_tune
-from headswap.core.devices import rebuild
+from headswap.config import (
+    ParameterError,
+    SearchDimension,
+    TuneConfig,
+    merge_parameters,
+    parse_finetune,
+)
 from headswap.core.errors import InputError
-from headswap.core.fit import FitOptions, History
-from headswap.pipelines.finetune.nodes import swap_head
 
 logger = logging.getLogger(__name__)
 
 OVER_BUDGET = "over_budget"  # user attribute of a trial drawn after the budget was spent
+DEFAULT_RECIPE = "default_recipe"  # user attribute of a new study's first trial
 
 
 class OverBudget(Exception):
@@ -116,47 +119,60 @@ def nested(flat: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-class PruneOnValAccuracy(keras.callbacks.Callback):
-    """Reports each epoch's validation accuracy to the trial (step: the epoch on the run's one
-    axis across both phases) and stops the trial when the pruner says so."""
-
-    def __init__(self, trial: optuna.Trial) -> None:
-        super().__init__()
-        self.trial = trial
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if not logs or "val_accuracy" not in logs:
-            return
-        self.trial.report(float(logs["val_accuracy"]), epoch)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(
-                f"validation accuracy {logs['val_accuracy']:.4f} at epoch {epoch + 1} is below "
-                "the other trials' median there"
-            )
-
-
-def train_recipe(
-    base_model: keras.Model, manifest: pd.DataFrame, params: dict[str, Any],
-    callbacks: list[keras.callbacks.Callback] = (),
-) -> tuple[keras.Model, History, History, FitOptions]:
-    """The finetune recipe with ``params`` (finetune parameters) on a copy of the base: a new
-    head, phase 1, phase 2. No resume state (a trial is short and its own)."""
-    cfg = parse_finetune(params)
-    options = replace(cfg.fit_options(), backup_dir=None, verbose=0,
-                      extra_callbacks=list(callbacks))
-    model = swap_head(rebuild(base_model), manifest, cfg.head, cfg.training.augmentation,
-                      options)
-    phase1, phase2 = fine_tune(model, manifest, cfg.phase1.stages_list(),
-                               cfg.phase2.stages_list(), options)
-    return model, phase1, phase2, options
+def default_trial(space: dict[str, SearchDimension], finetune: dict[str, Any]
+                  ) -> tuple[dict[str, Any], list[str]]:
+    """The trial parameters (a named choice by its name) under which ``finetune`` (finetune
+    parameters) keeps its own value of each key of ``space``, and the keys whose value none of
+    their choices gives (left to the sampler)."""
+    given = parse_finetune(finetune).model_dump()
+    params: dict[str, Any] = {}
+    missing = []
+    for key, dim in space.items():
+        value = _value_at(given, key)
+        if dim.choices is None:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                params[key] = value
+            else:
+                missing.append(key)  # e.g. phase2.train.top, where the phase trains all
+            continue
+        options = dim.choices.items() if isinstance(dim.choices, dict) else (
+            (choice, choice) for choice in dim.choices)
+        for name, choice in options:
+            try:
+                parsed = parse_finetune(merge_parameters(finetune, nested({key: choice})))
+            except ParameterError:
+                continue
+            if _value_at(parsed.model_dump(), key) == value:
+                params[key] = name
+                break
+        else:
+            missing.append(key)
+    return params, missing
 
 
-def validation_accuracy(model: keras.Model, manifest: pd.DataFrame, options: FitOptions) -> float:
-    """The trained model's accuracy on the validation split (the search never sees the test
-    split)."""
-    result = evaluation.evaluate(model, manifest, options.image_size, options.batch_size,
-                                 split="val", resize=options.resize)
-    return float(result["metrics"]["accuracy"])
+def _value_at(params: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(params, dict) or part not in params:
+            return None
+        params = params[part]
+    return params
+
+
+def enqueue_default_recipe(study: optuna.Study, space: dict[str, SearchDimension],
+                           finetune: dict[str, Any]) -> None:
+    """Make the next trial of ``study`` the recipe of ``finetune`` as it is (see
+    :func:`default_trial`), marked with the user attribute :data:`DEFAULT_RECIPE`."""
+    params, missing = default_trial(space, finetune)
+    outside = [k for k, v in params.items() if space[k].choices is None
+               and not space[k].low <= v <= space[k].high]
+    study.enqueue_trial(params, user_attrs={DEFAULT_RECIPE: True}, skip_if_exists=True)
+    logger.info("The study's first trial is the default recipe: %s", params)
+    if outside:
+        logger.warning("The search space leaves out the default of %s; the first trial runs "
+                       "it, the others search the space", ", ".join(outside))
+    if missing:
+        logger.warning("No point of the search space is the default of %s; the first trial "
+                       "samples it", ", ".join(missing))
 
 
 @contextlib.contextmanager
@@ -192,6 +208,8 @@ def search(
     trains the finetune ``params`` of a trial with ``callbacks`` and returns the validation
     accuracy."""
     study = open_study(cfg)
+    if not study.get_trials(deepcopy=False):  # a new study: the defaults first
+        enqueue_default_recipe(study, cfg.space, finetune)
 
     def objective(trial: optuna.Trial) -> float:
         if cfg.n_trials is not None and _rank(study, trial) >= cfg.n_trials:
@@ -208,7 +226,7 @@ def search(
                 mlflow.log_params({f"finetune.{k}": str(v)[:6000] for k, v in values.items()})
             try:
                 value = train(merge_parameters(finetune, nested(values)),
-                              [PruneOnValAccuracy(trial)])
+                              [TFKerasPruningCallback(trial, "val_accuracy")])
             except optuna.TrialPruned as err:
                 pruned = err
                 if run is not None:

@@ -10,10 +10,10 @@ From Python (the Kedro project's ``finetune`` pipeline does the same, node by no
     model = heads.attach_head(base, len(data.class_names(manifest)), dense=[64], dropout=0.3,
                               seed=42)
     options = FitOptions(image_size=(28, 28), batch_size=32, seed=42)
-    phase1 = [Stage(epochs=200, learning_rate=3e-3)]
-    phase2 = [Stage(epochs=30, learning_rate=3e-4, train="all", schedule="cosine",
-                    warmup_epochs=2)]
-    fine_tune(model, manifest, phase1, phase2, options)
+    phases = {"phase1": [Stage(epochs=200, learning_rate=3e-3)],
+              "phase2": [Stage(epochs=30, learning_rate=3e-4, train="all",
+                               schedule="cosine", warmup_epochs=2)]}
+    histories = fine_tune(model, manifest, phases, options)  # {phase name: history}
     print(evaluation.evaluate(model, manifest, options.image_size)["text"])
 """
 

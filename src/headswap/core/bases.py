@@ -283,9 +283,10 @@ def native_image_size(name: str) -> tuple[int, int]:
 
 
 def keras_application(
-    name: str, image_size: tuple[int, int], weights: str | None = "imagenet"
+    name: str, image_size: tuple[int, int] | None, weights: str | None = "imagenet"
 ) -> keras.Model:
-    """A ``keras.applications`` feature extractor (no top) taking raw RGB pixels.
+    """A ``keras.applications`` feature extractor (no top) taking raw RGB pixels of
+    ``image_size`` (None: the size the architecture was made for, :func:`native_image_size`).
 
     ``name`` is any architecture the installed Keras has (:data:`ARCHITECTURES`); its own
     ``preprocess_input`` is built in from built-in layers (:func:`preprocessing_layers`).
@@ -297,7 +298,7 @@ def keras_application(
     Grayscale images are fed with three channels (the data pipeline decodes them so).
     """
     constructor = _constructor(name)
-    height, width = image_size
+    height, width = image_size or native_image_size(name)
     shape = (height, width, 3)
     if weights not in ("imagenet", None):
         _check_weights_path(name, weights)
@@ -406,8 +407,9 @@ def _check_weights_path(name: str, weights: str) -> None:
 # --- keras-hub presets ----------------------------------------------------------------------
 
 
-def keras_hub_base(preset: str | Path, image_size: tuple[int, int]) -> keras.Model:
-    """A keras-hub image backbone from a local preset folder, taking raw RGB pixels.
+def keras_hub_base(preset: str | Path, image_size: tuple[int, int] | None) -> keras.Model:
+    """A keras-hub image backbone from a local preset folder, taking raw RGB pixels of
+    ``image_size`` (None: the size of the preset's image converter, else its fixed input).
 
     The folder is one keras-hub wrote with ``save_to_preset`` (``config.json``, the weights,
     and ``image_converter.json`` when the preset has its own image preprocessing). The
@@ -438,7 +440,8 @@ def keras_hub_base(preset: str | Path, image_size: tuple[int, int]) -> keras.Mod
             f"keras-hub could not load the preset in {folder}: {_first_line(err)}. Save it "
             "again with save_to_preset (from the same keras-hub version)."
         ) from err
-    height, width = image_size
+    if image_size is None and converter is not None and converter.image_size:
+        image_size = tuple(converter.image_size)
     if len(backbone.inputs) != 1 or len(backbone.inputs[0].shape) != 4:
         raise BaseLoadError(
             f"The preset in {folder} ({type(backbone).__name__}) does not take images alone "
@@ -452,6 +455,7 @@ def keras_hub_base(preset: str | Path, image_size: tuple[int, int]) -> keras.Mod
             f"{tuple(features.outputs[0].shape)}, not a feature map (height, width, "
             "channels); give a convolutional image backbone's preset."
         )
+    height, width = image_size or image_size_for(features, None)
     check_image_size(features, (height, width))
     inputs = keras.Input(shape=(height, width, 3), name="image")
     x = inputs
@@ -489,6 +493,19 @@ def input_spec(model: keras.Model) -> tuple[int | None, int | None, int]:
             "(height, width, channels)."
         )
     return shape[1], shape[2], int(shape[3])
+
+
+def image_size_for(model: keras.Model, image_size: tuple[int, int] | None) -> tuple[int, int]:
+    """``image_size`` if set, else the model's own fixed input size."""
+    if image_size is not None:
+        return tuple(image_size)
+    height, width, _ = input_spec(model)
+    if height is None or width is None:
+        raise BaseLoadError(
+            f"The base ({model.name}) takes images of any size, so `image_size` has no default: "
+            "set it, e.g. `image_size`: [224, 224]."
+        )
+    return height, width
 
 
 def check_image_size(model: keras.Model, image_size: tuple[int, int]) -> None:

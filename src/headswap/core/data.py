@@ -14,18 +14,26 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 from sklearn.model_selection import train_test_split
 
 from headswap.core import sources
-from headswap.core.images import apply_orientation, exif_orientation, resize_image
+from headswap.core.images import (
+    apply_orientation,
+    exif_orientation,
+    has_app1_segment,
+    resize_image,
+)
+from headswap.core.progress import CountProgress
 from headswap.core.sources import (  # noqa: F401 - part of this module's interface
     IMAGE_EXTENSIONS,
     SKIPPED_COLUMNS,
@@ -78,7 +86,12 @@ def _decoded_indices(paths: list[str]) -> set[int]:
         .ignore_errors()
         .batch(1024)
     )
-    return {int(i) for indices, _ in dataset for i in indices.numpy()}
+    progress = CountProgress("Decoding the images", len(paths), logger)  # large folders only
+    decoded: set[int] = set()
+    for indices, _ in dataset:
+        decoded.update(int(i) for i in indices.numpy())
+        progress.update(len(decoded))
+    return decoded
 
 
 def find_unreadable(paths: list[str]) -> dict[str, str]:
@@ -139,7 +152,11 @@ def ingest(
     ``reason``); the split depends only on the readable files and ``seed``. Hidden files and
     folders, files that are no images (e.g. ``notes.txt``) and images outside any class
     folder are ignored.
+    With ``source.manifest`` (an earlier run's manifest), that manifest's split is reused
+    instead (:func:`load_manifest`).
     """
+    if source.manifest:
+        return load_manifest(source.manifest, source.storage_options)
     skipped = [tuple(row) for row in source.skipped.itertuples(index=False)]
     files = source.files[source.files["label"] != ""]
     problems = _unreadable(files["path"].tolist(), source)
@@ -266,17 +283,23 @@ def check_manifest(manifest: pd.DataFrame) -> None:
             )
 
 
-def load_manifest(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """An earlier run's manifest, to reuse its split, and the table of images skipped now.
+def load_manifest(
+    location: str | Path, storage_options: dict[str, Any] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """An earlier run's manifest (local or remote), to reuse its split, and the table of
+    images skipped now.
 
     Stops with :class:`MissingDataError` if the manifest or any image it lists is gone (the split
     would no longer be the same); images that exist but no longer decode are skipped and listed.
     """
-    file = Path(path)
-    if not file.is_file():
-        versions = sorted(file.glob(f"*/{file.name}")) if file.is_dir() else []
+    file = str(location)
+    fs, root = fsspec.core.url_to_fs(file, **(storage_options or {}))
+    if not fs.isfile(root):
+        name = posixpath.basename(root.rstrip("/"))
+        versions = sorted(fs.glob(f"{root.rstrip('/')}/*/{name}")) if fs.isdir(root) else []
         hint = (
-            f" It is a versioned folder; give one version's file, e.g. {versions[-1]}."
+            f" It is a versioned folder; give one version's file, e.g. "
+            f"{fs.unstrip_protocol(versions[-1]) if sources.is_url(file) else versions[-1]}."
             if versions else ""
         )
         raise MissingDataError(
@@ -285,7 +308,8 @@ def load_manifest(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             "data/02_intermediate/manifest.csv/<version>/manifest.csv, or set "
             "`manifest` to null to scan `path`."
         )
-    manifest = pd.read_csv(file, dtype=str, keep_default_na=False)
+    with fs.open(root, "rb") as stream:
+        manifest = pd.read_csv(stream, dtype=str, keep_default_na=False)
     check_manifest(manifest)
     gone = [p for p in manifest["path"] if not sources.is_url(p) and not Path(p).is_file()]
     if gone:
@@ -296,7 +320,8 @@ def load_manifest(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             + ". Restore them, or set `manifest` to null to scan "
             "`path` into a new split."
         )
-    unreadable = _unreadable(manifest["path"].tolist())
+    unreadable = _unreadable(manifest["path"].tolist(),
+                             sources.ImageSource(file, dict(storage_options or {})))
     skipped = pd.DataFrame(list(unreadable.items()), columns=SKIPPED_COLUMNS)
     manifest = manifest[~manifest["path"].isin(unreadable)].reset_index(drop=True)
     check_manifest(manifest)
@@ -318,6 +343,7 @@ def split_arrays(manifest: pd.DataFrame, split: str) -> tuple[np.ndarray, np.nda
     return rows["path"].to_numpy(dtype=str), rows["label"].map(index).to_numpy(dtype=np.int32)
 
 
+@tf.autograph.experimental.do_not_convert
 def decode_image(
     path: tf.Tensor, image_size: tuple[int, int], channels: int, resize: str = "stretch"
 ) -> tf.Tensor:
@@ -326,6 +352,7 @@ def decode_image(
     return decode_bytes(tf.io.read_file(path), image_size, channels, resize)
 
 
+@tf.autograph.experimental.do_not_convert
 def decode_bytes(
     raw: tf.Tensor, image_size: tuple[int, int], channels: int, resize: str = "stretch"
 ) -> tf.Tensor:
@@ -339,11 +366,36 @@ def decode_bytes(
     GIF gives its first frame. ``resize`` is one of
     :data:`~headswap.core.images.RESIZE_MODES` (stretch, pad or crop).
     """
+    if channels not in _UPRIGHT_WITH_CHANNELS:
+        raise ValueError(f"Images are read with 1 or 3 channels, not {channels}.")
     image = tf.io.decode_image(raw, channels=0, expand_animations=False)
-    image = apply_orientation(image, exif_orientation(raw))
-    image = _with_channels(image, channels)
+    # most images have the channels asked for and no EXIF segment: they are used as decoded
+    as_decoded = tf.equal(tf.shape(image)[-1], channels) & tf.logical_not(has_app1_segment(raw))
+    image = tf.cond(as_decoded, lambda: image,
+                    lambda: _UPRIGHT_WITH_CHANNELS[channels](image, raw))
     image.set_shape([None, None, channels])
     return resize_image(image, image_size, resize)
+
+
+def _upright_with_channels(channels: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """``f(image, raw)``: the decoded ``image`` turned by the EXIF orientation in its encoded
+    bytes ``raw``, with ``channels`` channels.
+
+    It is a graph function that is never inlined: a ``tf.cond`` branch inlined into a
+    ``tf.data`` map is still stepped through, op by op, for every image that does not take it
+    (a fifth of the decoding time of a small JPEG here); as a single call it costs nothing
+    there.
+    """
+
+    def upright(image: tf.Tensor, raw: tf.Tensor) -> tf.Tensor:
+        return _with_channels(apply_orientation(image, exif_orientation(raw)), channels)
+
+    return tf.function(
+        upright,
+        input_signature=(tf.TensorSpec([None, None, None], tf.uint8), tf.TensorSpec([], tf.string)),
+        autograph=False,
+        experimental_attributes={"_noinline": True},
+    )
 
 
 def _with_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
@@ -359,6 +411,16 @@ def _with_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
         return rgb if channels == 3 else tf.image.rgb_to_grayscale(rgb)
 
     return tf.cond(tf.shape(image)[-1] < 3, from_gray, from_colour)
+
+
+_UPRIGHT_WITH_CHANNELS = {channels: _upright_with_channels(channels) for channels in (1, 3)}
+
+
+def _traced(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` for ``tf.data`` to trace as it is: it has no Python control flow on
+    tensors for AutoGraph to convert, and converting a lambda means parsing its source file
+    (about a second for the first dataset of a process)."""
+    return tf.autograph.experimental.do_not_convert(function)
 
 
 def _shuffle_key(seed: int, epoch: tf.Tensor | tf.Variable | int) -> tf.Tensor:
@@ -377,14 +439,10 @@ def _epoch_shuffled(
     arrays: tuple[np.ndarray, ...], seed: int, epoch: tf.Tensor
 ) -> tf.data.Dataset:
     """The rows of ``arrays`` in epoch ``epoch``'s order, a stateless function of
-    ``(seed, epoch)``."""
+    ``(seed, epoch)``: the epoch's permutation is drawn and applied once, not row by row."""
     tensors, count = tuple(tf.constant(a) for a in arrays), len(arrays[0])
-
-    def pick(i: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        j = _shuffled_index(i, seed, epoch, count)
-        return tuple(t[j] for t in tensors)
-
-    return tf.data.Dataset.range(count).map(pick)
+    order = _shuffled_index(tf.range(count, dtype=tf.int64), seed, epoch, count)
+    return tf.data.Dataset.from_tensor_slices(tuple(tf.gather(t, order) for t in tensors))
 
 
 def epoch_after_epoch(
@@ -399,9 +457,10 @@ def epoch_after_epoch(
     the current one ends.
     """
     first = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).map(
-        lambda _: tf.cast(epoch, tf.int64)
+        _traced(lambda _: tf.cast(epoch, tf.int64))
     )
-    return first.flat_map(lambda e: tf.data.Dataset.range(e, e + 2**62)).flat_map(one_epoch)
+    return first.flat_map(_traced(lambda e: tf.data.Dataset.range(e, e + 2**62))).flat_map(
+        _traced(one_epoch))
 
 
 def _epoch_indices(
@@ -411,7 +470,7 @@ def _epoch_indices(
     positions = tf.data.Dataset.range(count)
     if batch_size is not None:
         positions = positions.batch(batch_size)
-    return positions.map(lambda i: _shuffled_index(i, seed, epoch, count))
+    return positions.map(_traced(lambda i: _shuffled_index(i, seed, epoch, count)))
 
 
 def array_dataset(
@@ -437,12 +496,12 @@ def array_dataset(
     if count and epoch is not None:
         return epoch_after_epoch(
             epoch, lambda e: _epoch_indices(count, seed, e, batch_size)
-        ).map(gather)
+        ).map(_traced(gather))
     # the same order as make_dataset's streamed shuffle: it depends on the seed alone
     indices = tf.data.Dataset.range(count).shuffle(
         max(count, 1), seed=seed, reshuffle_each_iteration=True
     )
-    return indices.batch(batch_size).map(gather)
+    return indices.batch(batch_size).map(_traced(gather))
 
 
 def decoded_bytes(count: int, image_size: tuple[int, int], channels: int) -> int:
@@ -471,7 +530,7 @@ def decode_all(
     images = np.empty((len(paths), *size, channels), dtype="float32")
     stream = (
         tf.data.Dataset.from_tensor_slices(sources.local_paths(paths))
-        .map(lambda p: decode_image(p, size, channels, resize),
+        .map(_traced(lambda p: decode_image(p, size, channels, resize)),
              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .batch(batch_size)
         .prefetch(tf.data.AUTOTUNE)
@@ -532,7 +591,7 @@ def make_dataset(
 
     def batches(rows: tf.data.Dataset) -> tf.data.Dataset:
         """(path, label) rows as batches of decoded images, read in parallel, in order."""
-        return rows.map(lambda p, y: (decode_image(p, size, channels, resize), y),
+        return rows.map(_traced(lambda p, y: (decode_image(p, size, channels, resize), y)),
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size)
 
     if shuffle and epoch is not None and len(paths):

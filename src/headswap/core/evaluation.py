@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import classification_report, confusion_matrix
 
 from headswap.core import data, sources
@@ -344,6 +345,7 @@ def variant_summary(
         "wall_time_s": round(float(wall_time_s), 2),
         "epoch": [int(e) for h in histories for e in h.get("epoch", [])],
         "val_accuracy": [float(v) for h in histories for v in h.get("val_accuracy", [])],
+        "phase_starts": [int(h["epoch"][0]) for h in histories if h.get("epoch")],
     }
 
 
@@ -380,19 +382,69 @@ def _line_style(index: int) -> dict[str, Any]:
 
 
 def validation_curves_figure(summaries: list[dict[str, Any]], title: str = "") -> Figure:
-    """Every variant's validation accuracy per epoch; a variant without epochs (the logistic
-    regression on fixed features) is a horizontal dashed line at its validation accuracy."""
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.subplots()
+    """Every variant's validation accuracy per epoch (on the run's epoch axis).
+
+    When a variant has a second phase (``phase_starts`` of its summary), phase 1 and what
+    follows are drawn in two panels, each over its own epochs and accuracies, so that the later
+    phase, where variants that share phase 1 part, is not squeezed into the end of a long
+    axis: on the left, each distinct phase-1 curve once (named after every variant that has
+    it); on the right, each such variant's curve from its last phase-1 epoch on, and the last
+    value of each one-phase variant as a dotted line. A variant without epochs (the logistic
+    regression on fixed features) is a horizontal dashed line at its validation accuracy, in
+    each panel.
+    """
+    split = any(_phase1_epochs(s) is not None for s in summaries)
+    fig = Figure(figsize=(12, 4.5) if split else (8, 4.5))
+    axes = (list(fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})) if split
+            else [fig.subplots()])
+    first: dict[tuple, list[Any]] = {}  # each distinct first-panel curve: its line, its names
     for index, summary in enumerate(summaries):
-        if summary["epoch"]:
-            ax.plot([e + 1 for e in summary["epoch"]], summary["val_accuracy"], marker="o",
-                    markersize=3, label=summary["variant"], **_line_style(index))
-        elif summary["val_accuracy"]:
-            ax.axhline(summary["val_accuracy"][-1], linestyle="--", color="grey",
-                       label=f"{summary['variant']} (no epochs)")
-    return _finish_axes(fig, ax, "epoch", "validation accuracy",
-                        title or "Validation accuracy of each variant")
+        epochs = [e + 1 for e in summary["epoch"]]
+        values = summary["val_accuracy"]
+        if not epochs:
+            for ax in axes if values else ():
+                ax.axhline(values[-1], linestyle="--", color="grey",
+                           label=f"{summary['variant']} (no epochs)")
+            continue
+        line = {"marker": "o", "markersize": 3, "color": f"C{index % 10}",
+                **_line_style(len(first))}
+        phase1 = _phase1_epochs(summary)
+        cut = len(epochs) if phase1 is None else phase1
+        key = (tuple(epochs[:cut]), tuple(values[:cut]))
+        if key in first:
+            first[key][1].append(summary["variant"])
+        else:
+            first[key] = [axes[0].plot(epochs[:cut], values[:cut], **line)[0],
+                          [summary["variant"]]]
+        if not split:
+            continue
+        if phase1 is None:
+            axes[1].axhline(values[-1], color=line["color"], linestyle=":", linewidth=1.2,
+                            label=f"{summary['variant']} at its end (epoch {epochs[-1]})")
+        else:
+            axes[1].plot(epochs[max(cut - 1, 0):], values[max(cut - 1, 0):],
+                         label=summary["variant"], **line)
+    for drawn, names in first.values():
+        drawn.set_label(" = ".join(names))
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs
+    if not split:
+        return _finish_axes(fig, axes[0], "epoch", "validation accuracy",
+                            title or "Validation accuracy of each variant")
+    _finish_axes(fig, axes[0], "epoch", "validation accuracy", "Phase 1")
+    _finish_axes(fig, axes[1], "epoch (from each variant's last phase-1 epoch)",
+                 "validation accuracy", "After phase 1: where the variants part")
+    fig.suptitle(title or "Validation accuracy of each variant")
+    fig.tight_layout()
+    return fig
+
+
+def _phase1_epochs(summary: dict[str, Any]) -> int | None:
+    """How many of a variant's epochs are its phase 1's; None when it has one phase."""
+    starts = summary.get("phase_starts") or []
+    if len(starts) < 2:
+        return None
+    return sum(1 for epoch in summary["epoch"] if epoch < starts[1])
 
 
 # --- label efficiency: the comparison at several labels-per-class counts -------------------

@@ -3,7 +3,8 @@
 :func:`fit` trains a model through a list of :class:`~headswap.core.recipe.Stage` objects
 (phase 1: one stage with the base frozen; phase 2: one or more stages that open the base).
 Each stage sets which layers train and compiles the model again, since a change of
-``trainable`` only takes effect on ``compile``. :func:`fine_tune` runs the whole recipe.
+``trainable`` only takes effect on ``compile``. :func:`fine_tune` runs the whole recipe: named
+phases of stages, one after the other.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +37,7 @@ from headswap.core.devices import (
 )
 from headswap.core.errors import InputError
 from headswap.core.lr_find import RangeTest, RangeTestSettings, range_test
+from headswap.core.progress import TrainingProgress
 from headswap.core.recipe import Callbacks, Stage, check_plateau
 from headswap.core.resume import StageState
 from headswap.core.train import (
@@ -83,7 +86,7 @@ class FitOptions:
     jit_compile: bool = False
     backup_dir: str | Path | None = None
     extra_callbacks: list[keras.callbacks.Callback] = field(default_factory=list)
-    verbose: int = 2
+    verbose: str | int = "progress"  # progress | epochs | quiet: headswap.core.progress
     lr_find: RangeTestSettings = field(default_factory=RangeTestSettings)
 
 
@@ -111,6 +114,10 @@ def fit(
     histories, layers_per_stage, counts, found = [], [], {}, []
     epoch = first_epoch
     for i, stage in enumerate(stages, start=1):
+        if stage.epochs == 0:  # skipped: nothing opened, compiled or counted
+            found.append(None)
+            layers_per_stage.append([])
+            continue
         label = f"{name} stage {i}" if len(stages) > 1 else name
         auto = stage.learning_rate == "auto"
         if auto:
@@ -147,14 +154,24 @@ def fit(
 def fine_tune(
     model: keras.Model,
     manifest: pd.DataFrame,
-    phase1: list[Stage],
-    phase2: list[Stage],
+    phases: dict[str, list[Stage]],
     options: FitOptions,
-) -> tuple[History, History]:
-    """The two-phase recipe: ``phase1`` (the new head; the base frozen unless a stage opens
-    part of it), then ``phase2`` (part or all of the base opened), on one epoch axis."""
-    first = fit(model, manifest, phase1, options, name="phase1")
-    return first, fit(model, manifest, phase2, options, next_epoch(first), name="phase2")
+    first_epoch: int = 0,
+    after_phase: Callable[[str, keras.Model, History], None] | None = None,
+) -> dict[str, History]:
+    """The recipe: each named phase's stages, in order, on one epoch axis; each phase's
+    history by its name. The classic recipe is two phases, ``{"phase1": [the new head, the
+    base frozen], "phase2": [part or all of the base opened, a lower rate]}``; any number
+    (gradual unfreezing as a phase per group, a longer last phase) trains the same way.
+    ``after_phase(name, model, history)`` is called as each phase ends (to keep a copy of
+    the model, to log)."""
+    histories: dict[str, History] = {}
+    for name, stages in phases.items():
+        histories[name] = fit(model, manifest, stages, options, first_epoch, name=name)
+        first_epoch = next_epoch(histories[name]) or first_epoch
+        if after_phase is not None:
+            after_phase(name, model, histories[name])
+    return histories
 
 
 def next_epoch(history: History) -> int:
@@ -225,8 +242,10 @@ def _fit_stage(
     """Fit one stage from epoch ``first``, on cached features when the base is frozen."""
     options = run.options
     trained, train, val = _stage_data(run, work, stage, label)
-    callbacks = [*make_callbacks(options.callbacks, logged, _checkpoint_path(options, label)),
-                 *(state.callbacks() if state else []), *options.extra_callbacks]
+    callbacks = [*make_callbacks(options.callbacks, logged, _checkpoint_path(options, label),
+                                 label, first),
+                 *(state.callbacks() if state else []), *options.extra_callbacks,
+                 TrainingProgress(label, stage.epochs, first, options.verbose)]
     resumed = state.backup.restore(trained) if state else None
     initial = max(first, resumed or 0)
     run.order.assign(initial)  # the training data starts at this epoch's order
@@ -234,7 +253,7 @@ def _fit_stage(
         result = trained.fit(train, validation_data=val, epochs=first + stage.epochs,
                              initial_epoch=initial, steps_per_epoch=run.steps,
                              callbacks=callbacks, class_weight=run.class_weight,
-                             verbose=options.verbose, shuffle=False)
+                             verbose=0, shuffle=False)  # TrainingProgress logs instead
     finally:
         if state is not None:
             state.close()

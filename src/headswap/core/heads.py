@@ -2,20 +2,47 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import keras
 
 from headswap.core.bases import BASE_NAME, input_spec
 
+logger = logging.getLogger(__name__)
+
 OUTPUT_NAME = "predictions"
 AUGMENT_PREFIX = "augment_"
+#: The new head's hidden Dense layers and dropout when none are given.
+DENSE = (64,)
+DROPOUT = 0.3
+
+
+def swap_head(
+    base: keras.Model, class_names: list[str], head: Any, augmentation: Any, seed: int | None
+) -> keras.Model:
+    """``base`` with a new head for ``class_names``: ``head`` gives its ``pooling``, ``dense``
+    and ``dropout`` (see :func:`attach_head`), ``augmentation`` its random layers (an
+    :class:`~headswap.core.recipe.Augmentation`); seeded, so the head starts the same from run
+    to run."""
+    model = attach_head(
+        base, len(class_names), head.pooling, head.dense, head.dropout,
+        augmentation=augmentation_layers(
+            augmentation.flip, augmentation.rotation, augmentation.zoom,
+            augmentation.contrast, augmentation.translation, seed=seed,
+        ),
+        seed=seed,
+    )
+    logger.info("New head for %s classes: %s", len(class_names), ", ".join(class_names))
+    return model
 
 
 def attach_head(
     base: keras.Model,
     num_classes: int,
     pooling: str = "avg",
-    dense: list[int] | tuple[int, ...] = (128,),
-    dropout: float = 0.5,
+    dense: list[int] | tuple[int, ...] = DENSE,
+    dropout: float = DROPOUT,
     name: str = "headswapped",
     augmentation: list[keras.layers.Layer] | None = None,
     seed: int | None = None,

@@ -41,18 +41,30 @@ def exif_orientation(raw: tf.Tensor) -> tf.Tensor:
     and the first IFD, which holds the tag, are read as 16-bit words in the TIFF data's byte
     order (TIFF keeps its offsets even). Only a few hundred bytes are read per image.
     """
-    # the first segment's marker and length (big-endian words at byte 2); after an APP0 (FF E0)
-    # segment, the next one starts at 2 + 2 + its length
-    length = tf.strings.length(raw)
-    first = tf.io.decode_raw(tf.strings.substr(raw, tf.minimum(2, length), 4), tf.uint16,
-                             little_endian=False, fixed_length=4)
-    first = tf.cast(first, tf.int32)
-    start = tf.clip_by_value(tf.where(tf.equal(first[0], 0xFFE0), 4 + first[1], 2), 0, length)
-    # most images have no EXIF segment there: they skip the parse (a few ops, not thirty)
-    exif_there = (tf.equal(tf.strings.substr(raw, 0, 2), b"\xff\xd8")
-                  & tf.equal(tf.strings.substr(raw, start, 2), b"\xff\xe1"))
-    return tf.cond(exif_there, lambda: _orientation_in(tf.strings.substr(raw, start, 2 * _WORDS)),
+    start, there = _app1_start(raw)
+    return tf.cond(there, lambda: _orientation_in(tf.strings.substr(raw, start, 2 * _WORDS)),
                    lambda: tf.constant(1, tf.int32))
+
+
+def has_app1_segment(raw: tf.Tensor) -> tf.Tensor:
+    """Whether an encoded image is a JPEG with an APP1 segment where EXIF data goes (see
+    :func:`exif_orientation`): a few ops, so that images without one can skip the rest."""
+    return _app1_start(raw)[1]
+
+
+def _app1_start(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Where the segment after the JPEG's start marker (or after its JFIF segment) starts, and
+    whether it is an APP1 segment."""
+    # big-endian words at byte 0: the start marker (FF D8), the first segment's marker and its
+    # length; zero-padded past the end of the file
+    words = tf.io.decode_raw(tf.strings.substr(raw, 0, 6), tf.uint16, little_endian=False,
+                             fixed_length=6)
+    start_marker, marker, size = tf.unstack(tf.cast(words, tf.int32))
+    # after an APP0 (FF E0) segment, the next one starts at 2 + 2 + its length
+    start = tf.minimum(tf.where(tf.equal(marker, 0xFFE0), 4 + size, 2), tf.strings.length(raw))
+    there = (tf.equal(start_marker, 0xFFD8)
+             & tf.equal(tf.strings.substr(raw, start, 2), b"\xff\xe1"))
+    return start, there
 
 
 def _orientation_in(segment: tf.Tensor) -> tf.Tensor:
@@ -138,9 +150,12 @@ def resize_image(
     """``image`` (height, width, channels) as float32 of ``image_size`` (height, width),
     resized bilinearly in the :data:`RESIZE_MODES` mode ``resize``."""
     height, width = (int(s) for s in image_size)
-    if check_resize(resize) == "stretch":
-        return tf.image.resize(image, (height, width))
+    check_resize(resize)
+    # the same pixels as resizing the integers, sooner: TensorFlow's bilinear resize of three
+    # float32 channels loads whole pixels, of integers one value at a time
     image = tf.cast(image, tf.float32)
+    if resize == "stretch":
+        return tf.image.resize(image, (height, width))
     if resize == "pad":
         return tf.image.resize_with_pad(image, height, width)
     shape = tf.cast(tf.shape(image)[:2], tf.float32)

@@ -44,10 +44,16 @@ class RangeTestSettings(Settings):
     ``divergence`` times its lowest value (or is not finite)."""
 
     min_learning_rate: float = Field(1e-7, gt=0)
+    """The rate of the first step."""
     max_learning_rate: float = Field(10.0, gt=0)
+    """The rate of the last step, above `min_learning_rate`."""
     steps: int = Field(100, ge=5)
+    """Batches trained, at rates rising geometrically from `min_learning_rate` to
+    `max_learning_rate`."""
     smoothing: float = Field(0.98, ge=0, lt=1)
+    """Exponential smoothing of the loss (bias-corrected); 0: none."""
     divergence: float = Field(4.0, gt=1)
+    """The test stops once the smoothed loss passes this many times its lowest value."""
 
     @model_validator(mode="after")
     def _range(self) -> RangeTestSettings:

@@ -33,6 +33,7 @@ from headswap.core import data, sources
 from headswap.core.bases import input_spec, load_model_file
 from headswap.core.errors import InputError
 from headswap.core.images import check_resize
+from headswap.core.progress import CountProgress
 
 TOP_K = 3
 LABELS_FILE = "labels.txt"
@@ -198,7 +199,9 @@ class Classifier:
         outputs: list[np.ndarray] = []
         positions: list[int] = []
         problems: dict[int, str] = {}
+        progress = CountProgress("Classifying the images", len(images))  # large sets only
         for start in range(0, len(images), _CHUNK):
+            progress.update(start)
             raw: dict[int, bytes] = {}
             for i, item in enumerate(images[start:start + _CHUNK], start):
                 try:

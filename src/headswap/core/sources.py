@@ -70,6 +70,8 @@ class ImageSource:
 
     location: str
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # an earlier run's manifest.csv whose split is reused instead of listing the location
+    manifest: str | None = None
 
     @property
     def name(self) -> str:

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from headswap.core.bases import BASE_NAME, PREPROCESS_PREFIX
 from headswap.core.errors import InputError
+from headswap.core.progress import LoggedEarlyStopping, LoggedReduceLROnPlateau
 from headswap.core.recipe import Callbacks, LayerSelection, Stage
 
 logger = logging.getLogger(__name__)
@@ -118,18 +119,22 @@ def make_optimizer(
     weight_decay: float = 0.0,
     momentum: float = 0.9,
 ) -> keras.optimizers.Optimizer:
-    """An optimizer by name: ``adam``, ``adamw``, ``rmsprop`` or ``sgd`` (with momentum)."""
-    decay = weight_decay or None
-    name = name.lower()
-    if name == "adam":
-        return keras.optimizers.Adam(learning_rate, weight_decay=decay)
-    if name == "adamw":
-        return keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay or 0.004)
-    if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate, weight_decay=decay)
-    if name == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=momentum, weight_decay=decay)
-    raise ValueError(f"Unknown optimizer {name!r}; use one of adam, adamw, rmsprop, sgd.")
+    """A Keras optimizer by its name, as ``keras.optimizers.get`` knows it (``adam``,
+    ``adamw``, ``rmsprop``, ``sgd``, ``lion``, ...), with ``weight_decay`` when not 0 (AdamW
+    keeps its own default then) and, for SGD, ``momentum``."""
+    try:
+        kind = type(keras.optimizers.get(name.lower()))
+    except ValueError:
+        raise ValueError(
+            f"Unknown optimizer {name!r}; use a Keras optimizer's name, e.g. adam, adamw, "
+            "rmsprop, sgd."
+        ) from None
+    settings: dict[str, object] = {"learning_rate": learning_rate}
+    if weight_decay:
+        settings["weight_decay"] = weight_decay
+    if kind is keras.optimizers.SGD:
+        settings["momentum"] = momentum
+    return kind(**settings)
 
 
 def learning_rate_schedule(
@@ -258,12 +263,23 @@ def one_hot_labels(dataset: tf.data.Dataset, num_classes: int) -> tf.data.Datase
     return dataset.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
 
 
+#: ``class_weight: auto`` weighs the classes (as ``balanced``) from this ratio of the largest
+#: training class to the smallest.
+AUTO_IMBALANCE = 1.5
+
+
 def class_weights(
     labels: np.ndarray, class_names: list[str], spec: str | dict[str, float] | None
 ) -> dict[int, float] | None:
-    """Keras ``class_weight``: ``balanced`` (n / (k * count)) or explicit weights by class name."""
+    """Keras ``class_weight``: ``balanced`` (n / (k * count)), ``auto`` (``balanced`` when the
+    largest class has at least :data:`AUTO_IMBALANCE` times the smallest's images, else none)
+    or explicit weights by class name."""
     if spec is None:
         return None
+    if spec == "auto":
+        counts = np.bincount(labels, minlength=len(class_names))
+        balanced = counts.max() >= AUTO_IMBALANCE * max(counts.min(), 1)
+        return class_weights(labels, class_names, "balanced") if balanced else None
     if spec == "balanced":
         counts = np.bincount(labels, minlength=len(class_names))
         return {
@@ -301,25 +317,31 @@ def make_callbacks(
     settings: Callbacks,
     logged: dict[str, keras.optimizers.Optimizer],
     checkpoint_path: str | None = None,
+    label: str = "training",
+    first_epoch: int = 0,
 ) -> list[keras.callbacks.Callback]:
-    """The phase's callbacks from the parameters, the learning-rate logger first."""
+    """The phase's callbacks from the parameters, the learning-rate logger first. Early
+    stopping and the plateau's rate cuts are logged (as ``label``, epochs counted from
+    ``first_epoch``), not printed."""
     callbacks: list[keras.callbacks.Callback] = [LearningRateLogger(logged)]
     if settings.terminate_on_nan:
         callbacks.append(keras.callbacks.TerminateOnNaN())
     if settings.reduce_lr_on_plateau:
         plateau = settings.reduce_lr_on_plateau
         callbacks.append(
-            keras.callbacks.ReduceLROnPlateau(
+            LoggedReduceLROnPlateau(
                 monitor=plateau.monitor, factor=plateau.factor, patience=plateau.patience,
-                min_delta=plateau.min_delta, min_lr=plateau.min_learning_rate, verbose=1,
+                min_delta=plateau.min_delta, min_lr=plateau.min_learning_rate, label=label,
+                first_epoch=first_epoch,
             )
         )
     if settings.early_stopping:
         stop = settings.early_stopping
         callbacks.append(
-            keras.callbacks.EarlyStopping(
+            LoggedEarlyStopping(
                 monitor=stop.monitor, patience=stop.patience, min_delta=stop.min_delta,
-                restore_best_weights=stop.restore_best_weights, verbose=1,
+                restore_best_weights=stop.restore_best_weights, label=label,
+                first_epoch=first_epoch,
             )
         )
     if checkpoint_path:

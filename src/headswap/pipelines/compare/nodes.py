@@ -1,5 +1,5 @@
-"""Thin Kedro nodes of the ``compare`` pipeline (the variants' training reuses the finetune
-nodes; these start and summarise each variant and draw the comparison)."""
+"""Thin Kedro nodes of the ``compare`` pipeline: each variant's parameters, its training (the
+recipe as one call, :func:`headswap.training.train_recipe`), its summary, and the comparison."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import keras
 import pandas as pd
 from matplotlib.figure import Figure
 
+from headswap import training
 from headswap.config import (
-    HeadConfig,
     ParameterError,
     from_scratch_parameters,
     merge_parameters,
     parse_finetune,
 )
 from headswap.core import data, evaluation
-from headswap.core.fit import FitOptions
+from headswap.core.bases import image_size_for
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +43,31 @@ def start_variant(
     return params
 
 
-def reinitialise_base(base: keras.Model, options: FitOptions) -> keras.Model:
-    """The base's architecture with fresh random weights (seeded): training from scratch."""
-    keras.utils.set_random_seed(options.seed)
-    return keras.models.clone_model(base)
+def train_variant(
+    base: keras.Model, manifest: pd.DataFrame, params: dict[str, Any], *,
+    from_scratch: bool = False,
+) -> tuple[keras.Model, dict[str, Any], dict[str, Any]]:
+    """The whole recipe with the variant's parameters, in one call, on a copy of the base
+    (``from_scratch``: fresh random weights): the model, each phase's history, and its test
+    split's classification report."""
+    model, histories, options = training.train_recipe(base, manifest, params,
+                                                      from_scratch=from_scratch)
+    result = evaluation.evaluate(model, manifest, options.image_size, options.batch_size,
+                                 resize=options.resize)
+    return model, histories, result["report"]
 
 
 def fit_logistic_regression(
     base: keras.Model,
     manifest: pd.DataFrame,
-    options: FitOptions,
-    head: HeadConfig,
+    params: dict[str, Any],
     regression: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The pretrained base as a fixed feature extractor (pooled features of every split,
-    computed once) and logistic regression on them: the test report and a one-point history
-    with the seconds both took."""
+    computed once) and logistic regression on them: a one-point history with the seconds both
+    took, and the test report."""
+    cfg = parse_finetune(params)
+    options = cfg.with_image_size(image_size_for(base, cfg.data.image_size)).fit_options()
     started = time.perf_counter()
     channels = base.inputs[0].shape[-1]
     features = {
@@ -66,7 +75,7 @@ def fit_logistic_regression(
             base,
             data.make_dataset(manifest, split, options.image_size, channels, options.batch_size,
                               resize=options.resize),
-            head.pooling,
+            cfg.head.pooling,
         )
         for split in data.SPLITS
     }
@@ -77,16 +86,17 @@ def fit_logistic_regression(
     history = {"epoch": [], "val_accuracy": [val_accuracy],
                "seconds": time.perf_counter() - started,
                "parameter_counts": {"trainable_params": size, "non_trainable_params": 0}}
-    return report, history
+    return {"logistic_regression": history}, report
 
 
 def summarise_variant(
-    report: dict[str, Any], *histories: dict[str, Any], variant: str
+    histories: dict[str, dict[str, Any]], report: dict[str, Any], *, variant: str
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, float]]]]:
     """The variant's row of the comparison and its metrics (logged to its nested MLflow run);
-    its time is the seconds its training took (its histories' ``seconds``)."""
-    seconds = sum(float(h.get("seconds", 0.0)) for h in histories)
-    summary = evaluation.variant_summary(variant, report, list(histories), seconds)
+    its time is the seconds its training took (its phases' ``seconds``)."""
+    phases = list(histories.values())
+    seconds = sum(float(h.get("seconds", 0.0)) for h in phases)
+    summary = evaluation.variant_summary(variant, report, phases, seconds)
     logger.info(
         "Variant %s: test accuracy %.4f, macro F1 %.4f, %s trainable parameters, %.1f s",
         variant, summary["test_accuracy"], summary["macro_f1"],

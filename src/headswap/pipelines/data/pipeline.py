@@ -2,14 +2,16 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import extract_source_task, write_target_folder
+from headswap import example
+
+from .nodes import extract_source_task
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(extract_source_task, "params:example", "source_task", name="extract_source_task"),
-            Node(write_target_folder, "params:example", ["example_images", "example_summary"],
+            Node(example.target_folder, "params:example", ["example_images", "example_summary"],
                  name="write_target_folder"),
         ]
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,24 +17,15 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from headswap import registry, serving, tracking
-from headswap.config import (
-    BaseConfig,
-    DataConfig,
-    EvaluationConfig,
-    ExportConfig,
-    HeadConfig,
-    RegistryConfig,
-    parse_finetune,
-)
+from headswap.config import FinetuneConfig, parse_finetune
 from headswap.core import (
-    Augmentation,
     Stage,
     bases,
     data,
     evaluation,
     explain,
-    fit,
     heads,
+    quality,
     sources,
     weights,
 )
@@ -41,7 +33,7 @@ from headswap.core import export as exports
 from headswap.core.bases import input_spec
 from headswap.core.card import model_card
 from headswap.core.errors import InputError
-from headswap.core.fit import FitOptions, History, next_epoch
+from headswap.core.fit import History, fine_tune, next_epoch
 from headswap.core.predict import Classifier
 from headswap.pipelines import metrics_points
 
@@ -50,44 +42,40 @@ logger = logging.getLogger(__name__)
 Metrics = dict[str, dict[str, float]]
 
 
-def check_parameters(params: dict[str, Any]) -> tuple[
-    DataConfig, BaseConfig, HeadConfig, Augmentation, FitOptions, list[Stage], list[Stage],
-    EvaluationConfig, RegistryConfig, ExportConfig,
-]:
-    """The ``finetune`` parameters, validated, as the typed parts the other nodes take."""
+def check_parameters(params: dict[str, Any], pretrained: keras.Model) -> FinetuneConfig:
+    """The ``finetune`` parameters, validated once, as the typed object the other nodes take;
+    ``data.image_size`` unset is the pretrained base's own input size."""
     cfg = parse_finetune(params)
+    cfg = cfg.with_image_size(bases.image_size_for(pretrained, cfg.data.image_size))
     for phase, keys in cfg.ignored.items():
         logger.warning("finetune.%s.%s not used: finetune.%s.stages sets them for each stage",
                        phase, ", ".join(keys) + (" is" if len(keys) == 1 else " are"), phase)
-    return (cfg.data, cfg.base, cfg.head, cfg.training.augmentation, cfg.fit_options(),
-            cfg.phase1.stages_list(), cfg.phase2.stages_list(), cfg.evaluation, cfg.registry,
-            cfg.export)
+    return cfg
 
 
 def ingest_images(
-    images: sources.ImageSource, data_config: DataConfig, options: FitOptions
+    images: sources.ImageSource, config: FinetuneConfig
 ) -> tuple[pd.DataFrame, pd.DataFrame, Metrics, str]:
-    """The images (a folder or CSV, local or remote) as a manifest (path, label, split), or an
-    earlier run's manifest reused; the files left out (path, reason); their counts as metrics;
-    and the name of what was trained on (the folder's or CSV's own name).
+    """The images (a folder or CSV, local or remote) as a manifest (path, label, split), or the
+    earlier run's manifest ``finetune.data.manifest`` names; the files left out (path,
+    reason); their counts as metrics; and the name of what was trained on (the folder's or
+    CSV's own name).
 
     Every image is decoded once here (remote images through the local cache).
     """
-    if data_config.manifest:
-        manifest, skipped = data.load_manifest(data_config.manifest)
-    else:
-        manifest, skipped = data.ingest(
-            images, data_config.val_fraction, data_config.test_fraction, options.seed
-        )
+    manifest, skipped = data.ingest(
+        images, config.data.val_fraction, config.data.test_fraction, config.seed
+    )
     counts = {"images": len(manifest), "skipped_images": len(skipped)}
     return manifest, skipped, metrics_points(counts), images.name
 
 
 def load_base(
-    pretrained: keras.Model, base: BaseConfig, options: FitOptions
+    pretrained: keras.Model, config: FinetuneConfig
 ) -> tuple[keras.Model, dict[str, Any]]:
     """The pretrained network cut below its old classifier, taking raw pixels; and the report
     of the weights loaded into it by layer name from ``weights_file`` (if any)."""
+    base = config.base
     if base.source == "keras_applications":
         model, origin = pretrained, f"keras.applications {base.name}, weights: {base.weights}"
     elif base.source == "keras_hub":
@@ -95,7 +83,7 @@ def load_base(
     else:
         model = bases.cut_model(pretrained, base.cut_at)
         origin = f"model file {base.path}, cut at {base.cut_at}"
-    bases.check_image_size(model, options.image_size)
+    bases.check_image_size(model, config.data.image_size)
     about = {"base": origin, "base_params": model.count_params()}
     if base.weights_file is None:
         return model, {**about, "weights_file": None}
@@ -104,84 +92,130 @@ def load_base(
     return model, {**about, **report}
 
 
+def check_data_quality(
+    manifest: pd.DataFrame, skipped: pd.DataFrame, base_model: keras.Model,
+    config: FinetuneConfig,
+) -> tuple[dict[str, Any], pd.DataFrame, Figure, Metrics]:
+    """The data-quality check before training (``finetune.data.quality``): exact and near
+    duplicates (within a class, with conflicting labels, across splits: leakage), images whose
+    label the base's frozen features dispute (out-of-fold predictions, confident learning),
+    class balance and the unreadable files. Returns the report (counts, ``problems``,
+    ``warnings``, the class weights ``class_weight: auto`` uses), the findings (not the whole
+    folder), a figure, and the counts as metrics."""
+    started = time.perf_counter()
+    duplicates = pd.DataFrame(columns=quality.DUPLICATE_COLUMNS)
+    issues = pd.DataFrame(columns=quality.LABEL_ISSUE_COLUMNS)
+    if config.data.quality != "off":
+        local = dict(zip(manifest["path"], sources.local_paths(manifest["path"].tolist()),
+                         strict=True))  # remote images: their cached copies, fetched by ingest
+        duplicates = quality.find_duplicates(manifest, read=lambda p: Path(local[p]).read_bytes())
+        try:
+            issues = quality.find_label_issues(
+                manifest, _features(base_model, manifest, config), config.seed)
+        except InputError as err:  # too few images per class to cross-validate
+            logger.info("No label-issue check: %s", err)
+    balance = quality.class_balance(manifest)
+    report = quality.quality_report(manifest, skipped, duplicates, issues, balance)
+    table = quality.findings_table(skipped, duplicates, issues)
+    for line in report["problems"] + report["warnings"]:
+        logger.warning("Data quality: %s", line)
+    logger.info("Data-quality check of %s images in %.1f s: %s problem(s), %s warning(s); "
+                "findings in data_quality_findings", len(manifest),
+                time.perf_counter() - started, len(report["problems"]),
+                len(report["warnings"]))
+    counts = {"duplicate_pairs": report["duplicate_pairs"],
+              "leakage_pairs": report["leakage_pairs"],
+              "conflicting_label_pairs": report["conflicting_label_pairs"],
+              "label_issues": report["label_issues"]}
+    return report, table, quality.quality_figure(balance[0], report), metrics_points(counts)
+
+
+def _features(base: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig) -> np.ndarray:
+    """The base's pooled features of every image, in the manifest's order."""
+    channels = input_spec(base)[2]
+    features = None
+    for split in data.SPLITS:
+        rows = np.flatnonzero(manifest["split"].to_numpy() == split)
+        if not len(rows):
+            continue
+        batches = data.make_dataset(manifest, split, config.data.image_size, channels,
+                                    config.data.batch_size, resize=config.data.resize)
+        split_features, _ = evaluation.pooled_features(base, batches, config.head.pooling)
+        if features is None:
+            features = np.zeros((len(manifest), split_features.shape[1]), "float32")
+        features[rows] = split_features
+    return features
+
+
 def swap_head(
-    base_model: keras.Model, manifest: pd.DataFrame, head: HeadConfig, augment: Augmentation,
-    options: FitOptions,
+    base_model: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig
 ) -> keras.Model:
     """Attach a new head sized for the manifest's classes (after augmentation layers, if any)."""
-    names = data.class_names(manifest)
-    model = heads.attach_head(
-        base_model, len(names), head.pooling, head.dense, head.dropout,
-        augmentation=heads.augmentation_layers(
-            augment.flip, augment.rotation, augment.zoom, augment.contrast, augment.translation,
-            seed=options.seed,
-        ),
-        seed=options.seed,
-    )
-    logger.info("New head for %s classes: %s", len(names), ", ".join(names))
-    return model
+    return heads.swap_head(base_model, data.class_names(manifest), config.head,
+                           config.training.augmentation, config.seed)
 
 
-def train_head(
-    model: keras.Model, manifest: pd.DataFrame, stages: list[Stage], options: FitOptions
+def train_phase(
+    model: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig,
+    data_quality: dict[str, Any], *before: History, phase: str,
 ) -> tuple[keras.Model, History]:
-    """Phase 1: the base frozen (unless a stage opens part of it), the new head trains."""
+    """One named phase of the recipe (``config.phases()[phase]``: phase 1, the new head with
+    the base frozen unless a stage opens part of it; phase 2, part or all of the base opened,
+    BatchNormalization kept in inference mode), trained by :func:`headswap.core.fine_tune`,
+    its epochs continuing the phase ``before`` it. Each epoch's metrics reach the MLflow run
+    as it ends. Every phase is a node of its own, so the phases before a failure keep their
+    saved model and history.
+
+    With ``data.quality: stop``, a data-quality report with problems (leakage across splits,
+    conflicting labels) stops the run before any training, its report already saved; with
+    ``training.class_weight: auto`` the report's recommended weights are used."""
+    if config.data.quality == "stop" and data_quality["problems"]:
+        raise InputError(
+            "The data-quality check found " + " ".join(data_quality["problems"])
+            + " See data/08_reporting/data_quality_findings.csv, fix the images, or set "
+            "`quality`: warn to train anyway."
+        )
+    options = config.fit_options()
+    if config.training.class_weight == "auto":
+        options = replace(options, class_weight=data_quality["class_weight_auto"])
     with tracking.epoch_metrics() as live:
-        history = fit(model, manifest, stages, tracked(options, live), name="phase1")
+        history = fine_tune(
+            model, manifest, {phase: config.phases()[phase]},
+            replace(options, extra_callbacks=[*options.extra_callbacks, live]),
+            first_epoch=next_epoch(before[-1]) if before else 0,
+        )[phase]
     tracking.log_history(history)
-    tracking.log_found_rates(history, "phase1")
+    tracking.log_found_rates(history, phase)
     return model, history
-
-
-def fine_tune(
-    model: keras.Model,
-    manifest: pd.DataFrame,
-    stages: list[Stage],
-    options: FitOptions,
-    phase1_history: History,
-) -> tuple[keras.Model, History]:
-    """Phase 2: (part of) the base unfrozen, BatchNormalization kept in inference mode; its
-    epochs continue phase 1's."""
-    with tracking.epoch_metrics() as live:
-        history = fit(model, manifest, stages, tracked(options, live),
-                      next_epoch(phase1_history), "phase2")
-    tracking.log_history(history)
-    tracking.log_found_rates(history, "phase2")
-    return model, history
-
-
-def tracked(options: FitOptions, live: tracking.EpochMetrics) -> FitOptions:
-    """``options`` with ``live``, which logs the epochs' metrics to the MLflow run while they
-    train (see :func:`headswap.tracking.epoch_metrics`)."""
-    return replace(options, extra_callbacks=[*options.extra_callbacks, live])
 
 
 def evaluate_head_only(
-    model: keras.Model, manifest: pd.DataFrame, options: FitOptions,
-    evaluation_config: EvaluationConfig,
+    model: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig
 ) -> tuple[dict[str, Any], Metrics]:
     """The phase-1 model on the test split, to show what phase 2 adds."""
-    result = evaluation.evaluate(model, manifest, options.image_size, options.batch_size,
-                                 top_k=evaluation_config.top_k, resize=options.resize)
+    result = evaluation.evaluate(model, manifest, config.data.image_size, config.data.batch_size,
+                                 top_k=config.evaluation.top_k, resize=config.data.resize)
     metrics = result["metrics"]
     logger.info("Phase 1 (head only): test accuracy %.4f, macro F1 %.4f",
                 metrics["accuracy"], metrics["macro_f1"])
     return result["report"], metrics_points(metrics)
 
 
-def predict_test(model: keras.Model, manifest: pd.DataFrame, options: FitOptions) -> pd.DataFrame:
+def predict_test(
+    model: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig
+) -> pd.DataFrame:
     """The fine-tuned model's prediction for every test image (path, true and predicted class,
     confidence, each class's probability): computed once, read by the evaluation nodes."""
-    return evaluation.predict_split(model, manifest, "test", options.image_size,
-                                    options.batch_size, options.resize)
+    return evaluation.predict_split(model, manifest, "test", config.data.image_size,
+                                    config.data.batch_size, config.data.resize)
 
 
 def evaluate(
-    predictions: pd.DataFrame, manifest: pd.DataFrame, evaluation_config: EvaluationConfig
+    predictions: pd.DataFrame, manifest: pd.DataFrame, config: FinetuneConfig
 ) -> tuple[dict[str, Any], str, Figure, Metrics]:
     """The fine-tuned model on the test split: report (dict and text), confusion matrix, metrics."""
     names = data.class_names(manifest)
-    result = evaluation.summarise(predictions, names, evaluation_config.top_k)
+    result = evaluation.summarise(predictions, names, config.evaluation.top_k)
     logger.info("Classification report on %s test images:\n%s", len(predictions), result["text"])
     _, y_true, probabilities = evaluation.predictions_arrays(predictions, names)
     figure = evaluation.confusion_matrix_figure(y_true, probabilities.argmax(axis=1), names)
@@ -189,7 +223,7 @@ def evaluate(
 
 
 def evaluate_details(
-    predictions: pd.DataFrame, manifest: pd.DataFrame, evaluation_config: EvaluationConfig
+    predictions: pd.DataFrame, manifest: pd.DataFrame, config: FinetuneConfig
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, Figure]:
     """Confusion matrix (counts, row-normalised), per-class metrics, and the most confidently
     misclassified test images (table and image grid)."""
@@ -199,35 +233,34 @@ def evaluate_details(
     counts, shares = evaluation.confusion_tables(y_true, y_pred, names)
     per_class = evaluation.per_class_table(evaluation.report(y_true, y_pred, names), names)
     errors = evaluation.confident_errors(paths, y_true, probabilities, names,
-                                         evaluation_config.misclassified)
+                                         config.evaluation.misclassified)
     return counts, shares, per_class, errors, evaluation.confident_errors_figure(errors)
 
 
-def summarise_training(
-    phase1_history: History, phase2_history: History
-) -> tuple[Figure, dict[str, list[dict[str, float]]]]:
-    """Learning curves over both phases (their per-epoch metrics reached MLflow as each epoch
-    ended), and each phase's trainable and frozen parameter counts."""
-    phases = [("phase 1", phase1_history), ("phase 2", phase2_history)]
+def summarise_training(*histories: History) -> tuple[Figure, dict[str, list[dict[str, float]]]]:
+    """Learning curves over the phases, in order (their per-epoch metrics reached MLflow as
+    each epoch ended), and each phase's trainable and frozen parameter counts."""
+    phases = [(f"phase {i}", history) for i, history in enumerate(histories, start=1)]
     metrics: dict[str, list[dict[str, float]]] = {}
-    for label, history in (("phase1", phase1_history), ("phase2", phase2_history)):
+    for label, history in ((f"phase{i}", h) for i, h in enumerate(histories, start=1)):
         for key, value in history.get("parameter_counts", {}).items():
             metrics[f"{label}.{key}"] = [{"step": 0, "value": float(value)}]
     return evaluation.learning_curves_figure(phases), metrics
 
 
 def export_model(
-    model: keras.Model, manifest: pd.DataFrame, export: ExportConfig, options: FitOptions
+    model: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig
 ) -> dict[str, bytes]:
     """The fine-tuned model exported in ``finetune.export.formats`` (SavedModel, TFLite
     float32, TFLite with dynamic-range quantization), each with its ``labels.txt`` and
     ``preprocessing.json`` (image size, channels, resize mode)."""
+    export = config.export
     if not export.formats:
         logger.info("No export: finetune.export.formats is empty.")
         return {}
     with tempfile.TemporaryDirectory(prefix="headswap_export_") as tmp:
         paths = exports.export_model(model, tmp, data.class_names(manifest), export.formats,
-                                     options.resize, options.image_size)
+                                     config.data.resize, config.data.image_size)
         files = {p.relative_to(tmp).as_posix(): p.read_bytes()
                  for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
         logger.info("Exported the model: %s", ", ".join(  # sizes before tmp is removed
@@ -237,7 +270,7 @@ def export_model(
 
 def publish_model(
     model: keras.Model, manifest: pd.DataFrame, report: dict[str, Any],
-    images_name: str, registry_config: RegistryConfig, options: FitOptions,
+    images_name: str, config: FinetuneConfig,
 ) -> dict[str, Any]:
     """Log the fine-tuned model to the MLflow run as ``model``, an MLflow model that takes
     images (paths or base64 bytes) and answers with class names, and as ``keras_model``, the
@@ -249,12 +282,12 @@ def publish_model(
         logger.info("MLflow tracking is off for this run: the model is neither logged nor "
                     "registered.")
         return {"logged": False, "registered_model": None}
-    classifier = Classifier(model, tuple(data.class_names(manifest)), options.image_size,
-                            options.resize)
-    name = registry_config.model_name(images_name)
+    classifier = Classifier(model, tuple(data.class_names(manifest)), config.data.image_size,
+                            config.data.resize)
+    name = config.registry.model_name(images_name)
     examples = sources.local_paths(data.split_arrays(manifest, "test")[0][:2])
     serving.log_keras_model(model, data.decode_all(examples, classifier.image_size,
-                                                   classifier.channels, resize=options.resize))
+                                                   classifier.channels, resize=config.data.resize))
     info = serving.log_classifier(classifier, examples[0], name)
     result: dict[str, Any] = {"logged": True, "model_uri": info.model_uri,
                               "registered_model": name}
@@ -278,18 +311,18 @@ def publish_model(
         if champion.class_names != classifier.class_names:
             return None
         predictions = evaluation.predict_split(champion.model, manifest, "test",
-                                               champion.image_size, options.batch_size,
+                                               champion.image_size, config.data.batch_size,
                                                champion.resize)
         return float((predictions["true"] == predictions["predicted"]).mean())
 
     return {**result, **registry.elect_champion(name, version, accuracy, digest, score)}
 
 
-def describe_preprocessing(model: keras.Model, options: FitOptions) -> dict[str, Any]:
+def describe_preprocessing(model: keras.Model, config: FinetuneConfig) -> dict[str, Any]:
     """How the fine-tuned model reads images (image size, channels, resize mode), versioned
     beside it so that predicting with it later reads images the same way."""
-    return {"image_size": list(options.image_size), "channels": input_spec(model)[2],
-            "resize": options.resize}
+    return {"image_size": list(config.data.image_size), "channels": input_spec(model)[2],
+            "resize": config.data.resize}
 
 
 def _size(path: Path) -> float:
@@ -298,20 +331,19 @@ def _size(path: Path) -> float:
 
 
 def write_model_card(
-    manifest: pd.DataFrame, base_report: dict[str, Any], head: HeadConfig,
-    phase1_stages: list[Stage], phase2_stages: list[Stage], phase1_history: History,
-    phase2_history: History, report: dict[str, Any], phase1_report: dict[str, Any],
-    images_name: str, registry_config: RegistryConfig, options: FitOptions,
+    manifest: pd.DataFrame, base_report: dict[str, Any], config: FinetuneConfig,
+    phase1_history: History, phase2_history: History, report: dict[str, Any],
+    phase1_report: dict[str, Any], images_name: str,
 ) -> str:
     """The run's model card (Markdown): data, base and head, each phase, results with the
     weakest classes, intended use and limits."""
-    name = registry_config.model_name(images_name) or images_name
-    phases = {
-        "Phase 1": (_with_found_rates(phase1_stages, phase1_history), phase1_history),
-        "Phase 2": (_with_found_rates(phase2_stages, phase2_history), phase2_history),
-    }
-    return model_card(name, manifest, base_report, head.model_dump(), phases, report,
-                      phase1_report, options.image_size)
+    name = config.registry.model_name(images_name) or images_name
+    histories = {"phase1": phase1_history, "phase2": phase2_history}
+    phases = {name.replace("phase", "Phase "): (_with_found_rates(stages, histories[name]),
+                                                histories[name])
+              for name, stages in config.phases().items()}
+    return model_card(name, manifest, base_report, config.head.model_dump(), phases, report,
+                      phase1_report, config.data.image_size)
 
 
 def _with_found_rates(stages: list[Stage], history: History) -> list[dict[str, Any]]:
@@ -323,14 +355,14 @@ def _with_found_rates(stages: list[Stage], history: History) -> list[dict[str, A
 
 def explain_predictions(
     model: keras.Model, predictions: pd.DataFrame, manifest: pd.DataFrame,
-    evaluation_config: EvaluationConfig, options: FitOptions,
+    config: FinetuneConfig,
 ) -> Figure:
     """Grad-CAM heatmaps over the most confidently misclassified test images and the most
     confidently right ones: where the base's features drove the predicted class. A base
     without a feature map gets a figure that says why instead."""
     names = data.class_names(manifest)
     paths, y_true, probabilities = evaluation.predictions_arrays(predictions, names)
-    count = min(evaluation_config.misclassified, 8)
+    count = min(config.evaluation.misclassified, 8)
     wrong = evaluation.confident_errors(paths, y_true, probabilities, names, count)
     y_pred = probabilities.argmax(axis=1)
     right = np.flatnonzero(y_pred == y_true)
@@ -342,8 +374,8 @@ def explain_predictions(
     rows = [index[p] for p in chosen]
     titles = [f"{names[y_true[i]]} -> {names[y_pred[i]]} (p={probabilities[i, y_pred[i]]:.2f})"
               for i in rows]
-    images = data.decode_all(np.asarray(chosen), options.image_size, input_spec(model)[2],
-                             resize=options.resize)
+    images = data.decode_all(np.asarray(chosen), config.data.image_size, input_spec(model)[2],
+                             resize=config.data.resize)
     try:
         cams = explain.grad_cam(model, images, y_pred[rows])
     except InputError as err:

@@ -1,11 +1,14 @@
-"""The ``finetune`` pipeline: images -> manifest -> base -> new head -> two phases -> reports.
+"""The ``finetune`` pipeline: images -> manifest -> base -> new head -> the phases -> reports.
 Its inputs are the catalog's ``images`` (the folder or CSV ``finetune.data.path`` names) and
 ``pretrained_model`` (the network ``finetune.base`` names); another pipeline may map them to
 its own datasets (the example's folder and base)."""
 
 from kedro.pipeline import Node, Pipeline
 
+from headswap.pipelines import bound
+
 from .nodes import (
+    check_data_quality,
     check_parameters,
     describe_preprocessing,
     evaluate,
@@ -13,54 +16,79 @@ from .nodes import (
     evaluate_head_only,
     explain_predictions,
     export_model,
-    fine_tune,
     ingest_images,
     load_base,
     predict_test,
     publish_model,
     summarise_training,
     swap_head,
-    train_head,
+    train_phase,
     write_model_card,
 )
 
-CONFIGS = ["data_config", "base_config", "head_config", "augmentation", "fit_options",
-           "phase1_stages", "phase2_stages", "evaluation_config", "registry_config",
-           "export_config"]
 
-
-def recipe(params: str = "params:finetune") -> Pipeline:
-    """The recipe on ``images`` (an image source) and ``pretrained_model`` (a Keras model).
-
-    ``params`` holds the finetune parameters: another pipeline that reuses these nodes
-    (``compare``) feeds them its own parameters through a dataset.
-    """
+def preparation(params: str = "params:finetune") -> Pipeline:
+    """The parameters checked once (``finetune_config``, the typed object the other nodes
+    take), the images ingested into ``manifest``, and the base loaded and cut (``base_model``):
+    what every pipeline that trains on the user's images starts from."""
     return Pipeline([
-        Node(check_parameters, params, CONFIGS, name="check_parameters"),
-        Node(ingest_images, ["images", "data_config", "fit_options"],
+        Node(check_parameters, [params, "pretrained_model"], "finetune_config",
+             name="check_parameters"),
+        Node(ingest_images, ["images", "finetune_config"],
              ["manifest", "skipped_images", "data_metrics", "images_name"],
              name="ingest_images"),
-        Node(load_base, ["pretrained_model", "base_config", "fit_options"],
+        Node(load_base, ["pretrained_model", "finetune_config"],
              ["base_model", "base_weights_report"], name="load_base"),
-        Node(swap_head, ["base_model", "manifest", "head_config", "augmentation", "fit_options"],
-             "headswapped_model", name="swap_head"),
-        Node(train_head, ["headswapped_model", "manifest", "phase1_stages", "fit_options"],
-             ["phase1_model", "phase1_history"], name="train_head"),
-        Node(fine_tune, ["phase1_model", "manifest", "phase2_stages", "fit_options",
-                         "phase1_history"],
-             ["phase2_model", "phase2_history"], name="fine_tune"),
-        Node(evaluate_head_only, ["phase1_model", "manifest", "fit_options", "evaluation_config"],
+    ])
+
+
+def new_head() -> Pipeline:
+    """``headswapped_model``: ``base_model`` with a new head sized for the manifest's
+    classes."""
+    return Pipeline([Node(swap_head, ["base_model", "manifest", "finetune_config"],
+                          "headswapped_model", name="swap_head")])
+
+
+#: The recipe's phases, in order (``FinetuneConfig.phases()``): a node each, named as users
+#: know them.
+PHASES = {"phase1": "train_head", "phase2": "fine_tune"}
+LAST = f"{list(PHASES)[-1]}_model"
+
+
+def phases() -> Pipeline:
+    """A node per phase: each trains ``<phase>_model`` (and ``<phase>_history``) from the model
+    the phase before it left, through :func:`headswap.core.fine_tune`."""
+    nodes, model, before = [], "headswapped_model", []
+    for phase, name in PHASES.items():
+        nodes.append(Node(
+            bound(train_phase, phase=phase),
+            [model, "manifest", "finetune_config", "data_quality_report", *before],
+            [f"{phase}_model", f"{phase}_history"], name=name,
+        ))
+        model, before = f"{phase}_model", [f"{phase}_history"]
+    return Pipeline(nodes)
+
+
+def training() -> Pipeline:
+    """The data-quality check, a new head on ``base_model``, the phases, and the test split's
+    reports."""
+    return new_head() + Pipeline([
+        Node(check_data_quality, ["manifest", "skipped_images", "base_model", "finetune_config"],
+             ["data_quality_report", "data_quality_findings", "data_quality_plot",
+              "data_quality_metrics"], name="check_data_quality"),
+    ]) + phases() + Pipeline([
+        Node(evaluate_head_only, ["phase1_model", "manifest", "finetune_config"],
              ["phase1_classification_report", "phase1_test_metrics"],
              name="evaluate_head_only"),
-        Node(predict_test, ["phase2_model", "manifest", "fit_options"], "test_predictions",
+        Node(predict_test, [LAST, "manifest", "finetune_config"], "test_predictions",
              name="predict_test"),
-        Node(evaluate, ["test_predictions", "manifest", "evaluation_config"],
+        Node(evaluate, ["test_predictions", "manifest", "finetune_config"],
              ["classification_report", "classification_report_text",
               "confusion_matrix_plot", "test_metrics"], name="evaluate"),
-        Node(evaluate_details, ["test_predictions", "manifest", "evaluation_config"],
+        Node(evaluate_details, ["test_predictions", "manifest", "finetune_config"],
              ["confusion_matrix_counts", "confusion_matrix_normalised", "per_class_metrics",
               "misclassified_images", "misclassified_plot"], name="evaluate_details"),
-        Node(summarise_training, ["phase1_history", "phase2_history"],
+        Node(summarise_training, [f"{phase}_history" for phase in PHASES],
              ["learning_curves_plot", "training_metrics"], name="summarise_training"),
     ])
 
@@ -70,25 +98,25 @@ def packaging() -> Pipeline:
     (registered, ``champion`` alias) beside the plain Keras model, the exports, the model card
     and Grad-CAM heatmaps of its test predictions."""
     return Pipeline([
-        Node(publish_model, ["phase2_model", "manifest", "classification_report",
-                             "images_name", "registry_config", "fit_options"],
+        Node(publish_model, [LAST, "manifest", "classification_report",
+                             "images_name", "finetune_config"],
              "model_registry", name="publish_model"),
-        Node(export_model, ["phase2_model", "manifest", "export_config", "fit_options"],
-             "model_exports", name="export_model"),
-        Node(describe_preprocessing, ["phase2_model", "fit_options"], "preprocessing",
+        Node(export_model, [LAST, "manifest", "finetune_config"], "model_exports",
+             name="export_model"),
+        Node(describe_preprocessing, [LAST, "finetune_config"], "preprocessing",
              name="describe_preprocessing"),
         Node(write_model_card,
-             ["manifest", "base_weights_report", "head_config", "phase1_stages",
-              "phase2_stages", "phase1_history", "phase2_history", "classification_report",
-              "phase1_classification_report", "images_name", "registry_config", "fit_options"],
+             ["manifest", "base_weights_report", "finetune_config", "phase1_history",
+              "phase2_history", "classification_report", "phase1_classification_report",
+              "images_name"],
              "model_card", name="write_model_card"),
-        Node(explain_predictions, ["phase2_model", "test_predictions", "manifest",
-                                   "evaluation_config", "fit_options"],
+        Node(explain_predictions, [LAST, "test_predictions", "manifest",
+                                   "finetune_config"],
              "grad_cam_plot", name="explain_predictions"),
     ])
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """The finetune pipeline as users run it: the recipe, then the fine-tuned model logged,
-    registered and exported."""
-    return recipe() + packaging()
+    """The finetune pipeline as users run it: the inputs, the recipe, then the fine-tuned model
+    logged, registered and exported."""
+    return preparation() + training() + packaging()

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from headswap.config import merge_parameters
 from headswap.core import data, evaluation
-from headswap.pipelines.data.nodes import write_target_folder
+from headswap.example import target_folder
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def write_example_folder(
     params = merge_parameters(
         example, {**(overrides or {}), "labels_per_class": labels_per_class}
     )
-    return write_target_folder(params)
+    return target_folder(params)
 
 
 def ingest_parameters(finetune: dict[str, Any], folder: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ labelled images per class, on the example.
 * for each count N, in the namespace ``labels_<N>``: ``select_labels`` keeps N labelled images
   per class, in the manifest's train/val proportion, nested (the images of a smaller count
   are among those of a larger one), the test split whole; then the ``compare`` variants and
-  their comparison table, every dataset under ``labels_<N>.`` (``labels_10.full.phase1_model``);
+  their comparison table, every dataset under ``labels_<N>.`` (``labels_10.full.fine_tuned_model``);
 * ``collect_counts``: one long table (labels_per_class, variant, test_accuracy, macro_f1,
   trainable_params, wall_time_s) and the figure of test accuracy against labels per class.
 
@@ -17,7 +17,7 @@ The counts shape the pipeline (one namespace each), so they are an argument of
 :data:`LABELS_PER_CLASS`. Each variant's time is the seconds its own training took, whatever
 order the runner runs the counts and variants in. In MLflow each count has a run nested under
 the pipeline's run and each variant a run nested under its count's (see
-``headswap.hooks.NamespaceRunsHook``).
+``headswap.hooks.MlflowRunHook``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from kedro.pipeline import Node, Pipeline, pipeline
 
 from headswap.pipelines import bound, compare, finetune
-from headswap.pipelines.compare.pipeline import SHARED
 
 from .nodes import (
     collect_counts,
@@ -69,12 +68,10 @@ def create_pipeline(labels_per_class: Sequence[int] = LABELS_PER_CLASS, **kwargs
         Node(ingest_parameters, ["params:finetune", "label_efficiency_folder"],
              "label_efficiency_finetune", name="ingest_parameters"),
     ])
-    recipe = finetune.recipe(params="label_efficiency_finetune")
-    shared = pipeline(recipe.only_nodes("check_parameters", "ingest_images", "load_base"),
+    shared = pipeline(finetune.preparation(params="label_efficiency_finetune"),
                       inputs={"images": "label_efficiency_images",
                               "pretrained_model": "pretrained_base"})
-    everything = compare.create_pipeline()
-    variants = everything - everything.only_nodes(*SHARED)
+    variants = compare.variants()
     parameters = {name.removeprefix("params:") for name in variants.inputs()
                   if name.startswith("params:")} | {"label_efficiency.seed"}
     per_count = [

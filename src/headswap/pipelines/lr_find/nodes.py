@@ -9,28 +9,39 @@ import keras
 import pandas as pd
 from matplotlib.figure import Figure
 
+from headswap import tracking
+from headswap.config import FinetuneConfig
 from headswap.core import Stage
-from headswap.core.fit import FitOptions, find_learning_rate
+from headswap.core.fit import find_learning_rate
 from headswap.core.lr_find import range_test_figure
 from headswap.pipelines import metrics_points
 
 
 def find_head_rate(
-    model: keras.Model, manifest: pd.DataFrame, stages: list[Stage], options: FitOptions
+    model: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig
 ) -> tuple[dict[str, Any], list[Stage]]:
     """The range test on the head (phase 1's first stage, the base frozen); and phase 1's
     stages, a ``learning_rate: auto`` given the suggestion, to train phase 1 with."""
-    test = find_learning_rate(model, manifest, stages[0], options, "phase1")
+    stages = config.phases()["phase1"]
+    test = find_learning_rate(model, manifest, stages[0], config.fit_options(), "phase1")
     rated = [s.model_copy(update={"learning_rate": test.suggestion})
              if s.learning_rate == "auto" else s for s in stages]
     return test.to_dict(), rated
 
 
+def train_head(
+    model: keras.Model, manifest: pd.DataFrame, stages: list[Stage], config: FinetuneConfig
+) -> tuple[keras.Model, dict[str, Any]]:
+    """Phase 1 as ``finetune.phase1`` sets it, a ``learning_rate: auto`` at the rate found."""
+    return model, tracking.fit_phase(model, manifest, stages, config.fit_options(), "phase1")
+
+
 def find_fine_tune_rate(
-    model: keras.Model, manifest: pd.DataFrame, stages: list[Stage], options: FitOptions
+    model: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig
 ) -> dict[str, Any]:
     """The range test on the model phase 1 trained, opened as phase 2's first stage opens it."""
-    return find_learning_rate(model, manifest, stages[0], options, "phase2").to_dict()
+    stage = config.phases()["phase2"][0]
+    return find_learning_rate(model, manifest, stage, config.fit_options(), "phase2").to_dict()
 
 
 def report_rates(

@@ -3,7 +3,7 @@ on the image folder and base of the ``finetune`` parameters.
 
 * ``find_head_rate``: on the new head, base frozen (phase 1's first stage);
 * ``train_head``: phase 1 as ``finetune.phase1`` sets it (``learning_rate: auto``: at the
-  suggestion just found), the finetune pipeline's own node;
+  suggestion just found);
 * ``find_fine_tune_rate``: on the phase-1 model, opened as phase 2's first stage opens it;
 * ``report_rates``: the JSON report, the plot and the suggestions as metrics.
 
@@ -16,22 +16,19 @@ from __future__ import annotations
 from kedro.pipeline import Node, Pipeline
 
 from headswap.pipelines import finetune
-from headswap.pipelines.finetune.nodes import train_head
 
-from .nodes import find_fine_tune_rate, find_head_rate, report_rates
-
-PREPARE = ("check_parameters", "ingest_images", "load_base", "swap_head")
+from .nodes import find_fine_tune_rate, find_head_rate, report_rates, train_head
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     """The head's range test, phase 1, the opened model's range test, the report."""
-    prepare = finetune.create_pipeline().only_nodes(*PREPARE)
-    return prepare + Pipeline([
-        Node(find_head_rate, ["headswapped_model", "manifest", "phase1_stages", "fit_options"],
+    return finetune.preparation() + finetune.new_head() + Pipeline([
+        Node(find_head_rate, ["headswapped_model", "manifest", "finetune_config"],
              ["lr_find_phase1", "lr_find_phase1_stages"], name="find_head_rate"),
         Node(train_head, ["headswapped_model", "manifest", "lr_find_phase1_stages",
-                          "fit_options"], ["phase1_model", "phase1_history"], name="train_head"),
-        Node(find_fine_tune_rate, ["phase1_model", "manifest", "phase2_stages", "fit_options"],
+                          "finetune_config"], ["phase1_model", "phase1_history"],
+             name="train_head"),
+        Node(find_fine_tune_rate, ["phase1_model", "manifest", "finetune_config"],
              "lr_find_phase2", name="find_fine_tune_rate"),
         Node(report_rates, ["lr_find_phase1", "lr_find_phase2"],
              ["lr_find_report", "lr_find_plot", "lr_find_metrics"], name="report_rates"),

@@ -1,30 +1,19 @@
-"""Kedro nodes of the ``predict`` pipeline: list a folder's images, load the classifier the
-parameters name, classify, and report against the class sub-folders' labels if there are."""
+"""Kedro nodes of the ``predict`` pipeline: list a folder's images, classify them with the
+catalog's ``classifier``, and report against the class sub-folders' labels if there are."""
 
 from __future__ import annotations
 
 import logging
-import re
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from kedro.io import DatasetError, Version
-from kedro_datasets.json import JSONDataset
-from kedro_datasets.pandas import CSVDataset
-from kedro_datasets.tensorflow import TensorFlowModelDataset
 
-from headswap import serving
 from headswap.config import PredictConfig, parse_predict
 from headswap.core import data, evaluation, predict, sources
-from headswap.core.errors import InputError
 from headswap.core.predict import Classifier
 from headswap.pipelines import metrics_points
 
 logger = logging.getLogger(__name__)
-
-KEDRO_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}\.\d{2}\.\d{2}\.\d{3}Z")
-MLFLOW_URI = re.compile(r"[a-z][a-z0-9+.-]*:/", re.IGNORECASE)
 
 
 def check_parameters(params: dict[str, Any]) -> PredictConfig:
@@ -41,55 +30,6 @@ def list_images(images: sources.ImageSource) -> tuple[pd.DataFrame, pd.DataFrame
     logger.info("%s images to classify under %s%s", len(table), images.location,
                 f" ({labelled} labelled)" if labelled else "")
     return table, unsupported
-
-
-def load_classifier(config: PredictConfig) -> Classifier:
-    """The model ``predict.model`` names, with its class names: the latest fine-tuned model
-    (null), a Kedro version of it, a .keras/.h5 file or an MLflow model URI."""
-    model = config.model
-    if model is None or KEDRO_VERSION.fullmatch(model):
-        return _fine_tuned(config, model)
-    if MLFLOW_URI.match(model) and not Path(model).exists():
-        try:
-            return serving.load_classifier(model)
-        except InputError:
-            raise
-        except Exception as err:  # MLflow says why: unknown run, alias, registry...
-            raise InputError(f"`model` {model} cannot be loaded from MLflow: "
-                             f"{str(err).splitlines()[0]}") from err
-    return Classifier.from_file(model, config.labels, config.allow_unsafe)
-
-
-def _fine_tuned(config: PredictConfig, version: str | None) -> Classifier:
-    """A version (None: the latest) of the fine-tuned model, with the class names of the
-    manifest of the same run."""
-    dataset = TensorFlowModelDataset(filepath=config.fine_tuned_model,
-                                     version=Version(version, None),
-                                     load_args={"compile": False})
-    try:
-        version = dataset.resolve_load_version()
-        model = dataset.load()
-    except DatasetError as err:
-        which = f"version {version} of the" if version else "a"
-        raise InputError(
-            f"There is no {which} fine-tuned model in {config.fine_tuned_model}: run "
-            "`kedro run` (or `kedro run --pipeline finetune`) first, or give `model` "
-            "(a .keras file or an MLflow model URI)."
-        ) from err
-    manifest = CSVDataset(filepath=config.manifest, version=Version(version, None),
-                          load_args={"dtype": str, "keep_default_na": False})
-    try:
-        names = data.class_names(manifest.load())
-    except DatasetError as err:
-        raise InputError(
-            f"The fine-tuned model {version} has no manifest of its run in {config.manifest}, "
-            "so its class names are unknown. Give `model` as another version or an MLflow "
-            "model URI."
-        ) from err
-    logger.info("Model: the fine-tuned model of run %s (%s classes)", version, len(names))
-    how = JSONDataset(filepath=config.preprocessing, version=Version(version, None))
-    resize = how.load()["resize"] if how.exists() else "stretch"  # runs before resize modes
-    return Classifier(model, tuple(names), resize=resize)
 
 
 def classify_images(

@@ -3,7 +3,7 @@ fine-tuned model's predictions (and a classification report when they are labell
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import check_parameters, classify_images, list_images, load_classifier, report
+from .nodes import check_parameters, classify_images, list_images, report
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -11,7 +11,6 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(check_parameters, "params:predict", "predict_config", name="check_predict_parameters"),
         Node(list_images, "prediction_images", ["images_to_classify", "unsupported_images"],
              name="list_images"),
-        Node(load_classifier, "predict_config", "classifier", name="load_classifier"),
         Node(classify_images,
              ["classifier", "images_to_classify", "unsupported_images", "predict_config"],
              ["predictions", "prediction_skipped_images"], name="classify_images"),

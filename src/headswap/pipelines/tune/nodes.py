@@ -8,7 +8,7 @@ from typing import Any
 import keras
 import pandas as pd
 
-from headswap import tracking, tuning
+from headswap import training, tuning
 from headswap.config import merge_parameters, parse_finetune, parse_tune
 from headswap.core import evaluation
 from headswap.pipelines import metrics_points
@@ -29,12 +29,8 @@ def search_recipe(
 
     def train(params: dict[str, Any], callbacks: list[keras.callbacks.Callback]) -> float:
         # the epochs' metrics reach MLflow also when the pruning callback stops the trial
-        with tracking.epoch_metrics() as live:
-            model, phase1, phase2, options = tuning.train_recipe(
-                base_model, manifest, params, [live, *callbacks])
-        tracking.log_found_rates(phase1, "phase1")
-        tracking.log_found_rates(phase2, "phase2")
-        return tuning.validation_accuracy(model, manifest, options)
+        model, _, options = training.train_recipe(base_model, manifest, params, callbacks)
+        return training.split_accuracy(model, manifest, options, "val")
 
     study = tuning.search(cfg, finetune, train)
     table = tuning.trials_table(study)
@@ -55,11 +51,11 @@ def evaluate_best(
     """The best settings trained again (the same seed: the same model as their trial) and
     evaluated once on the test split: the report (dict and text) and metrics."""
     params = merge_parameters(finetune, best_parameters["finetune"])
-    model, _, _, options = tuning.train_recipe(base_model, manifest, params)
+    model, _, options = training.train_recipe(base_model, manifest, params)
     top_k = parse_finetune(params).evaluation.top_k
     result = evaluation.evaluate(model, manifest, options.image_size, options.batch_size,
                                  top_k=top_k, resize=options.resize)
-    val = tuning.validation_accuracy(model, manifest, options)
+    val = training.split_accuracy(model, manifest, options, "val")
     logger.info("Best settings, trained again: validation accuracy %.4f, test accuracy %.4f\n%s",
                 val, result["metrics"]["accuracy"], result["text"])
     metrics = {"val_accuracy": val, **{f"test.{k}": v for k, v in result["metrics"].items()}}

@@ -15,14 +15,13 @@ from __future__ import annotations
 from kedro.pipeline import Node, Pipeline
 
 from headswap.pipelines import finetune
-from headswap.pipelines.compare.pipeline import SHARED
 
 from .nodes import evaluate_best, search_recipe
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     """The shared inputs, the search, the best settings' test report."""
-    return finetune.create_pipeline().only_nodes(*SHARED) + Pipeline([
+    return finetune.preparation() + Pipeline([
         Node(search_recipe, ["base_model", "manifest", "params:finetune", "params:tune"],
              ["tune_trials", "tune_best_parameters", "tune_best_settings", "tune_metrics"],
              name="search_recipe"),
