@@ -301,6 +301,49 @@ def test_images_are_kept_in_memory_only_when_the_split_fits_the_budget(
         _batches(streamed)  # read from disk at every pass
 
 
+def test_streamed_batches_hold_each_image_as_decode_image_reads_it(tmp_path: Path):
+    """Plain RGB JPEGs take the short way through the tf.data graph; EXIF-turned JPEGs and
+    gray, gray + alpha and RGBA PNGs the EXIF and channel steps: all as read one by one."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(10):
+        pixels = rng.integers(0, 256, (18 + i, 30 - i, 3), dtype="uint8")
+        image, name = Image.fromarray(pixels), f"img_{i}"
+        if i % 5 == 0:
+            file = tmp_path / f"{name}.jpg"
+            image.save(file)
+        elif i % 5 == 1:
+            exif = Image.Exif()
+            exif[0x0112] = 5 + i % 4
+            file = tmp_path / f"{name}.jpg"
+            image.save(file, exif=exif)
+        else:
+            file = tmp_path / f"{name}.png"
+            image.convert(("L", "LA", "RGBA")[i % 5 - 2]).save(file)
+        rows.append((str(file), ("a", "b")[i % 2], "train"))
+    manifest = pd.DataFrame(rows, columns=["path", "label", "split"])
+    for channels in (1, 3):
+        streamed = _batches(data.make_dataset(manifest, "train", (12, 10), channels, 4))[0]
+        one_by_one = np.stack([data.decode_image(tf.constant(path), (12, 10), channels).numpy()
+                               for path in manifest["path"]])
+        np.testing.assert_array_equal(streamed, one_by_one)
+
+
+def test_each_epochs_order_is_the_index_shuffle_of_the_seed_and_epoch(image_folder: Path):
+    """The order a resumed run relies on: position i of epoch e reads row
+    index_shuffle(i, seed=(seed, e)) of the split, streamed or kept in memory."""
+    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    _, labels = data.split_arrays(manifest, "train")
+    n = len(labels)
+    order = tf.random.experimental.index_shuffle(
+        tf.range(n, dtype=tf.int64), seed=tf.constant([7, 3], tf.int64), max_index=n - 1)
+    for cache in (0, 2**30):
+        dataset = data.make_dataset(manifest, "train", (8, 8), 1, 5, shuffle=True, seed=7,
+                                    epoch=tf.Variable(3, dtype=tf.int64), cache_bytes=cache)
+        got = _batches(dataset.take(-(-n // 5)))[1]
+        np.testing.assert_array_equal(got, labels[order.numpy()])
+
+
 def test_the_example_pretrains_on_a_seeded_sample_of_each_source_class():
     from headswap.pipelines.data.nodes import extract_source_task
 

@@ -21,7 +21,13 @@ from PIL import Image, ImageOps
 from headswap.core import data
 from headswap.core.errors import InputError
 from headswap.core.export import export_model
-from headswap.core.images import RESIZE_MODES, apply_orientation, exif_orientation
+from headswap.core.images import (
+    RESIZE_MODES,
+    apply_orientation,
+    exif_orientation,
+    may_have_exif,
+    resize_image,
+)
 from headswap.core.predict import (
     PREPROCESSING_FILE,
     Classifier,
@@ -108,6 +114,61 @@ def test_images_without_exif_are_decoded_as_stored():
         plain = tf.image.resize(tf.io.decode_image(raw, channels=3), (16, 24)).numpy()
         np.testing.assert_array_equal(decoded(raw, (16, 24)), plain)
     np.testing.assert_array_equal(decoded(png(image), (32, 48)), image)
+
+
+def exif_layouts(image: np.ndarray, orientation: int) -> dict[str, bytes]:
+    """One JPEG with an EXIF orientation where encoders put it: after a 16-byte JFIF segment
+    (PIL), first after the start marker (cameras), after a longer JFIF segment."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    raw = jpeg(image, exif)
+    assert raw[2:6] == b"\xff\xe0\x00\x10" and raw[20:22] == b"\xff\xe1"
+    jfif, rest = raw[6:20], raw[20:]
+    longer_jfif = b"\xff\xe0\x00\x16" + jfif + bytes(6)
+    return {"after JFIF": raw, "first": raw[:2] + rest, "after a longer JFIF": raw[:2] + longer_jfif
+            + rest}
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_exif_is_read_first_or_after_a_jfif_segment_of_any_length(orientation):
+    image = quadrants()
+    for layout, raw in exif_layouts(image, orientation).items():
+        assert bool(may_have_exif(tf.constant(raw))), layout
+        assert int(exif_orientation(tf.constant(raw))) == orientation, layout
+        upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(raw))), "float32")
+        got = decoded(raw, upright.shape[:2])
+        assert got.shape == upright.shape, layout
+        assert np.abs(got - upright).mean() < 3, layout
+
+
+def test_images_that_cannot_hold_exif_are_told_apart_in_a_few_ops_and_read_the_same():
+    image = quadrants()
+    plain = jpeg(image)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "GIF")
+    others = {
+        "JFIF JPEG": plain, "JPEG without JFIF": plain[:2] + plain[20:], "PNG": png(image),
+        "GIF": buffer.getvalue(), "empty": b"", "start marker only": b"\xff\xd8",
+        "one byte": b"\xff",
+    }
+    for name, raw in others.items():
+        assert not bool(may_have_exif(tf.constant(raw))), name
+    # an EXIF segment saying "as stored" sends a JPEG through the EXIF parse: the same pixels
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    for channels in (1, 3):
+        np.testing.assert_array_equal(decoded(jpeg(image, exif), (20, 30), channels),
+                                      decoded(plain, (20, 30), channels))
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_stretching_gives_the_pixels_of_resizing_the_decoded_integers(channels):
+    rng = np.random.default_rng(channels)
+    for shape in ((37, 53), (9, 7), (40, 40)):
+        pixels = rng.integers(0, 256, (*shape, channels), dtype="uint8")
+        for size in ((20, 24), (64, 48), shape):
+            np.testing.assert_array_equal(resize_image(tf.constant(pixels), size).numpy(),
+                                          tf.image.resize(pixels, size).numpy())
 
 
 def test_truncated_or_garbled_exif_falls_back_to_as_stored():

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 
 TARGET_CLASSES = ["Ankle boot", "Bag", "Sandal", "Shirt", "Sneaker"]
 FINETUNE_NODES = [
-    "check_parameters", "ingest_images", "load_base",
+    "check_parameters", "ingest_images", "load_base", "check_data_quality",
     "swap_head", "train_head", "evaluate_head_only",
     "fine_tune", "predict_test", "evaluate", "evaluate_details", "summarise_training",
     "publish_model", "export_model", "describe_preprocessing", "write_model_card",
@@ -67,6 +67,9 @@ VERSIONED = [
     "data/08_reporting/misclassified.png",
     "data/08_reporting/model_registry.json",
     "data/08_reporting/model_card.md",
+    "data/08_reporting/data_quality_report.json",
+    "data/08_reporting/data_quality_findings.csv",
+    "data/08_reporting/data_quality.png",
     "data/08_reporting/grad_cam.png",
 ]
 

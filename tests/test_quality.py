@@ -58,6 +58,15 @@ def test_a_clean_folder_has_no_duplicates(clean):
     found = quality.find_duplicates(clean)
     assert found.empty
     assert list(found.columns) == quality.DUPLICATE_COLUMNS
+    # nothing found anywhere: an empty findings table, a report without problems, a figure
+    nothing = pd.DataFrame(columns=quality.LABEL_ISSUE_COLUMNS)
+    skipped = pd.DataFrame(columns=["path", "reason"])
+    table = quality.findings_table(skipped, found, nothing)
+    assert table.empty and list(table.columns) == quality.FINDING_COLUMNS
+    balance = quality.class_balance(clean)
+    report = quality.quality_report(clean, skipped, found, nothing, balance)
+    assert report["problems"] == [] and report["duplicate_pairs"] == 0
+    assert isinstance(quality.quality_figure(balance[0], report), Figure)
 
 
 def test_an_exact_copy_in_the_test_split_is_leakage(clean, tmp_path):

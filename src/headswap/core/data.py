@@ -30,7 +30,7 @@ from headswap.core import sources
 from headswap.core.images import (
     apply_orientation,
     exif_orientation,
-    has_app1_segment,
+    may_have_exif,
     resize_image,
 )
 from headswap.core.progress import CountProgress
@@ -370,7 +370,7 @@ def decode_bytes(
         raise ValueError(f"Images are read with 1 or 3 channels, not {channels}.")
     image = tf.io.decode_image(raw, channels=0, expand_animations=False)
     # most images have the channels asked for and no EXIF segment: they are used as decoded
-    as_decoded = tf.equal(tf.shape(image)[-1], channels) & tf.logical_not(has_app1_segment(raw))
+    as_decoded = tf.equal(tf.shape(image)[-1], channels) & tf.logical_not(may_have_exif(raw))
     image = tf.cond(as_decoded, lambda: image,
                     lambda: _UPRIGHT_WITH_CHANNELS[channels](image, raw))
     image.set_shape([None, None, channels])

@@ -11,6 +11,7 @@ image is read the same way in training, prediction and serving.
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from headswap.core.errors import InputError
@@ -29,6 +30,12 @@ _EXIF_WORDS = (0x4578, 0x6966, 0)  # "Exif\0\0", after the APP1 marker (FF E1) a
 _WORDS = 1_024  # 16-bit words read from the APP1 marker on: the TIFF header and the first IFD
 _IFD_ENTRIES = 64  # IFD0 entries looked at for the Orientation tag (cameras write ~10-30)
 _ORIENTATION_TAG = 0x0112
+# IFD0 entries (a count word, then 6 words each): every entry's number, the words of its tag
+# and (SHORT) value after the count word, and the word after its end; constants, so that the
+# parse is a few dozen ops (each op costs time when a graph is built and run)
+_ENTRIES = np.arange(_IFD_ENTRIES, dtype=np.int32)
+_ENTRY_WORDS = 1 + 6 * _ENTRIES[:, None] + np.array([0, 4], dtype=np.int32)
+_ENTRY_ENDS = 1 + 6 * (_ENTRIES + 1)
 
 
 def exif_orientation(raw: tf.Tensor) -> tf.Tensor:
@@ -46,10 +53,21 @@ def exif_orientation(raw: tf.Tensor) -> tf.Tensor:
                    lambda: tf.constant(1, tf.int32))
 
 
-def has_app1_segment(raw: tf.Tensor) -> tf.Tensor:
-    """Whether an encoded image is a JPEG with an APP1 segment where EXIF data goes (see
-    :func:`exif_orientation`): a few ops, so that images without one can skip the rest."""
-    return _app1_start(raw)[1]
+def may_have_exif(raw: tf.Tensor) -> tf.Tensor:
+    """False for an encoded image that surely has no EXIF segment where
+    :func:`exif_orientation` looks (any other format; a JPEG whose segment there is not APP1),
+    in a handful of ops, so that most images skip the rest; True for the others.
+
+    Only a common JFIF segment (16 bytes) is looked past: after one of another length the
+    answer is True, and :func:`exif_orientation` looks exactly.
+    """
+    # big-endian words from byte 0, zero past the end of the file: the start marker, the first
+    # segment's marker and length, and (word 10) the marker after a 16-byte JFIF segment
+    words = tf.io.decode_raw(raw, tf.uint16, little_endian=False, fixed_length=22)
+    start_marker, app1, app0, jfif_16, app1_after_jfif = tf.unstack(tf.equal(
+        tf.gather(words, [0, 1, 1, 2, 10]),
+        tf.constant([0xFFD8, 0xFFE1, 0xFFE0, 16, 0xFFE1], tf.uint16)))
+    return start_marker & (app1 | (app0 & (app1_after_jfif | tf.logical_not(jfif_16))))
 
 
 def _app1_start(raw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -72,31 +90,33 @@ def _orientation_in(segment: tf.Tensor) -> tf.Tensor:
     1 where they are no readable EXIF data."""
 
     def words(little_endian: bool) -> tf.Tensor:  # zero-padded past the end of the file
-        decoded = tf.io.decode_raw(segment, tf.uint16, little_endian=little_endian,
-                                   fixed_length=2 * _WORDS)
-        return tf.cast(tf.reshape(decoded, [_WORDS]), tf.int32)
+        return tf.cast(tf.io.decode_raw(segment, tf.uint16, little_endian=little_endian,
+                                        fixed_length=2 * _WORDS), tf.int32)
 
     # words: FF E1, length, "Ex", "if", 0, byte order ("II" or "MM"), 42, IFD0's offset (2)
     big = words(little_endian=False)
-    little = tf.equal(big[5], 0x4949)  # "II": Intel byte order; "MM": Motorola
+    marker, _, exif_0, exif_1, exif_2, order = tf.unstack(big[:6])
+    little = tf.equal(order, 0x4949)  # "II": Intel byte order; "MM": Motorola
     segment_words = tf.where(little, words(little_endian=True), big)
-    ifd_offset = tf.where(little, segment_words[7], segment_words[8])  # bytes from "II"/"MM"
+    magic, offset_0, offset_1 = tf.unstack(segment_words[6:9])
+    ifd_offset = tf.where(little, offset_0, offset_1)  # bytes from "II"/"MM"
+    offset_high = tf.where(little, offset_1, offset_0)
     ifd = 5 + ifd_offset // 2  # the word holding IFD0's entry count; 12-byte entries follow
-    entries = tf.range(_IFD_ENTRIES)
-    at = ifd + 1 + 6 * entries[:, None] + [0, 4]  # each entry's tag and (SHORT) value
-    fields = tf.gather(segment_words, tf.minimum(at, _WORDS - 1))
+    count = tf.gather(segment_words, tf.minimum(ifd, _WORDS - 1))
+    tags, values = tf.unstack(
+        tf.gather(segment_words, tf.minimum(ifd + _ENTRY_WORDS, _WORDS - 1)), axis=1)
     is_orientation = (
-        tf.equal(fields[:, 0], _ORIENTATION_TAG)
-        & (entries < segment_words[tf.minimum(ifd, _WORDS - 1)])
-        & (ifd + 1 + 6 * (entries + 1) <= _WORDS)
+        tf.equal(tags, _ORIENTATION_TAG)
+        & (count > _ENTRIES)
+        & (ifd + _ENTRY_ENDS <= _WORDS)
     )
-    value = tf.reduce_max(tf.where(is_orientation, fields[:, 1], 0))
+    value = tf.reduce_max(tf.where(is_orientation, values, 0))
     usable = (
-        tf.equal(big[0], 0xFFE1)
-        & tf.reduce_all(tf.equal(big[2:5], _EXIF_WORDS))  # "Exif\0\0"
-        & (little | tf.equal(big[5], 0x4D4D))
-        & tf.equal(segment_words[6], 42)
-        & tf.equal(tf.where(little, segment_words[8], segment_words[7]), 0)  # offset < 64 KiB
+        tf.equal(marker, 0xFFE1)
+        & tf.reduce_all(tf.equal(tf.stack([exif_0, exif_1, exif_2]), _EXIF_WORDS))  # "Exif\0\0"
+        & (little | tf.equal(order, 0x4D4D))
+        & tf.equal(magic, 42)
+        & tf.equal(offset_high, 0)  # offset < 64 KiB
         & tf.equal(ifd_offset % 2, 0)
         & (value >= 1) & (value <= 8)
     )

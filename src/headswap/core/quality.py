@@ -389,7 +389,7 @@ def findings_table(
     hash distance of a duplicate, the score of a label issue, whose ``other_label`` is the
     suggested class."""
     duplicate = pd.DataFrame({
-        "finding": duplicates["kind"] + "_duplicate",
+        "finding": duplicates["kind"].astype(str) + "_duplicate",
         "scope": duplicates["scope"],
         "severity": np.where(duplicates["scope"] == "within_class", "warning", "problem"),
         **{c: duplicates[c] for c in ("path", "label", "split", "other_path", "other_label",
@@ -406,7 +406,7 @@ def findings_table(
         "split": label_issues["split"], "other_label": label_issues["suggested"],
         "value": label_issues["score"],
         "detail": "the features suggest " + label_issues["suggested"].astype(str) + " (p="
-                  + label_issues["confidence"].round(2).astype(str) + ")",
+                  + label_issues["confidence"].astype(float).round(2).astype(str) + ")",
     })
     skipped = skipped.reindex(columns=SKIPPED_COLUMNS)
     unreadable = pd.DataFrame({"finding": "unreadable", "scope": "file", "severity": "warning",
