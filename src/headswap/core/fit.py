@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -157,20 +156,15 @@ def fine_tune(
     phases: dict[str, list[Stage]],
     options: FitOptions,
     first_epoch: int = 0,
-    after_phase: Callable[[str, keras.Model, History], None] | None = None,
 ) -> dict[str, History]:
     """The recipe: each named phase's stages, in order, on one epoch axis; each phase's
     history by its name. The classic recipe is two phases, ``{"phase1": [the new head, the
     base frozen], "phase2": [part or all of the base opened, a lower rate]}``; any number
-    (gradual unfreezing as a phase per group, a longer last phase) trains the same way.
-    ``after_phase(name, model, history)`` is called as each phase ends (to keep a copy of
-    the model, to log)."""
+    (gradual unfreezing as a phase per group, a longer last phase) trains the same way."""
     histories: dict[str, History] = {}
     for name, stages in phases.items():
         histories[name] = fit(model, manifest, stages, options, first_epoch, name=name)
         first_epoch = next_epoch(histories[name]) or first_epoch
-        if after_phase is not None:
-            after_phase(name, model, histories[name])
     return histories
 
 

@@ -33,7 +33,7 @@ from headswap.core import export as exports
 from headswap.core.bases import input_spec
 from headswap.core.card import model_card
 from headswap.core.errors import InputError
-from headswap.core.fit import History, fine_tune, next_epoch
+from headswap.core.fit import History, next_epoch
 from headswap.core.predict import Classifier
 from headswap.pipelines import metrics_points
 
@@ -178,14 +178,8 @@ def train_phase(
     options = config.fit_options()
     if config.training.class_weight == "auto":
         options = replace(options, class_weight=data_quality["class_weight_auto"])
-    with tracking.epoch_metrics() as live:
-        history = fine_tune(
-            model, manifest, {phase: config.phases()[phase]},
-            replace(options, extra_callbacks=[*options.extra_callbacks, live]),
-            first_epoch=next_epoch(before[-1]) if before else 0,
-        )[phase]
-    tracking.log_history(history)
-    tracking.log_found_rates(history, phase)
+    history = tracking.fit_phase(model, manifest, config.phases()[phase], options, phase,
+                                 next_epoch(before[-1]) if before else 0)
     return model, history
 
 
