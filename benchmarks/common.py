@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import keras
 
-    from headswap.config import FinetuneConfig
+    from headswap.project.config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -182,8 +182,8 @@ def project_parameters(section: str = "finetune") -> dict[str, Any]:
 def write_example_folder(out: Path, labels_per_class: int) -> Path:
     """The example's target folder with ``labels_per_class`` training images per class,
     written by the data pipeline's own node (test: all official test images)."""
-    from headswap.datasets import ImageFolderDataset
-    from headswap.example import target_folder
+    from headswap.project.datasets import ImageFolderDataset
+    from headswap.project.example import target_folder
 
     params = project_parameters("example")
     dirs = [str(ROOT / d) if not Path(d).is_absolute() else d for d in params["fashion_mnist_dirs"]]

@@ -3,7 +3,7 @@
 A clean folder of real images is written: ``--per-class`` Fashion-MNIST training images of
 each of the five target classes (5-9: Sandal, Shirt, Sneaker, Bag, Ankle boot), upscaled to
 ``--size`` pixels RGB PNG, and split by ``headswap.core.data.ingest_image_folder``. The
-"base" is a small CNN (``headswap.example.compact_cnn``) trained for a few epochs on the
+"base" is a small CNN (``headswap.project.example.compact_cnn``) trained for a few epochs on the
 other five classes (0-4), with other images; its pooled features feed the label-issue check.
 
 The checks run on the clean folder (false alarms: what they find there), then on a copy laid
@@ -53,7 +53,7 @@ from PIL import Image
 
 from headswap.core import quality
 from headswap.core.data import ingest_image_folder
-from headswap.example import CLASS_NAMES, find_fashion_mnist, load_split
+from headswap.project.example import CLASS_NAMES, find_fashion_mnist, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_CLASSES, TARGET_CLASSES = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
@@ -86,7 +86,7 @@ def train_base(images: np.ndarray, labels: np.ndarray, epochs: int, seed: int) -
     """A compact CNN trained briefly on the source classes; returns its pooled-feature model."""
     import keras
 
-    from headswap.example import pretrain_compact_cnn
+    from headswap.project.example import pretrain_compact_cnn
 
     model, history = pretrain_compact_cnn(images, labels, filters=(32, 64, 128), epochs=epochs,
                                           batch_size=128, learning_rate=3e-3, val_fraction=0.1,

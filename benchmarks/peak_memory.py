@@ -30,8 +30,8 @@ from common import (
     write_result,
 )
 
-from headswap.config import parse_finetune
 from headswap.core import data
+from headswap.project.config import parse_finetune
 
 
 def main() -> None:

@@ -39,8 +39,8 @@ from common import (
     write_result,
 )
 
-from headswap.config import parse_finetune
 from headswap.core import data, evaluation, fit
+from headswap.project.config import parse_finetune
 
 WAYS = {
     "cached features": {"cache_features": True},

@@ -36,7 +36,7 @@ from common import (
     write_result,
 )
 
-from headswap.config import parse_finetune
+from headswap.project.config import parse_finetune
 
 TARGET = 1.25  # pipeline / plain Keras wall time on the example's defaults
 

@@ -46,8 +46,8 @@ from common import (
 )
 from PIL import Image
 
-from headswap import example
-from headswap.config import merge_parameters, parse_finetune
+from headswap.project import example
+from headswap.project.config import merge_parameters, parse_finetune
 
 SIZE = 96
 TARGET_RATIO, ACCURACY_POINTS = 0.75, 0.01

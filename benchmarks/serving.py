@@ -121,7 +121,7 @@ def pipeline_model_against_ours(model, class_names: list[str], image_size, image
     from mlflow.pyfunc import PythonModelContext
 
     from headswap.core.predict import Classifier
-    from headswap.serving import ImageClassifierModel
+    from headswap.project.serving import ImageClassifierModel
 
     model_file, labels_file = tmp / "model.keras", tmp / "classifier.json"
     model.save(model_file)

@@ -12,8 +12,8 @@ import keras
 import numpy as np
 import pytest
 
-from headswap.config import parse_finetune
 from headswap.core import bases, data, devices, fine_tune, heads, train
+from headswap.project.config import parse_finetune
 from tests.conftest import small_cnn
 
 pytestmark = pytest.mark.slow

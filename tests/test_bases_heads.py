@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from headswap.core import bases, heads, train
-from headswap.datasets import BaseModelDataset
+from headswap.project.datasets import BaseModelDataset
 from tests.conftest import small_cnn
 
 

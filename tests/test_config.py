@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from headswap.config import ParameterError, parse_finetune
+from headswap.project.config import ParameterError, parse_finetune
 
 BASE = {"data": {"path": "images", "image_size": 28}, "base": {"source": "file", "path": "m.keras"}}
 
@@ -91,7 +91,7 @@ def test_a_phase_given_in_part_keeps_its_own_defaults_and_unused_keys_are_listed
 
 
 def test_core_messages_get_the_parameter_keys_of_the_node_that_raised_them():
-    from headswap.config import parameter_keys
+    from headswap.project.config import parameter_keys
 
     assert parameter_keys("`cut_at`=9 is out of range; or set `allow_unsafe`: true",
                           "load_base") == ("finetune.base.cut_at=9 is out of range; or set "

@@ -169,7 +169,7 @@ def test_a_saved_manifest_is_reused_as_it_is(image_folder: Path, tmp_path: Path)
 
 
 def test_the_catalogs_images_with_a_manifest_reuse_its_split(image_folder: Path, tmp_path):
-    from headswap.datasets import ImageFolderDataset
+    from headswap.project.datasets import ImageFolderDataset
 
     manifest = data.ingest_image_folder(image_folder, seed=3)[0]
     file = tmp_path / "manifest.csv" / "2024-01-01T00.00.00.000Z" / "manifest.csv"

@@ -11,9 +11,9 @@ import pytest
 from kedro_datasets.pandas import CSVDataset
 from sklearn.metrics import confusion_matrix, top_k_accuracy_score
 
-from headswap.config import ParameterError, parse_finetune
 from headswap.core import bases, data, evaluation, heads, train
 from headswap.pipelines.finetune import nodes
+from headswap.project.config import ParameterError, parse_finetune
 from tests.conftest import small_cnn
 
 NAMES = ["cat", "dog", "owl"]

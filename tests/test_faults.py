@@ -158,7 +158,7 @@ def twin_runs(project: Path) -> dict[str, Any]:
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
     # Child loggers: Kedro's logging setup replaces the handlers of "headswap" itself.
-    loggers = [logging.getLogger(name) for name in ("headswap.core.data", "headswap.hooks")]
+    loggers = [logging.getLogger(name) for name in ("headswap.core.data", "headswap.project.hooks")]
     for logger in loggers:
         logger.addHandler(handler)
     try:
@@ -203,7 +203,7 @@ def test_cli_prints_one_readable_message_for_bad_parameters(project: Path):
     ],
 )
 def test_bad_parameters_stop_before_any_node(project: Path, params, message):
-    from headswap.hooks import RunStopped
+    from headswap.project.hooks import RunStopped
 
     runs, manifests = len(mlflow_runs(project)[1]), versions(project, MANIFEST)
     with pytest.raises(RunStopped, match=message):
@@ -259,7 +259,7 @@ def test_faulty_files_are_skipped_listed_logged_and_counted(project: Path, twin_
 def test_unusable_folders_stop_before_training_and_fail_the_run(
     project: Path, tmp_path: Path, setup, message
 ):
-    from headswap.hooks import RunStopped
+    from headswap.project.hooks import RunStopped
 
     folder = Path(shutil.copytree(project / IMAGES, tmp_path / "images"))
     setup(folder)
@@ -311,7 +311,7 @@ def test_a_manifest_is_reused_by_a_later_run(project: Path, twin_runs):
 def test_a_reused_manifest_that_is_gone_or_lists_missing_images_stops_clearly(
     project: Path, twin_runs, tmp_path: Path
 ):
-    from headswap.hooks import RunStopped
+    from headswap.project.hooks import RunStopped
 
     with pytest.raises(RunStopped, match="manifest .*nowhere.csv .*does not exist"):
         run_finetune(project, {"finetune": {"data": {"manifest": str(tmp_path / "nowhere.csv")}}},
@@ -340,7 +340,7 @@ def test_runs_are_versioned_and_never_overwrite_earlier_artifacts(project: Path,
 def test_a_failure_in_a_later_stage_keeps_earlier_artifacts_and_fails_the_run(
     project: Path, twin_runs
 ):
-    from headswap.hooks import RunStopped
+    from headswap.project.hooks import RunStopped
 
     # a user's error, so one readable message (the CLI prints it as one Error: line)
     with pytest.raises(RunStopped, match=r"Node fine_tune stopped: No base layer named "
@@ -361,7 +361,7 @@ def test_a_failure_in_a_later_stage_keeps_earlier_artifacts_and_fails_the_run(
 
 
 def test_an_unreachable_tracking_server_stops_the_run_before_anything(project: Path):
-    from headswap.hooks import RunStopped
+    from headswap.project.hooks import RunStopped
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     (project / "conf" / "unreachable").mkdir()

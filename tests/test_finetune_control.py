@@ -7,8 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from headswap.config import parse_finetune
 from headswap.core import LayerSelection, bases, data, fit, heads, train
+from headswap.project.config import parse_finetune
 from tests.conftest import small_cnn
 
 BASE_LAYERS = ["rescale", "conv1", "bn1", "relu1", "pool1", "conv2", "bn2", "features"]

@@ -35,7 +35,7 @@ from headswap.core.predict import (
     write_labels,
     write_preprocessing,
 )
-from headswap.serving import ImageClassifierModel, log_classifier
+from headswap.project.serving import ImageClassifierModel, log_classifier
 
 
 def quadrants(height: int = 32, width: int = 48) -> np.ndarray:

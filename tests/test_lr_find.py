@@ -10,7 +10,6 @@ import keras
 import numpy as np
 import pytest
 
-from headswap.config import ParameterError, parse_finetune
 from headswap.core import FitOptions, Stage, bases, data, fit, heads
 from headswap.core.fit import find_learning_rate
 from headswap.core.lr_find import (
@@ -21,6 +20,7 @@ from headswap.core.lr_find import (
     suggest,
 )
 from headswap.core.train import compile_model, make_optimizer
+from headswap.project.config import ParameterError, parse_finetune
 from tests.conftest import small_cnn
 
 SETTINGS = RangeTestSettings(steps=40)

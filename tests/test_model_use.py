@@ -21,7 +21,7 @@ import pytest
 
 from headswap.core import data
 from headswap.core.predict import write_labels
-from headswap.datasets import ClassifierDataset
+from headswap.project.datasets import ClassifierDataset
 from tests.conftest import (
     copy_project,
     free_port,

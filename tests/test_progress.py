@@ -13,7 +13,6 @@ import keras
 import numpy as np
 import pytest
 
-from headswap.config import ParameterError, parse_finetune, state_dir
 from headswap.core import FitOptions, Stage, bases, data, fit, heads
 from headswap.core.progress import (
     EPOCH_LOGGER,
@@ -23,6 +22,7 @@ from headswap.core.progress import (
     TrainingProgress,
     verbosity,
 )
+from headswap.project.config import ParameterError, parse_finetune, state_dir
 from tests.conftest import small_cnn
 
 SUMMARY = "headswap.core.progress"

@@ -162,7 +162,7 @@ def test_images_and_base_read_from_gs_through_the_catalogs_datasets(tmp_path: Pa
     127.0.0.1, gcsfs with the catalog entry's credentials): listed, ingested through the local
     cache, batched; the base read; a missing bucket names its URL."""
     from headswap.core import data
-    from headswap.datasets import BaseModelDataset, ImageFolderDataset
+    from headswap.project.datasets import BaseModelDataset, ImageFolderDataset
 
     endpoint, process = gcs_server(tmp_path)
     try:

@@ -104,7 +104,7 @@ def test_remote_images_are_fetched_once_into_the_cache_and_again_when_they_chang
 
 
 def test_an_image_folder_dataset_saves_without_touching_other_files(tmp_path: Path):
-    from headswap.datasets import ImageFolderDataset
+    from headswap.project.datasets import ImageFolderDataset
 
     (tmp_path / "own").mkdir(parents=True)
     (tmp_path / "own" / "keep.txt").write_text("the user's")

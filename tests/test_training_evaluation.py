@@ -7,7 +7,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from headswap.core import FitOptions, Stage, bases, data, evaluation, fit, heads, train
-from headswap.tracking import history_metrics
+from headswap.project.tracking import history_metrics
 from tests.conftest import small_cnn
 
 
@@ -136,7 +136,7 @@ def test_metrics_history_dataset_logs_every_value_in_batches(tmp_path: Path):
     from kedro_mlflow.io.metrics import MlflowMetricsHistoryDataset
     from mlflow.tracking import MlflowClient
 
-    from headswap.datasets import MetricsHistoryDataset
+    from headswap.project.datasets import MetricsHistoryDataset
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     # an experiment of this store: earlier tests in the process may have left another active

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from headswap.config import parse_finetune
 from headswap.core import FitOptions, Stage, fit
+from headswap.project.config import parse_finetune
 from tests.conftest import (
     copy_project,
     kedro_cli,

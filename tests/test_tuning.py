@@ -7,8 +7,8 @@ import optuna
 import pytest
 import yaml
 
-from headswap.config import ParameterError, merge_parameters, parse_finetune, parse_tune
-from headswap.tuning import best_parameters, nested, search, suggest
+from headswap.project.config import ParameterError, merge_parameters, parse_finetune, parse_tune
+from headswap.project.tuning import best_parameters, nested, search, suggest
 
 FINETUNE = {"data": {"path": "images", "image_size": 28}, "base": {"path": "base.keras"}}
 

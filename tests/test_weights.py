@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from keras.src.legacy.saving import legacy_h5_format
 
-from headswap.config import parse_finetune
 from headswap.core import bases, heads, weights
-from headswap.datasets import BaseModelDataset
 from headswap.pipelines.finetune.nodes import load_base
+from headswap.project.config import parse_finetune
+from headswap.project.datasets import BaseModelDataset
 from tests.conftest import small_cnn
 
 

@@ -5,9 +5,9 @@ A page asks for a reference with a marker on a line of its own:
 
 * ``<!-- parameters: finetune -->`` (or ``predict``, ``tune``): a table per section of the
   pydantic model that validates those parameters (:data:`ROOTS`): every key with its type,
-  default, allowed values and description (the field's docstring in ``src/headswap/config.py``
-  and ``src/headswap/core/``). Where ``conf/base/parameters_<name>.yml`` sets another value,
-  the default column shows it too.
+  default, allowed values and description (the field's docstring in
+  ``src/headswap/project/config.py`` and ``src/headswap/core/``). Where
+  ``conf/base/parameters_<name>.yml`` sets another value, the default column shows it too.
 * ``<!-- parameters-file: parameters_compare.yml -->``: that file of ``conf/base/`` as it is
   (parameters no schema validates: its comments are their documentation).
 
@@ -35,7 +35,7 @@ FILE_MARKER = re.compile(r"^<!-- parameters-file: ([\w.]+) -->$", re.M)
 def roots() -> dict[str, type]:
     """The top-level parameter key of each validated section, and its model."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from headswap.config import FinetuneConfig, PredictConfig, TuneConfig
+    from headswap.project.config import FinetuneConfig, PredictConfig, TuneConfig
 
     return {"finetune": FinetuneConfig, "predict": PredictConfig, "tune": TuneConfig}
 

@@ -51,7 +51,7 @@ _import_tensorflow_quietly()
 # MLflow asks for type hints on `predict` (to validate inputs against) as each PythonModel
 # subclass without them is defined: at every `kedro` command, for kedro-mlflow's
 # KedroPipelineModel, which its plugin defines after this package is imported (this project's
-# model, headswap.serving, has them). MLflow shows it under its own "once" filter, which
+# model, headswap.project.serving, has them). MLflow shows it under its own "once" filter, which
 # overrides any warnings filter set here, so under `kedro` that module is imported here with
 # this one warning held back and every other shown as usual; MLflow's "once" then keeps it
 # from coming back.

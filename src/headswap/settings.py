@@ -9,7 +9,7 @@ import warnings
 #   call on every start; they are the ones to move to register_resolver().
 warnings.filterwarnings("ignore", r"register_new_resolver\(\) is deprecated", UserWarning)
 
-from headswap.hooks import (  # noqa: E402 - after the filters, which must come first
+from headswap.project.hooks import (  # noqa: E402 - after the filters, which must come first
     MlflowArtifactHook,
     MlflowRunHook,
     MultiWorkerHook,
@@ -41,7 +41,7 @@ HOOKS = (
 # CONF_SOURCE = "conf"
 
 # Class that manages how configuration is loaded: Kedro's, with ${params:...} in the catalog.
-from headswap.config_loader import ConfigLoader  # noqa: E402
+from headswap.project.config_loader import ConfigLoader  # noqa: E402
 
 CONFIG_LOADER_CLASS = ConfigLoader
 

@@ -1,5 +1,6 @@
 """Thin Kedro nodes of the ``compare`` pipeline: each variant's parameters, its training (the
-recipe as one call, :func:`headswap.training.train_recipe`), its summary, and the comparison."""
+recipe as one call, :func:`headswap.project.training.train_recipe`), its summary, and the
+comparison."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import keras
 import pandas as pd
 from matplotlib.figure import Figure
 
-from headswap import training
-from headswap.config import (
+from headswap.core import data, evaluation
+from headswap.core.bases import image_size_for
+from headswap.project import training
+from headswap.project.config import (
     ParameterError,
     from_scratch_parameters,
     merge_parameters,
     parse_finetune,
 )
-from headswap.core import data, evaluation
-from headswap.core.bases import image_size_for
 
 logger = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@
   epochs as phases 1 and 2 together;
 * ``partial``: phase 2 training only the base's top block (``compare.variants.partial``).
 
-Each Keras variant is the whole recipe in one call (:func:`headswap.training.train_recipe`)
+Each Keras variant is the whole recipe in one call (:func:`headswap.project.training.train_recipe`)
 with ``finetune`` and ``compare.variants.<variant>`` merged in (``head_only``: no phase 2;
 ``scratch``: random weights, phase 1 trains everything), in a Kedro namespace of its own. A
 variant's time is the seconds its own training took (whatever order the runner runs the
 variants in), and each logs into its own MLflow run nested under the pipeline's run (see
-``headswap.hooks.MlflowRunHook``).
+``headswap.project.hooks.MlflowRunHook``).
 """
 
 from __future__ import annotations

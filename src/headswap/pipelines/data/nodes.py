@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from headswap import example
+from headswap.project import example
 
 logger = logging.getLogger(__name__)
 

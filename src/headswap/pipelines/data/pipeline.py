@@ -2,7 +2,7 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from headswap import example
+from headswap.project import example
 
 from .nodes import extract_source_task
 

@@ -16,8 +16,6 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from headswap import registry, serving, tracking
-from headswap.config import FinetuneConfig, parse_finetune
 from headswap.core import (
     Stage,
     bases,
@@ -36,6 +34,8 @@ from headswap.core.errors import InputError
 from headswap.core.fit import History, next_epoch
 from headswap.core.predict import Classifier
 from headswap.pipelines import metrics_points
+from headswap.project import registry, serving, tracking
+from headswap.project.config import FinetuneConfig, parse_finetune
 
 logger = logging.getLogger(__name__)
 

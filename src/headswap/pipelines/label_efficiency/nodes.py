@@ -9,9 +9,9 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from headswap.config import merge_parameters
 from headswap.core import data, evaluation
-from headswap.example import target_folder
+from headswap.project.config import merge_parameters
+from headswap.project.example import target_folder
 
 logger = logging.getLogger(__name__)
 

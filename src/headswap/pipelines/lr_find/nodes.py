@@ -9,12 +9,12 @@ import keras
 import pandas as pd
 from matplotlib.figure import Figure
 
-from headswap import tracking
-from headswap.config import FinetuneConfig
 from headswap.core import Stage
 from headswap.core.fit import find_learning_rate
 from headswap.core.lr_find import range_test_figure
 from headswap.pipelines import metrics_points
+from headswap.project import tracking
+from headswap.project.config import FinetuneConfig
 
 
 def find_head_rate(

@@ -8,10 +8,10 @@ from typing import Any
 
 import pandas as pd
 
-from headswap.config import PredictConfig, parse_predict
 from headswap.core import data, evaluation, predict, sources
 from headswap.core.predict import Classifier
 from headswap.pipelines import metrics_points
+from headswap.project.config import PredictConfig, parse_predict
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import keras
 
-from headswap import example
+from headswap.project import example
 
 
 def pretrain_base(source_task: dict[str, Any], params: dict[str, Any]) -> tuple[keras.Model, dict]:

@@ -1,4 +1,5 @@
-"""Thin Kedro nodes of the ``tune`` pipeline (the search itself is :mod:`headswap.tuning`)."""
+"""Thin Kedro nodes of the ``tune`` pipeline (the search itself is
+:mod:`headswap.project.tuning`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from typing import Any
 import keras
 import pandas as pd
 
-from headswap import training, tuning
-from headswap.config import merge_parameters, parse_finetune, parse_tune
 from headswap.core import evaluation
 from headswap.pipelines import metrics_points
+from headswap.project import training, tuning
+from headswap.project.config import merge_parameters, parse_finetune, parse_tune
 
 logger = logging.getLogger(__name__)
 

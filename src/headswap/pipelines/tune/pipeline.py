@@ -1,5 +1,5 @@
 """The ``tune`` pipeline: an Optuna search over the finetune recipe's settings (see
-:mod:`headswap.tuning`).
+:mod:`headswap.project.tuning`).
 
 * the image folder ingested and the base loaded once (the finetune nodes, as ``compare``);
 * ``search_recipe``: trials of the study in ``tune.storage`` (shared with every other process

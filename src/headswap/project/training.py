@@ -10,12 +10,12 @@ from typing import Any
 import keras
 import pandas as pd
 
-from headswap import tracking
-from headswap.config import parse_finetune
 from headswap.core import data, evaluation, fine_tune, heads
 from headswap.core.bases import image_size_for
 from headswap.core.devices import rebuild
 from headswap.core.fit import FitOptions, History
+from headswap.project import tracking
+from headswap.project.config import parse_finetune
 
 
 def train_recipe(

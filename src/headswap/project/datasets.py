@@ -270,8 +270,8 @@ class ClassifierDataset(AbstractDataset):
         self.metadata = metadata
 
     def load(self) -> Any:
-        from headswap import serving
         from headswap.core.predict import Classifier
+        from headswap.project import serving
 
         model = self.model
         if model is None or KEDRO_VERSION.fullmatch(model):

@@ -27,14 +27,14 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 from optuna_integration.tfkeras import TFKerasPruningCallback
 
-from headswap.config import (
+from headswap.core.errors import InputError
+from headswap.project.config import (
     ParameterError,
     SearchDimension,
     TuneConfig,
     merge_parameters,
     parse_finetune,
 )
-from headswap.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 

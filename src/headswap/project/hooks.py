@@ -23,8 +23,10 @@ from kedro.io import DatasetError, MemoryDataset
 from matplotlib.figure import Figure
 from mlflow.entities import RunStatus
 
-from headswap import tracking
-from headswap.config import (
+from headswap.core import devices
+from headswap.core.errors import InputError
+from headswap.project import tracking
+from headswap.project.config import (
     ParameterError,
     merge_parameters,
     parameter_keys,
@@ -33,8 +35,6 @@ from headswap.config import (
     parse_tune,
     state_dir,
 )
-from headswap.core import devices
-from headswap.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class MlflowRunHook:
 
     * **Resume.** A finetune run that was killed or interrupted, run again with the same
       parameters (and ``finetune.training.resume``, on by default), continues in its MLflow run:
-      the run's id is kept beside its resume state (:func:`headswap.config.state_dir`) and
+      the run's id is kept beside its resume state (:func:`headswap.project.config.state_dir`) and
       handed to kedro-mlflow, which reopens the run instead of starting one. Once a pipeline
       finishes, or fails on an error (which a rerun would meet again), the resume folder is
       removed: only a run killed or stopped with Ctrl-C leaves its state to resume from.

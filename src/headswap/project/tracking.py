@@ -20,7 +20,7 @@ from mlflow.utils.time import get_current_time_millis
 
 from headswap.core import Stage
 from headswap.core.fit import FitOptions, History, fit
-from headswap.datasets import log_metrics
+from headswap.project.datasets import log_metrics
 
 
 class EpochMetrics(keras.callbacks.Callback):
