@@ -2,7 +2,7 @@
 
 A clean folder of real images is written: ``--per-class`` Fashion-MNIST training images of
 each of the five target classes (5-9: Sandal, Shirt, Sneaker, Bag, Ankle boot), upscaled to
-``--size`` pixels RGB PNG, and split by ``headswap.core.data.ingest_image_folder``. The
+``--size`` pixels RGB PNG, and split by ``headswap.core.manifests.ingest_image_folder``. The
 "base" is a small CNN (``headswap.project.example.compact_cnn``) trained for a few epochs on the
 other five classes (0-4), with other images; its pooled features feed the label-issue check.
 
@@ -51,8 +51,8 @@ import pandas as pd
 from common import write_result
 from PIL import Image
 
-from headswap.core import quality
-from headswap.core.data import ingest_image_folder
+from headswap.core import fingerprints, quality
+from headswap.core.manifests import ingest_image_folder
 from headswap.project.example import CLASS_NAMES, find_fashion_mnist, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,7 +249,7 @@ def main() -> None:
                               args.seed)
     chosen = np.concatenate([rng.choice(np.flatnonzero(labels == c), args.per_class,
                                         replace=False) for c in TARGET_CLASSES])
-    near = quality.NEAR_DISTANCE
+    near = fingerprints.NEAR_DISTANCE
     with tempfile.TemporaryDirectory(prefix="headswap-quality-") as tmp:
         clean = Path(tmp) / "clean"
         for i in chosen:
@@ -320,7 +320,7 @@ def main() -> None:
         "injected": {"pairs_per_kind_and_scope": args.each, "moved_images": len(moved),
                      "unreadable_files": 3, "images_after": len(dirty)},
         "near_distance_default": near,
-        "hash_bits": quality.HASH_BITS,
+        "hash_bits": fingerprints.HASH_BITS,
         "recall": {**recall(found, pairs, near), "wrong_class_top_k": wrong_class,
                    "wrong_label_top_k": wrong_label},
         "label_check_probe_accuracy_clean": probe,

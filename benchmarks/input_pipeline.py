@@ -27,7 +27,7 @@ from common import (
     write_result,
 )
 
-from headswap.core import LayerSelection, data
+from headswap.core import LayerSelection, data, manifests
 from headswap.core.train import compile_model, make_optimizer, set_trainable
 
 
@@ -67,9 +67,9 @@ def main() -> None:
     parser = argument_parser(__doc__, repeats=5)
     parser.add_argument("--batch-size", type=int, default=32)
     args, before = start(parser)
-    manifest = data.ingest_image_folder(EXAMPLE)[0]
+    manifest = manifests.ingest_image_folder(EXAMPLE)[0]
     size, channels, bs = (28, 28), 1, args.batch_size
-    paths, labels = data.split_arrays(manifest, "test")
+    paths, labels = manifests.split_arrays(manifest, "test")
     images = data.decode_all(paths, size, channels)
     in_memory = data.array_dataset((images, labels), bs)
     print(f"{len(paths)} images of {size[0]}x{size[1]}x{channels}, batch size {bs}, "

@@ -4,7 +4,7 @@ A folder of ``--images`` RGB JPEGs (200-500 px a side, quality 85, 10 class sub-
 generated once under ``--folder``. Then, each side in its own subprocess (so that each has its
 own peak RSS), alternating sides on each repeat:
 
-* project, local: ``headswap.core.data.ingest_image_folder(folder)`` (lists the files, decodes
+* project, local: ``headswap.core.manifests.ingest_image_folder(folder)`` (lists the files, decodes
   every image once to find unreadable ones, splits), then one epoch of the training input
   (``make_dataset(manifest, "train", (160, 160), 3, batch_size=32, shuffle=True, seed=0,
   cache_bytes=0)``, iterated fully);
@@ -119,10 +119,10 @@ def train_count(count: int) -> int:
 
 
 def side_project(location: str) -> dict[str, Any]:
-    from headswap.core import data
+    from headswap.core import data, manifests
 
     started, cpu = time.perf_counter(), time.process_time()
-    manifest, skipped = data.ingest_image_folder(location)
+    manifest, skipped = manifests.ingest_image_folder(location)
     ingest_s, ingest_cpu_s = time.perf_counter() - started, time.process_time() - cpu
     started, cpu = time.perf_counter(), time.process_time()
     dataset = data.make_dataset(manifest, "train", IMAGE_SIZE, 3, batch_size=BATCH_SIZE,

@@ -30,7 +30,7 @@ from common import (
     write_result,
 )
 
-from headswap.core import data
+from headswap.core import data, manifests, sources
 from headswap.project.config import parse_finetune
 
 
@@ -50,7 +50,7 @@ def main() -> None:
         folders = {"1x": EXAMPLE, "10x": big}
         splits = {}
         for name, folder in folders.items():
-            manifest, _ = data.ingest_image_folder(folder, cfg.data.val_fraction,
+            manifest, _ = manifests.ingest_image_folder(folder, cfg.data.val_fraction,
                                                    cfg.data.test_fraction, cfg.seed)
             counts = manifest["split"].value_counts().to_dict()
             train_mb = data.decoded_bytes(counts["train"], size, channels) / 2**20
@@ -77,7 +77,7 @@ def main() -> None:
     summary = medians(runs)
     print(table(
         ["folder", "train/val/test images", "decoded train MiB", "peak RSS MiB", "wall s"],
-        [[name, "/".join(str(splits[name]["images"][s]) for s in data.SPLITS),
+        [[name, "/".join(str(splits[name]["images"][s]) for s in sources.SPLITS),
           splits[name]["decoded_train_mb"], summary[f"{name} peak_rss_mb"],
           summary[f"{name} wall_s"]] for name in folders],
     ))

@@ -39,7 +39,7 @@ from common import (
     write_result,
 )
 
-from headswap.core import data, evaluation, fit
+from headswap.core import data, evaluation, fit, manifests
 from headswap.project.config import parse_finetune
 
 WAYS = {
@@ -76,7 +76,7 @@ def run(way: dict, epochs: int) -> dict[str, float]:
             "training": {"cache_features": way["cache_features"], "resume_dir": state},
         }
         cfg = parse_finetune(params)
-        manifest = data.ingest_image_folder(cfg.data.path, seed=cfg.seed)[0]
+        manifest = manifests.ingest_image_folder(cfg.data.path, seed=cfg.seed)[0]
         keras.utils.set_random_seed(cfg.seed)
         model = example_model(cfg.head.dense, cfg.head.dropout)
         timer = EpochTimer()

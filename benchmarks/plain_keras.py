@@ -7,8 +7,10 @@ recompiles with a lower rate (warmed up linearly, then decayed to 0 along a cosi
 asked), trains again (training and validation images cached in memory, as TensorFlow's
 tutorials do) and evaluates on the test images the way the recipe asks, as one would by hand:
 scikit-learn's classification report printed, a confusion-matrix plot, learning curves over
-both phases and the fine-tuned model saved (into --out, a temporary folder by default). Prints
-one JSON line of results.
+both phases and the fine-tuned model saved (into --out, a temporary folder by default), and,
+with --export, the exports the pipeline writes, made with the public converters as one would by
+hand (``model.export``, ``tf.lite.TFLiteConverter``, ``tf2onnx``; not checked). Prints one JSON
+line of results.
 
     python benchmarks/plain_keras.py --folder data/01_raw/fashion-mnist-target \
         --base data/06_models/pretrained_base.keras/<version>/pretrained_base.keras
@@ -44,6 +46,8 @@ def main() -> None:
     parser.add_argument("--warmup2", type=int, default=0, help="phase 2: warmup epochs")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default=None, help="folder for the plots and the model")
+    parser.add_argument("--export", nargs="*", default=[],
+                        help="formats to export (finetune.export.formats' names)")
     args = parser.parse_args()
     start = time.perf_counter()
 
@@ -133,8 +137,43 @@ def main() -> None:
         ax.legend()
     figure.savefig(out / "learning_curves.png", dpi=110)
     model.save(out / "model.keras")
+    export_s = time.perf_counter()
+    if args.export:
+        representative = np.concatenate([x for x, _ in train.take(-(-100 // args.batch_size))])
+        export(model, out / "exports", args.export, representative[:100], names)
+    export_s = time.perf_counter() - export_s
     print(json.dumps({"test_accuracy": report["accuracy"], "phase1_s": phase1,
-                      "phase2_s": phase2, "in_process_s": time.perf_counter() - start}))
+                      "phase2_s": phase2, "export_s": export_s,
+                      "in_process_s": time.perf_counter() - start}))
+
+
+def export(model, folder: Path, formats: list[str], representative, names: list[str]) -> None:
+    """The exports of ``formats`` in ``folder``: a SavedModel, TFLite files converted from it
+    (float32, dynamic-range, full-integer int8 on ``representative`` images) and ONNX."""
+    import tensorflow as tf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = folder / "saved_model" if "saved_model" in formats else Path(tempfile.mkdtemp())
+    model.export(str(saved), format="tf_saved_model", verbose=False)
+    for name, file in (("tflite", "model.tflite"), ("tflite_quantized", "model_quantized.tflite"),
+                       ("tflite_int8", "model_int8.tflite")):
+        if name not in formats:
+            continue
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved))
+        if name != "tflite":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if name == "tflite_int8":
+            converter.representative_dataset = lambda: ([x[None]] for x in representative)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = converter.inference_output_type = tf.int8
+        (folder / file).write_bytes(converter.convert())
+    if "onnx" in formats:
+        import tf2onnx
+
+        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="images")
+        tf2onnx.convert.from_keras(model, input_signature=[spec], opset=17,
+                                   output_path=str(folder / "model.onnx"))
+    (folder / "labels.txt").write_text("".join(f"{name}\n" for name in names))
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ def main() -> None:
     import pandas as pd
 
     from headswap.core import data
-    from headswap.core.export import tflite_predict
+    from headswap.core.export_check import tflite_predict
     from headswap.core.predict import Classifier
 
     with project_copy() as project:
@@ -174,10 +174,10 @@ def main() -> None:
         table_ = pd.read_csv(latest_model_file(project / "data/07_model_output/predictions.csv"),
                              dtype=str, keep_default_na=False)
         merged = expected.merge(table_, on="path", suffixes=("_eval", ""))
-        agreement = float((merged["predicted"] == merged["predicted_eval"]).mean())
+        agreement = float((merged["top_1"] == merged["predicted_eval"]).mean())
 
         model = keras.saving.load_model(
-            latest_model_file(project / "data/06_models/phase2_model.keras"))
+            latest_model_file(project / "data/06_models/calibrated_model.keras"))
         names = sorted(set(expected["true"]))
         classifier = Classifier(model, tuple(names))
         cwd = os.getcwd()

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from headswap.core import bases, data, devices, fine_tune, heads, train
+from headswap.core import bases, devices, fine_tune, heads, manifests, train
 from headswap.project.config import parse_finetune
 from tests.conftest import small_cnn
 
@@ -31,7 +31,7 @@ def _params(folder: Path, **extra) -> dict:
 
 def _train_both_phases(folder: Path, dropout: float = 0.2, **extra):
     cfg = parse_finetune(_params(folder, **extra))
-    manifest = data.ingest_image_folder(folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(folder, seed=0)[0]
     keras.utils.set_random_seed(0)
     model = heads.attach_head(bases.cut_model(small_cnn()), 3, dense=[16], dropout=dropout)
     options = replace(cfg.fit_options(), backup_dir=None, verbose=0)

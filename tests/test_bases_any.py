@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from headswap.core import bases, heads, train
+from headswap.core import applications, bases, heads, train
 
 
 def _one_fit_step(model: keras.Model, pixels: np.ndarray, labels: list[int]) -> None:
@@ -48,29 +48,30 @@ MODE_EXAMPLES = {
 
 def test_every_architecture_keras_has_is_known():
     exported = {name for name in dir(keras.applications) if name[:1].isupper()}
-    assert set(bases.ARCHITECTURES) == exported
+    assert set(applications.ARCHITECTURES) == exported
     assert {"NASNetLarge", "EfficientNetV2L", "ConvNeXtXLarge", "InceptionResNetV2"} <= exported
     with pytest.raises(bases.BaseLoadError, match="not a known architecture.*NASNetMobile"):
-        bases.keras_application("ResNet7", (32, 32), weights=None)
+        applications.keras_application("ResNet7", (32, 32), weights=None)
 
 
-@pytest.mark.parametrize("name", list(bases.ARCHITECTURES))
+@pytest.mark.parametrize("name", list(applications.ARCHITECTURES))
 def test_built_preprocessing_equals_keras_preprocess_input(name):
     pixels = np.random.default_rng(1).uniform(0, 255, (2, 5, 7, 3)).astype("float32")
-    expected = bases.preprocess_input(name)(pixels.copy())
+    expected = applications.preprocess_input(name)(pixels.copy())
     out = pixels
-    for layer in bases.preprocessing_layers(name):
+    for layer in applications.preprocessing_layers(name):
         out = layer(out)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(out), expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("name, layers", MODE_EXAMPLES.items())
 def test_each_mode_is_one_built_in_layer(name, layers):
-    built = bases.preprocessing_layers(name)
+    built = applications.preprocessing_layers(name)
     assert [type(layer).__name__ for layer in built] == layers
     assert all(layer.name.startswith(bases.PREPROCESS_PREFIX) for layer in built)
-    module = bases.ARCHITECTURES[name].__module__.rsplit(".", 1)[-1]
-    assert bases.preprocess_input(name) is getattr(keras.applications, module).preprocess_input
+    module = applications.ARCHITECTURES[name].__module__.rsplit(".", 1)[-1]
+    preprocess = getattr(keras.applications, module).preprocess_input
+    assert applications.preprocess_input(name) is preprocess
 
 
 def test_native_and_minimum_sizes_come_from_keras():
@@ -78,20 +79,20 @@ def test_native_and_minimum_sizes_come_from_keras():
               "EfficientNetB7": 600, "EfficientNetV2S": 384, "NASNetLarge": 331,
               "MobileNetV3Small": 224}
     for name, side in native.items():
-        assert bases.native_image_size(name) == (side, side), name
+        assert applications.native_image_size(name) == (side, side), name
     start = time.monotonic()
-    for name in bases.ARCHITECTURES:  # cheap: Keras refuses before building anything
-        height, width = bases.native_image_size(name)
-        assert height == width >= bases.minimum_image_size(name) >= 32, name
+    for name in applications.ARCHITECTURES:  # cheap: Keras refuses before building anything
+        height, width = applications.native_image_size(name)
+        assert height == width >= applications.minimum_image_size(name) >= 32, name
     assert time.monotonic() - start < 20
-    assert bases.minimum_image_size("InceptionV3") == 75
-    assert bases.minimum_image_size("Xception") == 71
-    assert bases.native_image_size.cache_info().hits >= len(native)
+    assert applications.minimum_image_size("InceptionV3") == 75
+    assert applications.minimum_image_size("Xception") == 71
+    assert applications.native_image_size.cache_info().hits >= len(native)
 
 
 def test_an_image_below_the_minimum_names_image_size_and_the_minimum():
     with pytest.raises(bases.BaseLoadError) as error:
-        bases.keras_application("InceptionV3", (74, 96), weights=None)
+        applications.keras_application("InceptionV3", (74, 96), weights=None)
     message = str(error.value)
     assert "InceptionV3 needs images of at least 75x75 pixels" in message
     assert "`image_size` is 74x96" in message and "299x299" in message
@@ -99,7 +100,7 @@ def test_an_image_below_the_minimum_names_image_size_and_the_minimum():
 
 
 def test_a_new_architecture_takes_raw_pixels_and_trains():
-    base = bases.keras_application("NASNetMobile", (32, 32), weights=None)
+    base = applications.keras_application("NASNetMobile", (32, 32), weights=None)
     assert [layer.name for layer in base.layers[1:-1]] == ["preprocess_scale"]
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     _one_fit_step(heads.attach_head(base, num_classes=2, dense=[]), pixels, [0, 1])
@@ -225,7 +226,7 @@ def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_keras_hub_preset_folder_is_a_base_on_raw_pixels(preset: Path, tmp_path: Path):
     keras_hub = pytest.importorskip("keras_hub")
-    base = bases.keras_hub_base(str(preset), (32, 32))
+    base = applications.keras_hub_base(str(preset), (32, 32))
     assert base.name == bases.BASE_NAME
     assert bases.input_spec(base) == (32, 32, 3)
     assert len(base.outputs[0].shape) == 4
@@ -250,18 +251,18 @@ def test_keras_hub_preset_folder_is_a_base_on_raw_pixels(preset: Path, tmp_path:
 
 def test_keras_hub_preset_without_a_converter_has_no_preprocessing(tmp_path: Path):
     folder = _preset(tmp_path / "bare", converter=False)
-    base = bases.keras_hub_base(folder, (16, 16))
+    base = applications.keras_hub_base(folder, (16, 16))
     assert not [layer for layer in base.layers if layer.name.startswith("preprocess")]
     with pytest.raises(bases.BaseLoadError, match=r"any size, so `image_size` has no default"):
-        bases.keras_hub_base(folder, None)  # neither a converter's size nor a fixed input
+        applications.keras_hub_base(folder, None)  # neither a converter's size nor a fixed input
 
 
 # --- image_size unset: the base's own ------------------------------------------------------
 
 
 def test_unset_image_size_is_the_bases_own(preset: Path):
-    assert bases.input_spec(bases.keras_hub_base(preset, None)) == (24, 24, 3)  # converter's
-    app = bases.keras_application("MobileNetV2", None, weights=None)
+    assert bases.input_spec(applications.keras_hub_base(preset, None)) == (24, 24, 3)  # converter's
+    app = applications.keras_application("MobileNetV2", None, weights=None)
     assert bases.input_spec(app) == (224, 224, 3)  # the size it was made for
     assert bases.image_size_for(app, None) == (224, 224)
     assert bases.image_size_for(app, (160, 128)) == (160, 128)  # a set size wins
@@ -284,7 +285,7 @@ def test_remote_keras_hub_handle_is_refused_at_once_with_how_to_fetch_it(
     monkeypatch.setattr(socket.socket, "connect", no_network)
     start = time.monotonic()
     with pytest.raises(bases.BaseLoadError) as error:
-        bases.keras_hub_base(handle, (32, 32))
+        applications.keras_hub_base(handle, (32, 32))
     assert time.monotonic() - start < 2
     message = str(error.value)
     assert f"from_preset('{handle}').save_to_preset('FOLDER')" in message
@@ -293,7 +294,7 @@ def test_remote_keras_hub_handle_is_refused_at_once_with_how_to_fetch_it(
 
 def test_folder_that_is_not_a_preset_says_so(tmp_path: Path):
     with pytest.raises(bases.BaseLoadError, match="no config.json: it is not a keras-hub preset"):
-        bases.keras_hub_base(tmp_path, (32, 32))
+        applications.keras_hub_base(tmp_path, (32, 32))
 
 
 def test_preset_folder_without_keras_hub_installed_names_the_package(
@@ -302,4 +303,4 @@ def test_preset_folder_without_keras_hub_installed_names_the_package(
     (tmp_path / "config.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "keras_hub", None)  # as if not installed
     with pytest.raises(bases.BaseLoadError, match="needs the keras-hub package: pip install"):
-        bases.keras_hub_base(tmp_path, (32, 32))
+        applications.keras_hub_base(tmp_path, (32, 32))

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from headswap.core import bases, heads, train
+from headswap.core import applications, bases, heads, train
 from headswap.project.datasets import BaseModelDataset
 from tests.conftest import small_cnn
 
@@ -77,14 +77,14 @@ def test_lambda_layer_is_refused_in_safe_mode_unless_allowed(tmp_path: Path):
 
 
 def test_keras_application_takes_raw_pixels_and_checks_size():
-    base = bases.keras_application("MobileNetV2", (32, 32), weights=None)
+    base = applications.keras_application("MobileNetV2", (32, 32), weights=None)
     assert bases.input_spec(base) == (32, 32, 3)
     names = [layer.name for layer in base.layers]
     assert names[1] == "preprocess_scale"
     with pytest.raises(bases.BaseLoadError, match="at least 71x71"):
-        bases.keras_application("Xception", (32, 32), weights=None)
+        applications.keras_application("Xception", (32, 32), weights=None)
     with pytest.raises(bases.BaseLoadError, match="not a known architecture"):
-        bases.keras_application("ResNet7", (32, 32), weights=None)
+        applications.keras_application("ResNet7", (32, 32), weights=None)
 
 
 def test_image_size_must_match_a_fixed_input():

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from keras.src.legacy.saving import legacy_h5_format
 
-from headswap.core import bases, data, heads
+from headswap.core import applications, bases, data, heads, manifests
 from tests.conftest import make_image_folder, small_cnn
 
 # The preprocessing each architecture's Keras preprocess_input asks for, as built-in layers:
@@ -62,7 +62,7 @@ def _download_refused(name: str, size: int) -> bases.BaseLoadError:
     """The error of ``keras_application(name, weights="imagenet")`` (skips if none: the
     ImageNet file is in the Keras cache, so there is no download to fail)."""
     try:
-        bases.keras_application(name, (size, size), weights="imagenet")
+        applications.keras_application(name, (size, size), weights="imagenet")
     except bases.BaseLoadError as error:
         return error
     pytest.skip("the ImageNet file is in the Keras cache: no download to fail")
@@ -76,8 +76,8 @@ def _download_refused(name: str, size: int) -> bases.BaseLoadError:
 def test_architecture_runs_at_its_minimum_size_and_imagenet_offline_fails_fast(
     name, offline, capsys
 ):
-    size = bases.minimum_image_size(name)
-    base = bases.keras_application(name, (size, size), weights=None)
+    size = applications.minimum_image_size(name)
+    base = applications.keras_application(name, (size, size), weights=None)
     assert bases.input_spec(base) == (size, size, 3)
     assert [layer.name for layer in base.layers[1:-1]] == PREPROCESSING[MODES[name]]
     pixels = np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32")
@@ -85,7 +85,7 @@ def test_architecture_runs_at_its_minimum_size_and_imagenet_offline_fails_fast(
     assert features.ndim == 4 and min(features.shape[1:3]) >= 1
     assert np.isfinite(features).all()
     with pytest.raises(bases.BaseLoadError, match=f"at least {size}x{size} pixels"):
-        bases.keras_application(name, (size + 8, size - 1), weights=None)
+        applications.keras_application(name, (size + 8, size - 1), weights=None)
 
     start = time.monotonic()
     error = _download_refused(name, size)
@@ -94,7 +94,7 @@ def test_architecture_runs_at_its_minimum_size_and_imagenet_offline_fails_fast(
     url = re.search(r"Downloading data from (\S+)", capsys.readouterr().out)[1]
     # The file named is the very one Keras tried to download.
     assert f"Keras wanted the file {url.rsplit('/', 1)[-1]} from {url}." in message
-    assert str(bases.keras_cache_folder()) in message and "`weights`" in message
+    assert str(applications.keras_cache_folder()) in message and "`weights`" in message
     assert error.__cause__ is None and error.__suppress_context__
 
 
@@ -107,7 +107,7 @@ def test_imagenet_download_that_never_answers_times_out(monkeypatch: pytest.Monk
     monkeypatch.setattr(
         socket, "getaddrinfo", lambda host, port, *args, **kw: resolve(*address, *args, **kw)
     )
-    monkeypatch.setattr(bases, "DOWNLOAD_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(applications, "DOWNLOAD_TIMEOUT_S", 1.0)
     previous = socket.getdefaulttimeout()
     start = time.monotonic()
     try:
@@ -127,12 +127,12 @@ def test_mobilenet_v2_file_named_follows_the_input_size(offline):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["MobileNetV2", "EfficientNetB0", "Xception", "InceptionV3"])
 def test_local_no_top_file_loads_like_the_keras_download(name, tmp_path: Path):
-    size = bases.minimum_image_size(name)
-    source = bases.ARCHITECTURES[name](
+    size = applications.minimum_image_size(name)
+    source = applications.ARCHITECTURES[name](
         include_top=False, weights=None, input_shape=(size, size, 3)
     )
     file = _legacy_weights_file(source, tmp_path / f"{name.lower()}_notop.h5")
-    base = bases.keras_application(name, (size, size), weights=str(file))
+    base = applications.keras_application(name, (size, size), weights=str(file))
     loaded = base.layers[-1].get_weights()
     assert len(loaded) == len(source.get_weights())
     for got, want in zip(loaded, source.get_weights(), strict=True):
@@ -145,19 +145,19 @@ def test_weights_that_are_not_this_architectures_no_top_file_are_refused(tmp_pat
     )
     top_file = _legacy_weights_file(with_top, tmp_path / "mobilenet_v2_top.h5")
     with pytest.raises(bases.BaseLoadError, match="`weights_file`: .*mobilenet_v2_top.h5"):
-        bases.keras_application("MobileNetV2", (32, 32), weights=str(top_file))
+        applications.keras_application("MobileNetV2", (32, 32), weights=str(top_file))
     # Keras would match a .weights.h5 file by position: sent to weights_file instead.
     with_top.save_weights(tmp_path / "top.weights.h5")
     with pytest.raises(bases.BaseLoadError, match="by position, not by layer name"):
-        bases.keras_application("MobileNetV2", (32, 32), str(tmp_path / "top.weights.h5"))
+        applications.keras_application("MobileNetV2", (32, 32), str(tmp_path / "top.weights.h5"))
     with pytest.raises(bases.BaseLoadError, match="neither 'imagenet', null nor an existing"):
-        bases.keras_application("MobileNetV2", (32, 32), str(tmp_path / "missing.h5"))
+        applications.keras_application("MobileNetV2", (32, 32), str(tmp_path / "missing.h5"))
 
 
 def test_grayscale_images_feed_an_imagenet_architecture(tmp_path: Path):
     folder = make_image_folder(tmp_path / "gray", per_class=4, size=20)
-    manifest, _ = data.ingest_image_folder(folder, 0.25, 0.25, seed=0)
-    base = bases.keras_application("MobileNetV2", (32, 32), weights=None)
+    manifest, _ = manifests.ingest_image_folder(folder, 0.25, 0.25, seed=0)
+    base = applications.keras_application("MobileNetV2", (32, 32), weights=None)
     model = heads.attach_head(base, num_classes=3, dense=[4])
     channels = bases.input_spec(model)[2]
     images, _ = next(iter(data.make_dataset(manifest, "train", (32, 32), channels, 4)))

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from headswap.pipelines.compare.pipeline import VARIANTS
-from tests.conftest import copy_project, run_sessions, versions
+from tests.conftest import copy_project, run_documented_session, versions
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,12 @@ def _latest(project: Path, relative: str) -> Path:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A copy of the project where ``data`` + ``pretrain`` ran, then ``compare`` (env test)."""
+    """A copy of the project where ``data``, ``pretrain``, then ``compare`` ran, each as the
+    docs show it (env test)."""
     path = copy_project(tmp_path_factory.mktemp("compare"))
-    run_sessions(path, ["data", "pretrain"], ["compare"])
+    run_documented_session(path, "kedro run --pipeline data")
+    run_documented_session(path, "kedro run --pipeline pretrain")
+    run_documented_session(path, "kedro run --pipeline compare")
     return path
 
 

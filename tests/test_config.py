@@ -42,6 +42,9 @@ def test_bad_parameters_name_key_and_value(override, message):
          r"finetune.epochs: unknown key \(given 3\); allowed keys here: seed, .*phase1, phase2"),
         ({"data": {"path": "x", "image_size": 28, "val_fraction": 0.5, "test_fraction": 0.5}},
          r"finetune.data: val_fraction \+ test_fraction is 0.5 \+ 0.5; it must be below 1"),
+        ({"export": {"formats": ["onnx", "coreml"]}},
+         (r"^Invalid parameters:\n  finetune.export.formats.1: got 'coreml'; Input should be "
+          r"'saved_model', 'tflite', 'tflite_quantized', 'tflite_int8' or 'onnx'$")),
     ],
 )
 def test_errors_say_what_is_allowed(override, message):

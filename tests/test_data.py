@@ -6,22 +6,24 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from headswap.core import data
+from headswap.core import data, manifests, sources
 from tests.conftest import CLASSES, make_image_folder
 from tests.test_faults import MESSY_CLASSES, PER_CLASS, make_messy_folder
 
 
 def test_class_folder_is_split_stratified_and_seeded(image_folder: Path):
-    manifest, _ = data.ingest_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2,
+    manifest, _ = manifests.ingest_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2,
                                            seed=1)
     assert list(manifest.columns) == ["path", "label", "split"]
     assert len(manifest) == 60 and manifest["path"].is_unique
     counts = manifest.groupby(["split", "label"]).size().unstack()
     assert (counts.loc["test"] == 4).all() and (counts.loc["val"] == 4).all()
     assert (counts.loc["train"] == 12).all()
-    again = data.ingest_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2, seed=1)[0]
+    again = manifests.ingest_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2,
+                                          seed=1)[0]
     pd.testing.assert_frame_equal(manifest, again)
-    other = data.ingest_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2, seed=2)[0]
+    other = manifests.ingest_image_folder(image_folder, val_fraction=0.2, test_fraction=0.2,
+                                          seed=2)[0]
     def test_paths(m):
         return set(m.loc[m["split"] == "test", "path"])
 
@@ -31,7 +33,7 @@ def test_class_folder_is_split_stratified_and_seeded(image_folder: Path):
 def test_existing_train_test_layout_is_honoured_and_val_carved_from_train(tmp_path: Path):
     make_image_folder(tmp_path / "train", per_class=10)
     make_image_folder(tmp_path / "test", per_class=5, seed=9)
-    manifest = data.ingest_image_folder(tmp_path, val_fraction=0.2, seed=0)[0]
+    manifest = manifests.ingest_image_folder(tmp_path, val_fraction=0.2, seed=0)[0]
     test = manifest[manifest["split"] == "test"]
     assert len(test) == 15 and test["path"].str.contains("/test/").all()
     assert (manifest.loc[manifest["split"] == "val", "path"].str.contains("/train/")).all()
@@ -43,7 +45,7 @@ def test_hidden_and_non_image_files_are_ignored(image_folder: Path):
     (image_folder / "circle" / ".hidden.png").write_bytes(b"")
     (image_folder / "circle" / "notes.txt").write_text("not an image")
     (image_folder / ".cache").mkdir()
-    manifest = data.ingest_image_folder(image_folder)[0]
+    manifest = manifests.ingest_image_folder(image_folder)[0]
     assert len(manifest) == 60
 
 
@@ -60,13 +62,13 @@ def test_bad_folders_stop_with_a_clear_message(tmp_path: Path, setup, message):
     folder = tmp_path / "images"
     setup(folder)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        data.ingest_image_folder(folder)[0]
+        manifests.ingest_image_folder(folder)[0]
 
 
 def test_dataset_streams_resized_images_with_the_model_channels(image_folder: Path, tmp_path):
     rgb = image_folder / "circle" / "rgb_big.jpg"
     Image.fromarray(np.full((50, 70, 3), 128, dtype="uint8")).save(rgb)
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     manifest.loc[0, "path"] = str(rgb)
     for channels in (1, 3):
         batches = list(data.make_dataset(manifest, "train", (24, 24), channels, batch_size=8))
@@ -75,14 +77,14 @@ def test_dataset_streams_resized_images_with_the_model_channels(image_folder: Pa
         assert float(images.numpy().max()) <= 255.0
         total = sum(int(b[1].shape[0]) for b in batches)
         assert total == (manifest["split"] == "train").sum()
-    _, labels = data.split_arrays(manifest, "test")
+    _, labels = manifests.split_arrays(manifest, "test")
     test = data.make_dataset(manifest, "test", (24, 24), 1, 5)
     ordered = np.concatenate([y.numpy() for _, y in test])
     np.testing.assert_array_equal(ordered, labels)
 
 
 def test_shuffled_order_depends_only_on_the_seed(image_folder: Path):
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
 
     def first_epoch(seed):
         ds = data.make_dataset(manifest, "train", (8, 8), 1, 64, shuffle=True, seed=seed)
@@ -97,7 +99,7 @@ def test_shuffled_order_depends_only_on_the_seed(image_folder: Path):
 
 def test_every_format_and_colour_mode_is_read_and_faulty_files_are_listed(tmp_path: Path):
     folder, faulty = make_messy_folder(tmp_path / "images")
-    manifest, skipped = data.ingest_image_folder(folder, seed=0)
+    manifest, skipped = manifests.ingest_image_folder(folder, seed=0)
     assert set(manifest["label"]) == set(MESSY_CLASSES)
     assert len(manifest) == len(MESSY_CLASSES) * PER_CLASS
     assert not manifest["path"].str.contains(r"/\.|notes\.txt").any()
@@ -107,7 +109,7 @@ def test_every_format_and_colour_mode_is_read_and_faulty_files_are_listed(tmp_pa
         assert faulty[Path(path).name] in reason, (path, reason)
     # Every image the manifest keeps streams through tf.data with either channel count.
     for channels in (1, 3):
-        for split in data.SPLITS:
+        for split in sources.SPLITS:
             images = np.concatenate(
                 [x.numpy() for x, _ in data.make_dataset(manifest, split, (20, 24), channels, 7)]
             )
@@ -144,74 +146,74 @@ def test_a_class_left_too_small_by_faulty_files_stops_before_training(tmp_path: 
     folder = make_image_folder(tmp_path / "images", per_class=6)
     for i in range(2):
         (folder / "circle" / f"img_{i:03d}.png").write_bytes(b"")
-    with pytest.raises(data.DataError, match=r"Too few images.*'circle' \(4 images\)"):
-        data.ingest_image_folder(folder)
+    with pytest.raises(sources.DataError, match=r"Too few images.*'circle' \(4 images\)"):
+        manifests.ingest_image_folder(folder)
 
 
 def test_only_faulty_files_stop_with_the_reason(tmp_path: Path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "x.png").write_bytes(b"not a png")
-    with pytest.raises(data.DataError, match="No images found .* that can be read"):
-        data.ingest_image_folder(tmp_path)
+    with pytest.raises(sources.DataError, match="No images found .* that can be read"):
+        manifests.ingest_image_folder(tmp_path)
 
 
 # --- reusing a manifest ------------------------------------------------------------------
 
 
 def test_a_saved_manifest_is_reused_as_it_is(image_folder: Path, tmp_path: Path):
-    manifest = data.ingest_image_folder(image_folder, seed=3)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=3)[0]
     file = tmp_path / "manifest.csv"
     manifest.to_csv(file, index=False)
-    again, skipped = data.load_manifest(file)
+    again, skipped = manifests.load_manifest(file)
     pd.testing.assert_frame_equal(again, manifest)
-    assert skipped.empty and list(skipped.columns) == data.SKIPPED_COLUMNS
+    assert skipped.empty and list(skipped.columns) == sources.SKIPPED_COLUMNS
 
 
 def test_the_catalogs_images_with_a_manifest_reuse_its_split(image_folder: Path, tmp_path):
     from headswap.project.datasets import ImageFolderDataset
 
-    manifest = data.ingest_image_folder(image_folder, seed=3)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=3)[0]
     file = tmp_path / "manifest.csv" / "2024-01-01T00.00.00.000Z" / "manifest.csv"
     file.parent.mkdir(parents=True)
     manifest.to_csv(file, index=False)
     images = ImageFolderDataset(str(image_folder), manifest=str(file)).load()
-    again, skipped = data.ingest(images, seed=4)  # another seed: the split is still the file's
+    again, skipped = manifests.ingest(images, seed=4)  # another seed: the split is still the file's
     pd.testing.assert_frame_equal(again, manifest)
     assert images.name == image_folder.name and skipped.empty
-    with pytest.raises(data.MissingDataError, match="versioned folder.*2024-01-01"):
-        data.ingest(ImageFolderDataset(None, manifest=str(tmp_path / "manifest.csv")).load())
+    with pytest.raises(sources.MissingDataError, match="versioned folder.*2024-01-01"):
+        manifests.ingest(ImageFolderDataset(None, manifest=str(tmp_path / "manifest.csv")).load())
 
 
 def test_a_reused_manifest_skips_images_that_no_longer_decode(image_folder: Path, tmp_path):
-    manifest = data.ingest_image_folder(image_folder, seed=3)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=3)[0]
     broken = manifest.loc[manifest["split"] == "test", "path"].iloc[0]
     Path(broken).write_bytes(Path(broken).read_bytes()[:30])
     manifest.to_csv(tmp_path / "manifest.csv", index=False)
-    again, skipped = data.load_manifest(tmp_path / "manifest.csv")
+    again, skipped = manifests.load_manifest(tmp_path / "manifest.csv")
     assert skipped["path"].tolist() == [broken] and "cannot be decoded" in skipped["reason"][0]
     assert len(again) == len(manifest) - 1 and broken not in set(again["path"])
 
 
 def test_a_missing_manifest_or_missing_images_stop_with_the_fix(image_folder: Path, tmp_path):
-    with pytest.raises(data.MissingDataError, match="does not exist.*`manifest`"):
-        data.load_manifest(tmp_path / "nowhere.csv")
+    with pytest.raises(sources.MissingDataError, match="does not exist.*`manifest`"):
+        manifests.load_manifest(tmp_path / "nowhere.csv")
     versioned = tmp_path / "manifest.csv"
     file = versioned / "2024-01-01T00.00.00.000Z" / "manifest.csv"
     file.parent.mkdir(parents=True)
-    data.ingest_image_folder(image_folder)[0].to_csv(file, index=False)
-    with pytest.raises(data.MissingDataError, match="versioned folder.*2024-01-01"):
-        data.load_manifest(versioned)
+    manifests.ingest_image_folder(image_folder)[0].to_csv(file, index=False)
+    with pytest.raises(sources.MissingDataError, match="versioned folder.*2024-01-01"):
+        manifests.load_manifest(versioned)
     (image_folder / "square" / "img_000.png").unlink()
-    with pytest.raises(data.MissingDataError, match=r"1 of 60 images .* no longer exist"):
-        data.load_manifest(file)
+    with pytest.raises(sources.MissingDataError, match=r"1 of 60 images .* no longer exist"):
+        manifests.load_manifest(file)
 
 
 def test_manifest_labels_that_look_like_numbers_stay_text(tmp_path: Path):
     folder = make_image_folder(tmp_path / "images", classes=("007", "NA", "1.5"), per_class=5)
-    data.ingest_image_folder(folder)[0].to_csv(tmp_path / "manifest.csv", index=False)
-    manifest, _ = data.load_manifest(tmp_path / "manifest.csv")
-    assert data.class_names(manifest) == ["007", "1.5", "NA"]
+    manifests.ingest_image_folder(folder)[0].to_csv(tmp_path / "manifest.csv", index=False)
+    manifest, _ = manifests.load_manifest(tmp_path / "manifest.csv")
+    assert manifests.class_names(manifest) == ["007", "1.5", "NA"]
 
 
 # --- order and in-memory caching ---------------------------------------------------------
@@ -230,7 +232,7 @@ def _batches(dataset) -> tuple[np.ndarray, np.ndarray, list[int]]:
 def test_training_data_runs_epoch_after_epoch_each_in_its_seeded_order(
     image_folder: Path, cache: int
 ):
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     n = int((manifest["split"] == "train").sum())
     steps = -(-n // 5)
     epoch = tf.Variable(2, dtype=tf.int64)  # the trainer sets the first epoch
@@ -263,7 +265,7 @@ def test_training_data_runs_epoch_after_epoch_each_in_its_seeded_order(
     [{}, {"shuffle": True}, {"shuffle": True, "epoch": 3}],
 )
 def test_cached_images_give_the_same_batches_as_streamed_ones(image_folder: Path, order):
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     if "epoch" in order:
         order = {**order, "epoch": tf.Variable(order["epoch"], dtype=tf.int64)}
     steps = -(-int((manifest["split"] == "train").sum()) // 4)
@@ -280,7 +282,7 @@ def test_cached_images_give_the_same_batches_as_streamed_ones(image_folder: Path
 def test_images_are_kept_in_memory_only_when_the_split_fits_the_budget(
     image_folder: Path, caplog
 ):
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     n = int((manifest["split"] == "train").sum())
     size = data.decoded_bytes(n, (16, 16), 1)
     assert size == n * 16 * 16 * 4
@@ -332,8 +334,8 @@ def test_streamed_batches_hold_each_image_as_decode_image_reads_it(tmp_path: Pat
 def test_each_epochs_order_is_the_index_shuffle_of_the_seed_and_epoch(image_folder: Path):
     """The order a resumed run relies on: position i of epoch e reads row
     index_shuffle(i, seed=(seed, e)) of the split, streamed or kept in memory."""
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
-    _, labels = data.split_arrays(manifest, "train")
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
+    _, labels = manifests.split_arrays(manifest, "train")
     n = len(labels)
     order = tf.random.experimental.index_shuffle(
         tf.range(n, dtype=tf.int64), seed=tf.constant([7, 3], tf.int64), max_index=n - 1)

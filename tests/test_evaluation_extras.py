@@ -11,7 +11,7 @@ import pytest
 from kedro_datasets.pandas import CSVDataset
 from sklearn.metrics import confusion_matrix, top_k_accuracy_score
 
-from headswap.core import bases, data, evaluation, heads, train
+from headswap.core import bases, data, evaluation, heads, manifests, train
 from headswap.pipelines.finetune import nodes
 from headswap.project.config import ParameterError, parse_finetune
 from tests.conftest import small_cnn
@@ -90,7 +90,7 @@ def test_confident_errors_are_wrong_and_sorted_by_confidence():
 
 
 def _trained_model_and_manifest(folder: Path):
-    manifest, _ = data.ingest_image_folder(folder, 0.2, 0.4, seed=1)
+    manifest, _ = manifests.ingest_image_folder(folder, 0.2, 0.4, seed=1)
     params = parse_finetune({"data": {"path": str(folder), "image_size": 32, "batch_size": 8},
                              "base": {"path": "unused.keras"},
                              "evaluation": {"top_k": 2, "misclassified": 6}})

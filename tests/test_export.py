@@ -1,5 +1,7 @@
-"""Exports of a small trained classifier (SavedModel, float32 and quantized TFLite) give the
-Keras model's predictions, with the class names beside them."""
+"""Exports of a small trained classifier (SavedModel, float32, dynamic-range and full-integer
+int8 TFLite, ONNX) give the Keras model's predictions, with the class names beside them, run by
+the real TFLite interpreter and onnxruntime; their check scores each against the Keras model
+and flags one that disagrees."""
 
 from __future__ import annotations
 
@@ -11,11 +13,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from headswap.core.export import (
-    FORMATS,
-    export_model,
-    export_saved_model,
-    export_tflite,
+from headswap.core.export import FORMATS, export_model, export_saved_model
+from headswap.core.export_check import (
+    LATENCY_IMAGES,
+    TFLiteModel,
+    check_exports,
+    disagreements,
+    figures,
+    onnx_predict,
+    summaries,
     tflite_predict,
 )
 from headswap.core.predict import LABELS_FILE, read_labels
@@ -77,8 +83,10 @@ def classifier(channels: int) -> keras.Model:
 class Exported:
     model: keras.Model
     images: np.ndarray  # held-out raw pixels
+    labels: np.ndarray
     keras_probs: np.ndarray  # the Keras model's probabilities for them
     paths: dict[str, Path]
+    timings: dict[str, float]
 
 
 @pytest.fixture(scope="module", params=[1, 3], ids=["gray", "rgb"])
@@ -101,8 +109,10 @@ def exported(request, tmp_path_factory) -> Exported:
     accuracy = float(np.mean(keras_probs.argmax(axis=1) == labels))
     assert accuracy >= 0.9, f"the test model did not learn the shapes ({accuracy:.2f})"
     folder = tmp_path_factory.mktemp(f"export_{channels}")
-    paths = export_model(model, folder, CLASS_NAMES, FORMATS)
-    return Exported(model, images, keras_probs, paths)
+    timings: dict[str, float] = {}
+    paths = export_model(model, folder, CLASS_NAMES, FORMATS, representative=train_x[:100],
+                         timings=timings)
+    return Exported(model, images, labels, keras_probs, paths, timings)
 
 
 def test_export_model_writes_every_format(exported):
@@ -112,8 +122,12 @@ def test_export_model_writes_every_format(exported):
         "saved_model": folder / "saved_model",
         "tflite": folder / "model.tflite",
         "tflite_quantized": folder / "model_quantized.tflite",
+        "tflite_int8": folder / "model_int8.tflite",
+        "onnx": folder / "model.onnx",
     }
     assert (folder / "saved_model" / "saved_model.pb").is_file()
+    assert list(exported.timings) == list(FORMATS)
+    assert all(seconds > 0 for seconds in exported.timings.values())
 
 
 def test_float32_tflite_matches_keras(exported):
@@ -130,6 +144,83 @@ def test_quantized_tflite_is_smaller_and_agrees_on_top1(exported):
     agreement = np.mean(probs.argmax(axis=1) == exported.keras_probs.argmax(axis=1))
     assert len(exported.images) >= 300
     assert agreement >= 0.98
+
+
+def test_int8_tflite_is_integer_only_and_agrees_on_top1(exported):
+    path = exported.paths["tflite_int8"]
+    assert path.stat().st_size < exported.paths["tflite"].stat().st_size / 2
+    model = TFLiteModel(path)
+    assert model.input["dtype"] == np.int8 and model.output["dtype"] == np.int8
+    # the input covers the pixel range 0-255 whatever the training images' own range
+    scale, zero_point = model.input["quantization"]
+    assert zero_point == -128 and scale == pytest.approx(1.0, abs=1e-6)
+    assert exported.images.max() < 255  # the drawn shapes never reach white
+    probs = model.predict(exported.images)
+    assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1, atol=0.02)
+    agreement = np.mean(probs.argmax(axis=1) == exported.keras_probs.argmax(axis=1))
+    assert agreement >= 0.97
+    assert np.abs(probs - exported.keras_probs).max() <= 0.25
+
+
+def test_onnx_matches_keras_in_onnxruntime(exported):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(exported.paths["onnx"]))
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    assert [o.name for o in session.get_outputs()] == ["probabilities"]
+    for count in (1, 7):  # any batch size
+        probs = onnx_predict(exported.paths["onnx"], exported.images[:count])
+        assert probs.shape == (count, len(CLASS_NAMES))
+        assert np.abs(probs - exported.keras_probs[:count]).max() <= 1e-4
+
+
+def test_check_scores_every_export_against_keras(exported):
+    batches = [(exported.images[i : i + 64], exported.labels[i : i + 64])
+               for i in range(0, len(exported.images), 64)]
+    table = check_exports(exported.model, exported.paths, batches, exported.timings)
+    assert list(table["format"]) == ["keras", *FORMATS]
+    rows = table.set_index("format")
+    keras_accuracy = np.mean(exported.keras_probs.argmax(axis=1) == exported.labels)
+    assert rows.loc["keras", "accuracy"] == pytest.approx(keras_accuracy)
+    assert (rows["images"] == len(exported.images)).all()
+    for name in ("saved_model", "tflite", "onnx"):
+        assert rows.loc[name, "agreement"] == 1.0
+        assert rows.loc[name, "max_prob_diff"] <= 1e-4
+        assert rows.loc[name, "accuracy"] == pytest.approx(keras_accuracy)
+    for name in ("tflite_quantized", "tflite_int8"):
+        assert rows.loc[name, "agreement"] >= 0.97
+        assert abs(rows.loc[name, "accuracy"] - keras_accuracy) <= 0.03
+    exports = rows.drop(index="keras")
+    assert exports["within_tolerance"].all() and disagreements(table) == []
+    assert (exports["size_mb"] > 0).all() and (exports["latency_ms"] > 0).all()
+    assert (exports["check_s"] > 0).all()
+    assert exports["export_s"].to_dict() == exported.timings
+    assert rows.loc["tflite_int8", "size_mb"] < rows.loc["tflite", "size_mb"] / 2
+    assert rows.loc["tflite", "file"] == "model.tflite"
+    lines = summaries(table)  # what the run logs, a line per export
+    assert [line.split(":")[0] for line in lines] == list(FORMATS)
+    assert f"on {len(exported.images)} test images" in lines[0]
+    tracked = figures(table)
+    assert tracked["tflite_int8.agreement"] == rows.loc["tflite_int8", "agreement"]
+    assert tracked["keras.accuracy"] == rows.loc["keras", "accuracy"]
+    assert "keras.latency_ms" not in tracked  # no NaN figures
+
+
+def test_check_flags_exports_that_disagree(exported):
+    """Scored against another model (untrained), every export disagrees: each is flagged,
+    its line naming the format and its figures."""
+    other = classifier(exported.images.shape[-1])
+    batches = [(exported.images[:LATENCY_IMAGES + 40], exported.labels[:LATENCY_IMAGES + 40])]
+    table = check_exports(other, exported.paths, batches)
+    lines = disagreements(table)
+    flagged = table[~table["within_tolerance"].astype(bool)]
+    assert set(flagged["format"]) == set(FORMATS)
+    assert len(lines) == len(FORMATS)
+    line = next(line for line in lines if line.startswith("tflite_int8 "))
+    row = table.set_index("format").loc["tflite_int8"]
+    assert f"top-1 agreement {row['agreement']:.4f}" in line
+    assert f"largest probability difference {row['max_prob_diff']:.4f}" in line
+    assert "on 60 test images" in line and "(tolerance: at least 0.95)" in line
 
 
 def test_saved_model_serves_keras_outputs(exported):
@@ -168,15 +259,15 @@ def test_tflite_predict_refuses_images_of_another_shape(exported):
     channels = exported.images.shape[-1]
     with pytest.raises(ValueError, match=rf"takes images of shape \(32, 32, {channels}\)"):
         tflite_predict(exported.paths["tflite"], np.zeros((2, 16, 16, channels)))
-    with pytest.raises(FileNotFoundError, match="export_tflite"):
+    with pytest.raises(FileNotFoundError, match="export_model"):
         tflite_predict(exported.paths["tflite"].with_name("missing.tflite"), exported.images)
 
 
 def test_unknown_format_is_refused(exported, tmp_path):
     with pytest.raises(ValueError) as refused:
-        export_model(exported.model, tmp_path, CLASS_NAMES, ["tflite", "onnx"])
+        export_model(exported.model, tmp_path, CLASS_NAMES, ["tflite", "coreml"])
     message = str(refused.value)
-    assert "'onnx'" in message
+    assert "'coreml'" in message
     assert all(name in message for name in FORMATS)
     assert not any(tmp_path.iterdir())
 
@@ -184,14 +275,16 @@ def test_unknown_format_is_refused(exported, tmp_path):
 def test_single_exports_and_their_checks(tmp_path):
     model = classifier(channels=1)  # untrained: these checks need no trained weights
     images, _ = shapes(4, channels=1, seed=3)
-    path = export_tflite(model, tmp_path / "edge" / "classifier.tflite", CLASS_NAMES)
+    paths = export_model(model, tmp_path / "edge", CLASS_NAMES, "tflite")
+    assert list(paths) == ["tflite"] and not (tmp_path / "edge" / "saved_model").exists()
     assert read_labels(tmp_path / "edge" / LABELS_FILE) == CLASS_NAMES
-    np.testing.assert_allclose(tflite_predict(path, images), model.predict(images, verbose=0),
-                               atol=1e-4)
-    with pytest.raises(ValueError, match="ends in .tflite"):
-        export_tflite(model, tmp_path / "classifier.bin", CLASS_NAMES)
+    np.testing.assert_allclose(tflite_predict(paths["tflite"], images),
+                               model.predict(images, verbose=0), atol=1e-4)
     with pytest.raises(ValueError, match="gives 3 class probabilities but 2 class names"):
-        export_tflite(model, tmp_path / "classifier.tflite", CLASS_NAMES[:2])
+        export_model(model, tmp_path / "other", CLASS_NAMES[:2], "tflite")
+    with pytest.raises(ValueError, match="tflite_int8 needs representative images"):
+        export_model(model, tmp_path / "other", CLASS_NAMES, ["onnx", "tflite_int8"])
+    assert not (tmp_path / "other").exists()
 
     folder = export_saved_model(model, tmp_path / "serving", CLASS_NAMES)
     again = export_saved_model(model, folder, ["a", "b", "c"])  # a previous export is replaced
@@ -210,9 +303,25 @@ class BesselLayer(keras.layers.Layer):
         return tf.math.bessel_i1e(inputs)
 
 
-def test_op_without_tflite_kernel_is_named(tmp_path):
+def test_op_without_tflite_or_onnx_kernel_is_named(tmp_path):
     inputs = keras.Input(shape=(8, 8, 1))
     x = keras.layers.Flatten()(BesselLayer()(inputs))
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
     with pytest.raises(ValueError, match="TFLite's built-in ops lack: BesselI1e"):
-        export_tflite(model, tmp_path / "odd.tflite", ["a", "b"])
+        export_model(model, tmp_path / "raised", ["a", "b"], "tflite")
+    with pytest.raises(RuntimeError, match="ONNX conversion failed: No Op registered for "
+                                           "BesselI1e"):
+        export_model(model, tmp_path / "raised", ["a", "b"], "onnx")
+    # with `failures`, the formats that fail are left out and the others still written
+    failures: dict[str, str] = {}
+    paths = export_model(model, tmp_path / "kept", ["a", "b"], ["tflite", "saved_model", "onnx"],
+                         failures=failures)
+    assert list(paths) == ["saved_model"] and list(failures) == ["tflite", "onnx"]
+    assert not (tmp_path / "kept" / "model.onnx").exists()
+    images = np.random.default_rng(0).uniform(0, 255, (6, 8, 8, 1)).astype("float32")
+    table = check_exports(model, paths, [(images, np.zeros(6, int))], failures=failures)
+    assert list(table["format"]) == ["keras", "saved_model", "tflite", "onnx"]
+    assert list(table["within_tolerance"][1:]) == [True, False, False]
+    lines = disagreements(table)
+    assert len(lines) == 2 and lines[0].startswith("tflite was not written: The model uses")
+    assert "onnx was not written: ONNX conversion failed: No Op registered" in lines[1]

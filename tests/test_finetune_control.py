@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from headswap.core import LayerSelection, bases, data, fit, heads, train
+from headswap.core import LayerSelection, bases, fit, heads, manifests, train
 from headswap.project.config import parse_finetune
 from tests.conftest import small_cnn
 
@@ -84,7 +84,7 @@ def test_only_selected_layers_train_and_counts_follow():
 
 def test_phase2_by_default_trains_the_base_with_frozen_batchnorm_statistics(image_folder):
     cfg = _cfg(image_folder, phase1={"epochs": 1}, phase2={"epochs": 2})
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     model = _model()
     base = model.get_layer("base")
     bn, conv = base.get_layer("bn1"), base.get_layer("conv1")
@@ -104,7 +104,7 @@ def test_a_group_at_rate_zero_does_not_move_while_others_do(image_folder):
         "epochs": 2, "learning_rate": 1e-2, "optimizer": "sgd", "schedule": "constant",
         "warmup_epochs": 0, "layer_rates": [{"layers": {"names": ["conv1"]}, "learning_rate": 0.0},
                         {"layers": {"names": ["conv2"]}, "learning_rate": 1e-3}]})
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     model = _model()
     base = model.get_layer("base")
     conv1, conv2 = _weights(base.get_layer("conv1")), _weights(base.get_layer("conv2"))
@@ -132,7 +132,7 @@ def test_gradual_unfreezing_stages_open_more_layers_on_one_epoch_axis(image_fold
     cfg = _cfg(image_folder, phase2={"stages": [
         {"train": {"top": 3}, "epochs": 1, "learning_rate": 1e-3},
         {"train": "all", "epochs": 2, "learning_rate": 1e-4, "optimizer": "sgd"}]})
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     model = _model()
     history = _fit(model, manifest, cfg, "phase2", 4)
     assert history["epoch"] == [4, 5, 6] and history["stage_starts"] == [4, 5]
@@ -145,7 +145,7 @@ def test_each_optimizer_with_weight_decay_and_cosine_warmup(image_folder, optimi
     cfg = _cfg(image_folder, phase1={"epochs": 4, "optimizer": optimizer, "learning_rate": 1e-2,
                                      "weight_decay": 1e-4, "schedule": "cosine",
                                      "warmup_epochs": 1})
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     history = _fit(_model(), manifest, cfg, "phase1")
     rates = history["learning_rate"]
     assert rates[0] == pytest.approx(1e-2, rel=1e-3)  # warmed up to the peak by epoch 1's end
@@ -158,7 +158,7 @@ def test_label_smoothing_class_weights_and_augmentation(image_folder):
                training={"class_weight": "balanced",
                          "augmentation": {"flip": "horizontal", "rotation": 0.1, "zoom": 0.1,
                                           "contrast": 0.2, "translation": 0.1}})
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     layers = heads.augmentation_layers(**cfg.training.augmentation.model_dump(), seed=1)
     model = _model(layers)
     history = _fit(model, manifest, cfg, "phase1")
@@ -184,7 +184,7 @@ def test_early_stopping_restores_best_and_checkpoint_is_written(image_folder, tm
                training={"callbacks": {
                    "early_stopping": {"monitor": "loss", "patience": 0, "min_delta": 100.0},
                    "checkpoint": True, "checkpoint_dir": str(tmp_path / "ckpt")}})
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     history = _fit(_model(), manifest, cfg, "phase1")
     assert history["epoch"] == [0, 1]  # no improvement of 100 after the first epoch
     assert list((tmp_path / "ckpt").rglob("phase1_best.keras"))
@@ -195,7 +195,7 @@ def test_reduce_lr_on_plateau_lowers_the_rate_and_conflicts_are_refused(image_fo
     cfg = _cfg(image_folder, phase1={"epochs": 3, "learning_rate": 1e-2}, phase2=constant,
                training={"callbacks": {"reduce_lr_on_plateau": {
                    "monitor": "loss", "patience": 0, "factor": 0.5, "min_delta": 100.0}}})
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     history = _fit(_model(), manifest, cfg, "phase1")
     # the rate each epoch trained at: lowered after the second epoch showed no gain
     assert history["learning_rate"] == pytest.approx([1e-2, 1e-2, 5e-3])
@@ -207,7 +207,7 @@ def test_reduce_lr_on_plateau_lowers_the_rate_and_conflicts_are_refused(image_fo
 
 
 def test_cached_features_train_the_same_head_as_the_image_pipeline(image_folder):
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     images = np.stack([np.asarray(__import__("PIL.Image").Image.open(p), dtype="float32")
                        for p in manifest["path"][:6]])[..., None]
     results = {}
@@ -241,7 +241,7 @@ class Interrupt(keras.callbacks.Callback):
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", [True, False])
 def test_an_interrupted_phase_resumes_to_the_uninterrupted_result(image_folder, tmp_path, cache):
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     cfg = _cfg(image_folder, phase1={"epochs": 4, "learning_rate": 3e-3},
                training={"cache_features": cache})
     uninterrupted = _model()

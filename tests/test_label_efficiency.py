@@ -10,10 +10,11 @@ import mlflow
 import pandas as pd
 import pytest
 
-from headswap.core.data import DataError, labelled_subset
+from headswap.core.manifests import labelled_subset
+from headswap.core.sources import DataError
 from headswap.pipelines import label_efficiency
 from headswap.pipelines.compare.pipeline import VARIANTS
-from tests.conftest import copy_project, run_sessions
+from tests.conftest import copy_project, run_documented_session, run_sessions
 from tests.test_compare import _latest
 
 pytestmark = pytest.mark.slow
@@ -89,7 +90,8 @@ def project(tmp_path_factory) -> Path:
     path = copy_project(tmp_path_factory.mktemp("label_efficiency"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(label_efficiency, "LABELS_PER_CLASS", COUNTS)
-        run_sessions(path, ["data", "pretrain"], ["label_efficiency"])
+        run_sessions(path, ["data", "pretrain"])
+        run_documented_session(path, "kedro run --pipeline label_efficiency")
     return path
 
 

@@ -102,6 +102,7 @@ def check_logged_model(run_id: str, project: Path, tracking_uri: str) -> None:
             os.environ["MLFLOW_TRACKING_URI"] = variable
     files = sorted((project / IMAGES / "filled circle").glob("img 0[0-3].png"))
     answer = model.predict(pd.DataFrame({"image": [str(f) for f in files]}))
-    assert set(answer["predicted"]) <= set(MESSY_CLASSES) and len(answer) == len(files)
+    assert set(answer["top_1"]) <= set(MESSY_CLASSES) and len(answer) == len(files)
+    assert set(answer["predicted"]) <= {*MESSY_CLASSES, "unknown"}  # below min_confidence
     probabilities = answer[[f"p[{name}]" for name in sorted(MESSY_CLASSES)]].to_numpy()
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)

@@ -27,6 +27,7 @@ from tests.conftest import (
     free_port,
     kedro_cli,
     mlflow_runs,
+    run_documented,
     run_finetune,
     run_sessions,
     serve,
@@ -68,30 +69,40 @@ def finetune_run(project: Path):
 
 
 def test_predict_pipeline_on_the_test_split_gives_the_evaluations_predictions(project: Path):
-    result = kedro_cli(project, "run", "--pipeline", "predict", "--env", "test",
-                       "--params", f"predict.path={TEST_FOLDER}")
+    result = run_documented(  # docs/pipelines/predict.md's command
+        project, 'kedro run --pipeline predict --params "predict.path=/some/folder"',
+        replace={"/some/folder": TEST_FOLDER})
     assert result.returncode == 0, result.stderr[-3000:]
     predictions = read_table(latest(project, "data/07_model_output/predictions.csv"))
     expected = read_table(latest(project, "data/08_reporting/test_predictions.csv"))
     assert len(predictions) == len(expected) == 5000
     merged = expected.merge(predictions, on="path", suffixes=("_eval", ""))
     assert len(merged) == 5000
-    assert (merged["predicted"] == merged["predicted_eval"]).all()
+    assert (merged["top_1"] == merged["predicted_eval"]).all()
     assert (merged["true"] == merged["true_eval"]).all()
     for name in CLASSES:
         np.testing.assert_allclose(merged[f"p[{name}]"], merged[f"p[{name}]_eval"], atol=1e-5)
-    assert (predictions["top_1"] == predictions["predicted"]).all()
     np.testing.assert_allclose(predictions["top_1_probability"], predictions["confidence"])
     assert {"top_3", "top_3_probability"} <= set(predictions.columns)
+    assert np.isfinite(predictions["ood_score"]).all()
+    # min_confidence: auto, the threshold the finetune run stored with the model
+    threshold = json.loads(latest(project, "data/06_models/preprocessing.json").read_text())[
+        "min_confidence"]
+    refused = predictions["confidence"] < threshold
+    assert refused.any()  # the test-size model is rarely sure
+    assert (predictions["predicted"] == predictions["top_1"].where(~refused, "unknown")).all()
     report = json.loads(latest(project, "data/08_reporting/prediction_report.json").read_text())
-    evaluation = json.loads(
-        latest(project, "data/08_reporting/classification_report.json").read_text())
-    assert report["accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert report["unknown"] == refused.sum() and report["min_confidence"] == threshold
+    right = float((predictions["predicted"] == predictions["true"]).mean())
+    assert report["accuracy"] == pytest.approx(right)  # an unknown image counts as a miss
+    text = latest(project, "data/08_reporting/prediction_report.txt").read_text()
+    assert f"{refused.sum()} of 5000 images labelled unknown" in text
     client, runs = mlflow_runs(project)
     run = runs[-1]
     assert run.data.tags["mlflow.runName"] == "predict - latest fine-tuned model - test"
     assert run.data.metrics["predict.images"] == 5000
-    assert run.data.metrics["predict.accuracy"] == pytest.approx(evaluation["accuracy"])
+    assert run.data.metrics["predict.unknown"] == refused.sum()
+    assert run.data.metrics["predict.accuracy"] == pytest.approx(right)
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}
     assert "predictions/predictions.csv" in logged
 
@@ -106,24 +117,31 @@ def test_predict_a_flat_folder_with_a_corrupt_file_through_the_champion(project:
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (folder / "notes.txt").write_text("not an image")
     result = kedro_cli(project, "run", "--pipelines", "predict", "--env", "test", "--params",
-                       f"predict.path=new_images,predict.model=models:/{REGISTERED}@champion")
+                       f"predict.path=new_images,predict.model=models:/{REGISTERED}@champion,"
+                       "predict.min_confidence=0.99")
     assert result.returncode == 0, result.stderr[-3000:]
     predictions = read_table(latest(project, "data/07_model_output/predictions.csv"))
     assert sorted(Path(p).name for p in predictions["path"]) == [
         f"photo_{i}.png" for i in range(6)]
     assert "true" not in predictions.columns
-    assert set(predictions["predicted"]) <= set(CLASSES)
+    assert set(predictions["top_1"]) <= set(CLASSES)
+    refused = predictions["confidence"] < 0.99
+    assert refused.any()
+    assert (predictions["predicted"] == predictions["top_1"].where(~refused, "unknown")).all()
     expected = read_table(latest(project, "data/08_reporting/test_predictions.csv"))
     by_path = dict(zip(expected["path"], expected["predicted"], strict=True))
     for i, source in enumerate(sources):
         row = predictions[predictions["path"].str.endswith(f"photo_{i}.png")].iloc[0]
-        assert row["predicted"] == by_path[str(source)]  # the catalog gives absolute paths
+        assert row["top_1"] == by_path[str(source)]  # the catalog gives absolute paths
     skipped = pd.read_csv(latest(project, "data/07_model_output/prediction_skipped_images.csv"))
     assert [Path(p).name for p in skipped["path"]] == ["broken.png"]
     assert "cannot be decoded" in skipped["reason"].iloc[0]
     assert "Skipped 1 of 7 image files" in result.stdout + result.stderr
     text = latest(project, "data/08_reporting/prediction_report.txt").read_text()
     assert text.startswith("No image is in a sub-folder")
+    assert (f"{refused.sum()} of 6 images labelled unknown (top probability below "
+            "min_confidence 0.99)") in text
+    assert mlflow_runs(project)[1][-1].data.metrics["predict.unknown"] == refused.sum()
 
 
 def test_bad_predict_inputs_stop_with_one_error_line(project: Path, tmp_path: Path):
@@ -155,12 +173,12 @@ def test_bad_predict_inputs_stop_with_one_error_line(project: Path, tmp_path: Pa
 
 def test_a_version_a_model_file_and_a_run_uri_name_the_same_classifier(project: Path,
                                                                         tmp_path: Path):
-    version = versions(project, "data/06_models/phase2_model.keras")[-1]
-    stored = {"fine_tuned_model": str(project / "data/06_models/phase2_model.keras"),
+    version = versions(project, "data/06_models/calibrated_model.keras")[-1]
+    stored = {"fine_tuned_model": str(project / "data/06_models/calibrated_model.keras"),
               "manifest": str(project / "data/02_intermediate/manifest.csv"),
               "preprocessing": str(project / "data/06_models/preprocessing.json")}
     file = tmp_path / "model.keras"
-    file.write_bytes(latest(project, "data/06_models/phase2_model.keras").read_bytes())
+    file.write_bytes(latest(project, "data/06_models/calibrated_model.keras").read_bytes())
     write_labels(tmp_path / "labels.txt", CLASSES)
     run_id = finetune_run(project).info.run_id
     classifiers = [ClassifierDataset(**stored, model=model).load()
@@ -170,6 +188,10 @@ def test_a_version_a_model_file_and_a_run_uri_name_the_same_classifier(project: 
     for classifier in classifiers:
         assert classifier.class_names == tuple(CLASSES)
         np.testing.assert_allclose(classifier.probabilities(images)[0], first, atol=1e-6)
+    # the run's min_confidence travels with the model (a bare .keras file has none)
+    threshold = json.loads(latest(project, "data/08_reporting/calibration_report.json")
+                           .read_text())["min_confidence"]["threshold"]
+    assert [c.min_confidence for c in classifiers] == [threshold, threshold, None, threshold]
 
 
 def test_the_logged_model_answers_with_class_names_for_paths_and_base64(project: Path):
@@ -181,12 +203,23 @@ def test_the_logged_model_answers_with_class_names_for_paths_and_base64(project:
     sample = expected.groupby("true").head(2).reset_index(drop=True)
     paths = [str(project / p) for p in sample["path"]]
     encoded = [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in paths]
+    threshold = json.loads(latest(project, "data/08_reporting/calibration_report.json")
+                           .read_text())["min_confidence"]["threshold"]
     for column in (paths, encoded):
         answer = model.predict(pd.DataFrame({"image": column}))
-        assert answer["predicted"].tolist() == sample["predicted"].tolist()
+        assert answer["top_1"].tolist() == sample["predicted"].tolist()
         np.testing.assert_allclose(answer["confidence"], sample["confidence"].astype(float),
                                    atol=1e-5)
         assert [c for c in answer.columns if c.startswith("p[")] == [f"p[{n}]" for n in CLASSES]
+        # below the run's min_confidence: unknown, with an out-of-distribution score
+        refused = answer["confidence"] < threshold
+        assert (answer["predicted"] == answer["top_1"].where(~refused, "unknown")).all()
+        assert np.isfinite(answer["ood_score"]).all()
+    everything = model.predict(pd.DataFrame({"image": paths}), params={"min_confidence": 0.0})
+    assert everything["predicted"].tolist() == sample["predicted"].tolist()
+    strict = model.predict(pd.DataFrame({"image": paths}), params={"min_confidence": 0.99})
+    assert (strict["predicted"] == strict["top_1"].where(strict["confidence"] >= 0.99,
+                                                         "unknown")).all()
     # the plain Keras model stays in the run beside it
     keras_model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/keras_model")
     pixels = data.decode_all(np.asarray(paths), (28, 28), 1)
@@ -215,9 +248,14 @@ def test_mlflow_models_serve_answers_rest_requests_with_the_same_labels(project:
         encoded = [base64.b64encode((project / p).read_bytes()).decode("ascii")
                    for p in sample["path"]]
         answer = _post(f"http://127.0.0.1:{port}/invocations",
-                       {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}})
-        assert [row["predicted"] for row in answer["predictions"]] == sample["predicted"].tolist()
-        assert len(answer["predictions"]) == 10
+                       {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]},
+                        "params": {"min_confidence": 0.99}})
+        rows = answer["predictions"]
+        assert [row["top_1"] for row in rows] == sample["predicted"].tolist()
+        assert len(rows) == 10 and all(np.isfinite(row["ood_score"]) for row in rows)
+        assert [row["predicted"] for row in rows] == [
+            row["top_1"] if row["confidence"] >= 0.99 else "unknown" for row in rows]
+        assert any(row["predicted"] == "unknown" for row in rows)
     finally:
         stop(server)
 

@@ -27,16 +27,19 @@ import yaml
 from headswap.core import devices
 from tests.conftest import (
     copy_project,
+    documented,
     free_port,
-    kedro_cli,
     make_image_folder,
     mlflow_runs,
+    run_documented,
     small_cnn,
     stop,
 )
 
-PARAMS = {"finetune.head.dropout": 0.0, "finetune.training.cache_features": False,
-          "finetune.training.verbose": "epochs"}  # a log line per epoch, with its loss
+#: Set in conf/test for both runs: no dropout and no feature cache (the same computation in
+#: both), a log line per epoch with its loss.
+SETTINGS = {"head": {"dropout": 0.0},
+            "training": {"cache_features": False, "verbose": "epochs"}}
 RUN_TIMEOUT_S = 600
 #: Two replicas each average their half of a batch and the gradients are summed across them;
 #: float32 sums in another order differ in the last digits.
@@ -61,7 +64,7 @@ SHARDS = textwrap.dedent("""
     import tensorflow as tf
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     from headswap.core import data
-    manifest = data.ingest_image_folder(sys.argv[1], seed=0)[0]
+    manifest = manifests.ingest_image_folder(sys.argv[1], seed=0)[0]
     steps = -(-int((manifest["split"] == "train").sum()) // 16)  # one epoch's batches
     found = {}
     for name, cache in (("memory", 2**30), ("streamed", 0)):
@@ -76,10 +79,6 @@ SHARDS = textwrap.dedent("""
                       for _ in range(steps)]}
     print("RESULT" + json.dumps(found), flush=True)
 """)
-
-
-def _cli_params(params: dict) -> str:
-    return ",".join(f"{key}={value}" for key, value in params.items())
 
 
 def _start_workers(command: list[str], cwd: Path, logs: list[Path]) -> list[subprocess.Popen]:
@@ -126,7 +125,8 @@ def test_each_worker_trains_on_its_half_of_every_global_batch(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_two_workers_train_as_one_process_and_only_the_chief_writes(tmp_path: Path):
+def test_two_workers_train_as_one_process_and_only_the_chief_writes(tmp_path: Path,
+                                                                   monkeypatch):
     project = copy_project(tmp_path / "project")
     make_image_folder(project / "data" / "01_raw" / "shapes", per_class=20)
     (project / "models").mkdir()
@@ -135,20 +135,22 @@ def test_two_workers_train_as_one_process_and_only_the_chief_writes(tmp_path: Pa
     params = yaml.safe_load(conf.read_text())
     params["finetune"].update(seed=7, base={"source": "file", "path": "models/user_cnn.keras"})
     params["finetune"]["data"].update(path="data/01_raw/shapes", image_size=[32, 32])
+    params["finetune"]["head"].update(SETTINGS["head"])
+    params["finetune"].setdefault("training", {}).update(SETTINGS["training"])
     conf.write_text(yaml.safe_dump(params))
 
-    # The single-process reference, as a user runs it.
-    reference = kedro_cli(project, "run", "--pipeline", "finetune", "--env", "test",
-                          "--params", _cli_params(PARAMS))
+    # The single-process reference, as a user runs it (docs/pipelines/finetune.md).
+    reference = run_documented(project, "kedro run --pipeline finetune")
     assert reference.returncode == 0, reference.stderr[-3000:]
     client, runs = mlflow_runs(project)
     (single,) = runs
     before = _files(project)
 
     logs = [tmp_path / "worker0.log", tmp_path / "worker1.log"]
-    command = [sys.executable, "-m", "kedro", "run", "--pipeline", "finetune", "--env", "test",
-               "--params", _cli_params({**PARAMS, "finetune.distribution":
-                                        "multi_worker_mirrored"})]
+    # Each worker runs the command of docs/scaling.md.
+    monkeypatch.setenv("KEDRO_ENV", "test")
+    command = [sys.executable, "-m", *documented(
+        'kedro run --pipeline finetune --params "finetune.distribution=multi_worker_mirrored"')]
     chief_log, worker_log = _wait(_start_workers(command, project, logs), logs)
     assert "2 workers, 2 replicas in sync; this process is the chief" in chief_log
     assert "2 workers, 2 replicas in sync; this process is a worker (it writes nothing)" \

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_project, mlflow_runs, run_sessions
+from tests.conftest import copy_project, mlflow_runs, run_documented_session, run_sessions
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +20,11 @@ CLASSES = ["Ankle boot", "Bag", "Sandal", "Shirt", "Sneaker"]
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A copy of the project in which the example ran once (env test, the project's
-    mlflow.db), with a ``notebooks/`` folder as in the repository."""
+    mlflow.db): ``data`` and ``pretrain``, then finetune on the example as documented (its
+    conf/example at conf/test's sizes); with a ``notebooks/`` folder as in the repository."""
     path = copy_project(tmp_path_factory.mktemp("project"))
-    run_sessions(path, ["example"])
+    run_sessions(path, ["data", "pretrain"])
+    run_documented_session(path, "kedro run --env example --pipeline finetune")
     (path / "notebooks").mkdir()
     return path
 

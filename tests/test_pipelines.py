@@ -7,10 +7,10 @@ CLI in that folder.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -20,14 +20,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from headswap.core.export import FORMATS
 from tests.conftest import (
     browser_page,
+    conf_environment,
     copy_project,
+    documented,
     free_port,
     kedro_cli,
     kill_in_phase2,
     mlflow_runs,
-    run_sessions,
+    run_documented,
+    run_documented_session,
     serve,
     stop,
     versions,
@@ -40,7 +44,7 @@ TARGET_CLASSES = ["Ankle boot", "Bag", "Sandal", "Shirt", "Sneaker"]
 FINETUNE_NODES = [
     "check_parameters", "ingest_images", "load_base", "check_data_quality",
     "swap_head", "train_head", "evaluate_head_only",
-    "fine_tune", "predict_test", "evaluate", "evaluate_details", "summarise_training",
+    "fine_tune", "calibrate", "predict_test", "evaluate", "evaluate_details", "summarise_training",
     "publish_model", "export_model", "describe_preprocessing", "write_model_card",
     "explain_predictions",
 ]
@@ -51,6 +55,7 @@ VERSIONED = [
     "data/06_models/headswapped_model.keras",
     "data/06_models/phase1_model.keras",
     "data/06_models/phase2_model.keras",
+    "data/06_models/calibrated_model.keras",
     "data/06_models/preprocessing.json",
     "data/07_model_output/phase1_history.json",
     "data/07_model_output/phase2_history.json",
@@ -71,14 +76,18 @@ VERSIONED = [
     "data/08_reporting/data_quality_findings.csv",
     "data/08_reporting/data_quality.png",
     "data/08_reporting/grad_cam.png",
+    "data/08_reporting/calibration_report.json",
+    "data/08_reporting/reliability.png",
+    "data/08_reporting/export_checks.csv",
 ]
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A copy of the project in which the whole example ran once (`kedro run`, env test)."""
+    """A copy of the project in which the whole example ran once, as documented (its
+    conf/example at conf/test's sizes)."""
     path = copy_project(tmp_path_factory.mktemp("project"))
-    run_sessions(path, ["example"])
+    run_documented_session(path, "kedro run --env example --pipeline example")
     return path
 
 
@@ -167,6 +176,79 @@ def test_the_model_card_describes_data_model_training_and_results(project: Path)
         runs[0].info.run_id, "model")}
 
 
+def test_every_export_is_checked_against_the_model(project: Path):
+    """The exports in every default format, each scored against the Keras model on the test
+    split: a versioned table, metrics and an artifact of the MLflow run, in the model card."""
+    version = versions(project, "data/08_reporting/export_checks.csv")[-1]
+    with open(project / "data/08_reporting/export_checks.csv" / version /
+              "export_checks.csv", newline="") as file:
+        rows = {row["format"]: row for row in csv.DictReader(file)}
+    assert list(rows) == ["keras", *FORMATS]
+    for name in FORMATS:
+        row = rows[name]
+        assert float(row["images"]) == 1000  # export.check_images of the 5,000 test images
+        assert float(row["size_mb"]) > 0 and float(row["latency_ms"]) > 0
+        assert float(row["export_s"]) > 0 and float(row["check_s"]) > 0
+        assert abs(float(row["accuracy"]) - float(rows["keras"]["accuracy"])) <= 0.05, name
+    for name in ("saved_model", "tflite", "onnx"):
+        assert float(rows[name]["agreement"]) == 1.0 and rows[name]["within_tolerance"] == "True"
+        assert float(rows[name]["max_prob_diff"]) <= 1e-4
+    exports = project / "data/06_models/exports" / version / "exports"
+    assert {p.name for p in exports.iterdir()} >= {
+        "saved_model", "model.tflite", "model_quantized.tflite", "model_int8.tflite",
+        "model.onnx", "labels.txt", "preprocessing.json"}
+    card = (project / "data/08_reporting/model_card.md" / version / "model_card.md").read_text()
+    assert "## Exports" in card and "on 1,000 test images" in card
+    for name in FORMATS:
+        assert re.search(rf"^\| {name} \| \S+ \| [0-9.e-]+ \| ", card, re.MULTILINE), name
+    client, runs = _run(project)
+    metrics = runs[0].data.metrics
+    for name in FORMATS:
+        assert metrics[f"export.{name}.agreement"] == float(rows[name]["agreement"])
+        assert metrics[f"export.{name}.check_s"] > 0
+    assert "reports/export_checks.csv" in {
+        a.path for a in client.list_artifacts(runs[0].info.run_id, "reports")}
+
+
+def test_the_calibration_is_reported_in_the_card_in_mlflow_and_stored_with_the_model(
+    project: Path,
+):
+    """Temperature scaling fitted on the validation split: a lower calibration error and
+    negative log-likelihood there, the test split's ECE before and after in the versioned
+    report, the model card and the MLflow run (metrics and the reliability diagram), and the
+    `unknown` threshold stored with the model beside its preprocessing."""
+    version = versions(project, "data/08_reporting/calibration_report.json")[-1]
+    report = json.loads((project / "data/08_reporting/calibration_report.json" / version /
+                         "calibration_report.json").read_text())
+    assert report["method"] == "temperature" and report["bins"] == 15
+    val, test = report["validation"], report["test"]
+    assert val["images"] == 40 and test["images"] == 5000
+    assert val["nll"] <= val["nll_before"] and val["ece"] <= val["ece_before"]
+    assert report["temperature"] > 0 and report["temperature"] != 1.0
+    threshold = report["min_confidence"]["threshold"]
+    assert report["min_confidence"]["target_precision"] == 0.95
+    assert 0 < threshold < 1 and report["min_confidence"]["validation"]["precision"] >= 0.95
+    evaluation = json.loads((project / "data/08_reporting/classification_report.json" /
+                             version / "classification_report.json").read_text())
+    assert test["accuracy"] == pytest.approx(evaluation["accuracy"])  # the classes kept
+    how = json.loads((project / "data/06_models/preprocessing.json" / version /
+                      "preprocessing.json").read_text())
+    assert how["min_confidence"] == threshold
+    card = (project / "data/08_reporting/model_card.md" / version / "model_card.md").read_text()
+    assert "## Confidence" in card and f"T = {report['temperature']:.4g}" in card
+    assert f"| test | 5,000 | {round(test['ece_before'], 4):g} | {round(test['ece'], 4):g} |" \
+        in card
+    assert f"`min_confidence` **{threshold:.4f}**" in card
+    client, runs = _run(project)
+    metrics = runs[0].data.metrics
+    assert metrics["calibration.test_ece_before"] == pytest.approx(test["ece_before"])
+    assert metrics["calibration.test_ece"] == pytest.approx(test["ece"])
+    assert metrics["calibration.temperature"] == pytest.approx(report["temperature"])
+    assert metrics["calibration.min_confidence"] == pytest.approx(threshold)
+    assert {"reports/calibration_report.json", "reports/calibration_plot.png"} <= {
+        a.path for a in client.list_artifacts(runs[0].info.run_id, "reports")}
+
+
 def test_kedro_mlflow_hook_is_the_plugins_own_registered_once(project: Path):
     """kedro-mlflow's hook is used as the plugin registers it: had a second one been
     registered, every run would be tracked twice over."""
@@ -181,24 +263,27 @@ def test_kedro_mlflow_hook_is_the_plugins_own_registered_once(project: Path):
 def test_cli_runs_finetune_with_both_pipeline_flags(project: Path):
     """Also the base chosen with --load-versions (the catalog's pretrained_model)."""
     base_version = versions(project, "data/06_models/pretrained_base.keras")[-1]
-    for flag, extra in (("--pipeline", []),
-                        ("--pipelines", ["--load-versions", f"pretrained_model:{base_version}"])):
-        result = kedro_cli(project, "run", flag, "finetune", "--env", "test", *extra,
-                           timeout=600)
+    for result in (
+        run_documented(project, 'kedro run --pipeline finetune --params '
+                                '"finetune.phase2.epochs=3,finetune.data.batch_size=16"'),
+        kedro_cli(project, "run", "--pipelines", "finetune", "--env", "test", "--load-versions",
+                  f"pretrained_model:{base_version}", timeout=600),
+    ):
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "Completed node: evaluate" in result.stdout + result.stderr
-        sizes = re.search(r"Exported the model: saved_model \(([0-9.e-]+) MB\), tflite "
-                          r"\(([0-9.e-]+) MB\), tflite_quantized \(([0-9.e-]+) MB\)",
-                          result.stdout + result.stderr)
-        assert sizes and all(float(size) > 0 for size in sizes.groups()), sizes
+        for name in FORMATS:  # each export's size and the time its export and check took
+            logged = re.search(rf"Export {name}: ([0-9.e-]+) MB, written in ([0-9.]+) s, "
+                               r"checked in ([0-9.]+) s on 1000 test images",
+                               result.stdout + result.stderr)
+            assert logged and float(logged[1]) > 0 and float(logged[2]) > 0, name
     assert len(versions(project, "data/06_models/phase2_model.keras")) == 3
     assert len(versions(project, "data/06_models/pretrained_base.keras")) == 1
 
 
 def test_invalid_parameters_stop_before_any_node(project: Path):
     before = versions(project, "data/02_intermediate/manifest.csv")
-    result = kedro_cli(project, "run", "--pipeline", "finetune", "--env", "test",
-                       "--params", "finetune.phase1.epochs=-1", timeout=600)
+    result = run_documented(project,
+                            "kedro run --pipeline finetune --params finetune.phase1.epochs=-1")
     assert result.returncode != 0
     assert "finetune.phase1.epochs: got -1" in result.stdout + result.stderr
     assert versions(project, "data/02_intermediate/manifest.csv") == before
@@ -222,6 +307,17 @@ def test_kedro_viz_build_shows_every_finetune_node(project: Path):
     layers = graph["layers"]
     assert layers.index("intermediate") < layers.index("models") < layers.index(
         "model_output") < layers.index("reporting")
+    # where the base is an earlier stage's output (layer models) the layers keep one order
+    # too (kedro-viz shows none when they form a cycle), and every pipeline reads the base once
+    for name, base in (("finetune", "pretrained_model"), ("example", "pretrained_base"),
+                       ("label_efficiency", "pretrained_base")):
+        graph = json.loads((project / f"build/api/pipelines/{name}").read_text())
+        layers = graph["layers"]
+        assert layers and layers.index("intermediate") < layers.index("models") < layers.index(
+            "reporting"), (name, layers)
+        ids = {n["id"]: n["name"] for n in graph["nodes"]}
+        readers = [ids[e["target"]] for e in graph["edges"] if ids[e["source"]] == base]
+        assert readers == ["load_base"], (name, readers)
 
 
 def test_kedro_viz_shows_the_finetune_graph_with_its_layers_in_a_browser(project: Path):
@@ -288,25 +384,25 @@ def _weights_of(project: Path, version: str) -> list[np.ndarray]:
 def test_a_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrupted_one(
     project: Path,
 ):
-    """The README's path: a run started without any resume flag is killed (SIGKILL) in phase
-    2; the same command with finetune.training.resume=true continues it, in the same MLflow
-    run, to the model an uninterrupted run makes."""
-
-    params = "finetune.data.batch_size=1,finetune.phase1.epochs=2,finetune.phase2.epochs=4"
+    """docs/pipelines/finetune.md's path, its commands as written: a run started without any
+    resume flag is killed (SIGKILL) in phase 2; the same command with
+    finetune.training.resume=true continues it, in the same MLflow run, to the model an
+    uninterrupted run makes. Batches of one image make phase 2 long enough to be killed in."""
+    slow = conf_environment(project, "slow", {"finetune": {
+        "data": {"batch_size": 1}, "phase1": {"epochs": 2}, "phase2": {"epochs": 4}}})
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "kedro", "run", "--pipeline", "finetune", "--env", "test",
-               "--params"]
+           "PYTHONUNBUFFERED": "1", "KEDRO_ENV": slow}
+    command = [sys.executable, "-m", *documented("kedro run --pipeline finetune")]
     state = project / "data/05_model_input/resume"
     _, runs_before = _run(project)
     versions_before = versions(project, "data/06_models/phase2_model.keras")
 
-    kill_in_phase2([*command, params], project, env)
+    kill_in_phase2(command, project, env)
     assert versions(project, "data/06_models/phase2_model.keras") == versions_before
 
-    resumed = subprocess.run([*command, f"{params},finetune.training.resume=true"],
-                             cwd=project, env=env, capture_output=True, text=True, timeout=600,
-                             check=False)
+    resumed = run_documented(
+        project, 'kedro run --pipeline finetune --params "finetune.training.resume=true"',
+        env=slow)
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-3000:]
     assert "phase1 finished before the interruption" in output
@@ -322,8 +418,7 @@ def test_a_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrup
     resumed_version = max(set(versions(project, "data/06_models/phase2_model.keras"))
                           - set(versions_before))
 
-    fresh = kedro_cli(project, "run", "--pipeline", "finetune", "--env", "test", "--params",
-                      params, timeout=600)
+    fresh = run_documented(project, "kedro run --pipeline finetune", env=slow)
     assert fresh.returncode == 0, (fresh.stdout + fresh.stderr)[-3000:]
     assert "Resum" not in fresh.stdout + fresh.stderr
     fresh_version = versions(project, "data/06_models/phase2_model.keras")[-1]

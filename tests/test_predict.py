@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from headswap.core import bases, data, evaluation, heads, sources
+from headswap.core import bases, data, evaluation, heads, manifests, sources
 from headswap.core.errors import InputError
 from headswap.core.fit import FitOptions, fit
 from headswap.core.predict import (
@@ -31,7 +31,7 @@ def trained(tmp_path_factory) -> tuple[keras.Model, pd.DataFrame]:
     from tests.conftest import make_image_folder
 
     folder = make_image_folder(tmp_path_factory.mktemp("shapes") / "images", per_class=20)
-    manifest, _ = data.ingest_image_folder(folder, seed=0)
+    manifest, _ = manifests.ingest_image_folder(folder, seed=0)
     base = bases.cut_model(small_cnn())
     model = heads.attach_head(base, len(CLASSES), dense=[], dropout=0.0, seed=0)
     options = FitOptions(image_size=(32, 32), batch_size=8, seed=0, verbose=0)
@@ -57,7 +57,7 @@ def test_paths_and_bytes_give_the_probabilities_of_the_training_decoder(trained)
 
 def test_unreadable_images_are_set_apart_with_the_reason(trained, tmp_path: Path):
     model, manifest = trained
-    good = data.split_arrays(manifest, "test")[0][:2].tolist()
+    good = manifests.split_arrays(manifest, "test")[0][:2].tolist()
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     corrupt = tmp_path / "corrupt.jpg"
@@ -95,10 +95,10 @@ def test_list_images_labels_class_sub_folders_and_sets_apart_unsupported(tmp_pat
     assert dict(zip(images["path"].map(lambda p: Path(p).name), images["label"],
                     strict=True)) == {"a.png": "cat", "b.jpg": "dog", "loose.png": ""}
     assert [Path(p).name for p in unsupported["path"]] == ["c.tiff"]
-    with pytest.raises(data.MissingDataError, match="does not exist"):
+    with pytest.raises(sources.MissingDataError, match="does not exist"):
         sources.open_images(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(data.DataError, match="No images found"):
+    with pytest.raises(sources.DataError, match="No images found"):
         list_images(sources.open_images(str(tmp_path / "empty")))
 
 
@@ -136,7 +136,7 @@ def test_grad_cam_gives_one_heatmap_per_image_and_needs_a_feature_map(trained):
     from headswap.core import explain
 
     model, manifest = trained
-    paths = data.split_arrays(manifest, "test")[0][:3]
+    paths = manifests.split_arrays(manifest, "test")[0][:3]
     images = data.decode_all(paths, (32, 32), 1)
     classes = np.asarray(model.predict_on_batch(images)).argmax(axis=1)
     cams = explain.grad_cam(model, images, classes)
@@ -149,3 +149,59 @@ def test_grad_cam_gives_one_heatmap_per_image_and_needs_a_feature_map(trained):
     pooled = heads.attach_head(vector_base, 3, dense=[], seed=0)
     with pytest.raises(InputError, match="not a feature map"):
         explain.grad_cam(pooled, images, classes)
+
+
+def test_a_folded_temperature_gives_softmax_of_the_logits_over_it_and_keeps_the_classes(
+    trained, tmp_path: Path
+):
+    from headswap.core import calibration
+
+    model, manifest = trained
+    logits, labels = calibration.split_logits(model, manifest, "test", (32, 32), batch_size=8)
+    before = evaluation.predict_split(model, manifest, "test", (32, 32), batch_size=8)
+    np.testing.assert_allclose(before[[f"p[{n}]" for n in CLASSES]],
+                               calibration.tempered(logits), atol=1e-5)
+    model.save(tmp_path / "model.keras")  # folded in a copy: the fixture's model stays
+    folded = calibration.fold_temperature(keras.saving.load_model(tmp_path / "model.keras"), 2.5)
+    folded.save(tmp_path / "folded.keras")
+    reloaded = keras.saving.load_model(tmp_path / "folded.keras")
+    after = evaluation.predict_split(reloaded, manifest, "test", (32, 32), batch_size=8)
+    np.testing.assert_allclose(after[[f"p[{n}]" for n in CLASSES]],
+                               calibration.tempered(logits, 2.5), atol=1e-5)
+    assert after["predicted"].tolist() == before["predicted"].tolist()  # accuracy unchanged
+    assert after["confidence"].max() < before["confidence"].max()
+    refit, _ = calibration.split_logits(reloaded, manifest, "test", (32, 32), batch_size=8)
+    np.testing.assert_allclose(refit, logits / 2.5, atol=1e-4)
+    # fitted on the validation split, the temperature lowers its negative log-likelihood
+    val_logits, val_labels = calibration.split_logits(model, manifest, "val", (32, 32))
+    t = calibration.fit_temperature(val_logits, val_labels)
+    assert (calibration.negative_log_likelihood(val_logits, val_labels, t)
+            <= calibration.negative_log_likelihood(val_logits, val_labels))
+
+
+def test_images_below_min_confidence_are_unknown_with_their_best_class_and_ood_score(
+    trained, tmp_path: Path
+):
+    from headswap.core import calibration
+    from headswap.core.predict import write_preprocessing
+
+    model, manifest = trained
+    paths = manifests.split_arrays(manifest, "test")[0].tolist()
+    plain, _ = Classifier(model, tuple(CLASSES)).predict(paths)
+    threshold = float(np.median(plain["confidence"]))
+    table, _ = Classifier(model, tuple(CLASSES), min_confidence=threshold).predict(paths)
+    assert table.columns.tolist()[:4] == ["predicted", "confidence", "ood_score", "top_1"]
+    low = table["confidence"] < threshold
+    assert low.any() and (~low).any()
+    assert (table.loc[low, "predicted"] == "unknown").all()
+    assert (table.loc[~low, "predicted"] == table.loc[~low, "top_1"]).all()
+    assert table["top_1"].tolist() == plain["predicted"].tolist()
+    assert (plain["predicted"] != "unknown").all()  # no threshold: every image gets a class
+    logits, _ = calibration.split_logits(model, manifest, "test", (32, 32), batch_size=8)
+    np.testing.assert_allclose(table["ood_score"], calibration.energy(logits), rtol=1e-4)
+    with pytest.raises(InputError, match="A class is named 'unknown'"):
+        Classifier(model, ("circle", "unknown", "stripes"), min_confidence=0.5)
+    model.save(tmp_path / "model.keras")
+    write_labels(tmp_path / "labels.txt", CLASSES)
+    write_preprocessing(tmp_path / "preprocessing.json", (32, 32), 1, min_confidence=0.7)
+    assert Classifier.from_file(tmp_path / "model.keras").min_confidence == 0.7

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from headswap.core import FitOptions, Stage, bases, data, fit, heads
+from headswap.core import FitOptions, Stage, bases, fit, heads, manifests
 from headswap.core.progress import (
     EPOCH_LOGGER,
     CountProgress,
@@ -111,7 +111,7 @@ def test_early_stopping_and_the_plateau_are_logged_not_printed(caplog, capsys):
 
 
 def test_core_fit_logs_progress_and_keras_prints_nothing(image_folder, caplog, capsys):
-    manifest, _ = data.ingest_image_folder(image_folder)
+    manifest, _ = manifests.ingest_image_folder(image_folder)
     keras.utils.set_random_seed(0)
     model = heads.attach_head(bases.cut_model(small_cnn()), 3, dense=[8], seed=0)
     options = FitOptions(image_size=(32, 32), batch_size=8, verbose="progress")

@@ -12,8 +12,8 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from headswap.core import quality
-from headswap.core.data import ingest_image_folder
+from headswap.core import fingerprints, quality
+from headswap.core.manifests import ingest_image_folder
 from headswap.core.train import class_weights
 
 CLASSES = ("ant", "bee", "cat")
@@ -91,7 +91,7 @@ def test_a_resized_jpeg_reencoding_is_a_near_duplicate(clean, tmp_path):
     row = found.iloc[0]
     assert (row.kind, row.scope) == ("near", "within_class")
     assert {row.path, row.other_path} == {source.path, copy}
-    assert 0 <= row.distance <= quality.NEAR_DISTANCE
+    assert 0 <= row.distance <= fingerprints.NEAR_DISTANCE
     assert quality.find_duplicates(add(clean, copy, "bee", "train"), near_distance=-1).empty
 
 
@@ -153,7 +153,7 @@ def test_close_pairs_matches_a_direct_count():
     differ = ((signs[:, None, :] != signs[None, :, :]) & both).sum(axis=2)
     direct = differ * 256 / np.maximum(both.sum(axis=2), 64)
     i, j = np.nonzero(np.triu(direct <= 120, k=1))
-    found = quality.close_pairs(hashes, 120)
+    found = fingerprints.close_pairs(hashes, 120)
     assert found[:, :2].astype(int).tolist() == sorted([a, b] for a, b in zip(i, j, strict=True))
     np.testing.assert_allclose(found[:, 2], direct[i, j])
     assert [7, 100] in found[:, :2].astype(int).tolist()

@@ -117,7 +117,8 @@ def test_predict_classifies_an_s3_folder_into_the_bucket(s3, remote_run):
     assert sorted(table["path"]) == sorted(f"s3://{BUCKET}/new/{p}"
                                           for p in fs.ls(f"{BUCKET}/new", detail=False)
                                           for p in [p.rsplit("/", 1)[1]])
-    assert set(table["predicted"]) <= set(COLOURS)
+    assert set(table["top_1"]) <= set(COLOURS)
+    assert set(table["predicted"]) <= {*COLOURS, "unknown"}  # below min_confidence
 
 
 def test_a_missing_bucket_stops_with_one_error_line_naming_the_url(remote_run):
@@ -161,7 +162,7 @@ def test_images_and_base_read_from_gs_through_the_catalogs_datasets(tmp_path: Pa
     """The catalog's `images` and `pretrained_model` on gs:// URLs (a real GCS server on
     127.0.0.1, gcsfs with the catalog entry's credentials): listed, ingested through the local
     cache, batched; the base read; a missing bucket names its URL."""
-    from headswap.core import data
+    from headswap.core import data, manifests, sources
     from headswap.project.datasets import BaseModelDataset, ImageFolderDataset
 
     endpoint, process = gcs_server(tmp_path)
@@ -175,7 +176,7 @@ def test_images_and_base_read_from_gs_through_the_catalogs_datasets(tmp_path: Pa
         monkeypatch.setenv("HEADSWAP_CACHE", str(tmp_path / "cache"))
 
         images = ImageFolderDataset("gs://photos/flowers", credentials=credentials).load()
-        manifest, skipped = data.ingest(images, seed=0)
+        manifest, skipped = manifests.ingest(images, seed=0)
         assert skipped.empty and len(manifest) == 6 * len(COLOURS)
         assert manifest["path"].str.startswith("gs://photos/flowers/").all()
         assert sorted(manifest["label"].unique()) == sorted(COLOURS)
@@ -187,7 +188,7 @@ def test_images_and_base_read_from_gs_through_the_catalogs_datasets(tmp_path: Pa
         assert tuple(base.inputs[0].shape[1:]) == (48, 48, 3)
 
         missing = ImageFolderDataset("gs://no-such-bucket/flowers", credentials=credentials)
-        with pytest.raises(data.DataError, match="gs://no-such-bucket/flowers"):
-            data.ingest(missing.load())
+        with pytest.raises(sources.DataError, match="gs://no-such-bucket/flowers"):
+            manifests.ingest(missing.load())
     finally:
         stop(process)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from headswap.core import data, sources
+from headswap.core import data, manifests, sources
 from tests.conftest import CLASSES, make_image_folder
 
 
@@ -31,7 +31,7 @@ def test_a_csv_gives_labels_and_splits_with_paths_read_from_its_folder(tmp_path:
     assert source.name == "labels"
     assert all(Path(p).is_file() for p in source.files["path"])
     assert [Path(p).name for p in source.skipped["path"]] == ["scan.tiff"]
-    manifest, skipped = data.ingest(source, val_fraction=0.25, seed=0)
+    manifest, skipped = manifests.ingest(source, val_fraction=0.25, seed=0)
     assert set(manifest["label"]) == {p.name.upper() for p in folder.iterdir()}
     test = manifest[manifest["split"] == "test"]
     classes = len(CLASSES)
@@ -77,7 +77,7 @@ def test_remote_images_are_fetched_once_into_the_cache_and_again_when_they_chang
     assert source.remote and source.name == "flowers"
     assert sorted(set(source.files["label"])) == ["blue", "red"]
     with caplog.at_level(logging.INFO, logger="headswap.core.sources"):
-        manifest, skipped = data.ingest(source, 0.2, 0.2, seed=0)
+        manifest, skipped = manifests.ingest(source, 0.2, 0.2, seed=0)
     assert "Fetching 13 of 13 images" in caplog.text
     assert all(p.startswith("memory://") for p in manifest["path"])
     assert [p.rsplit("/", 1)[1] for p in skipped["path"]] == ["broken.jpg"]
@@ -89,7 +89,7 @@ def test_remote_images_are_fetched_once_into_the_cache_and_again_when_they_chang
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="headswap.core.sources"):
-        data.ingest(sources.open_images("memory://store/flowers"), 0.2, 0.2, seed=0)
+        manifests.ingest(sources.open_images("memory://store/flowers"), 0.2, 0.2, seed=0)
     assert "Fetching" not in caplog.text  # a second run reads the cache alone
 
     first = manifest["path"].iloc[0]
@@ -97,7 +97,7 @@ def test_remote_images_are_fetched_once_into_the_cache_and_again_when_they_chang
         Image.new("RGB", (30, 30), (0, 255, 0)).save(file, format="PNG")
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="headswap.core.sources"):
-        data.ingest(sources.open_images("memory://store/flowers"), 0.2, 0.2, seed=0)
+        manifests.ingest(sources.open_images("memory://store/flowers"), 0.2, 0.2, seed=0)
     assert "Fetching 1 of 13 images" in caplog.text  # only the object that changed
     with Image.open(sources.local_paths([first])[0]) as image:
         assert image.size == (30, 30)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from headswap.core import FitOptions, Stage, bases, data, evaluation, fit, heads, train
+from headswap.core import FitOptions, Stage, bases, evaluation, fit, heads, manifests, train
 from headswap.project.tracking import history_metrics
 from tests.conftest import small_cnn
 
@@ -14,7 +14,7 @@ from tests.conftest import small_cnn
 @pytest.fixture
 def setup(image_folder: Path):
     keras.utils.set_random_seed(0)
-    manifest = data.ingest_image_folder(image_folder, seed=0)[0]
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     model = heads.attach_head(bases.cut_model(small_cnn()), 3, dense=[16], dropout=0.2)
     return model, manifest
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from keras.src.legacy.saving import legacy_h5_format
 
-from headswap.core import bases, heads, weights
+from headswap.core import applications, bases, heads, weights
 from headswap.pipelines.finetune.nodes import load_base
-from headswap.project.config import parse_finetune
+from headswap.project.config import parameter_keys, parse_finetune
 from headswap.project.datasets import BaseModelDataset
 from tests.conftest import small_cnn
 
@@ -129,7 +129,7 @@ def test_weights_only_file_of_an_application_with_its_top(file_name, tmp_path: P
             legacy_h5_format.save_weights_to_hdf5_group(file, source)
     else:
         source.save_weights(path)
-    base = bases.keras_application("EfficientNetB0", (32, 32), weights=None)
+    base = applications.keras_application("EfficientNetB0", (32, 32), weights=None)
     report = weights.load_weights_by_name(base, path)
     assert [m["layer"] for m in report["unexpected"]] == ["predictions"]
     assert not report["missing"] and not report["shape_mismatched"]
@@ -176,7 +176,24 @@ def _load_base(base: dict, tmp_path: Path):
     cfg = parse_finetune({"data": {"path": str(tmp_path), "image_size": [32, 32]}, "base": base})
     pretrained = BaseModelDataset(**cfg.base.model_dump(include={
         "source", "path", "name", "weights", "allow_unsafe"}), image_size=[32, 32]).load()
-    return load_base(pretrained, cfg)
+    base, report, resolved = load_base(pretrained, cfg)
+    assert resolved.data.image_size == (32, 32)
+    return base, report
+
+
+def test_load_base_node_gives_the_base_own_image_size_when_none_is_set(tmp_path: Path):
+    """The base is read once, by load_base: the parameters' unset image size becomes the
+    base's own, and a base that takes any size stops with the error naming the key."""
+    params = {"data": {"path": str(tmp_path)}, "base": {"path": "user.keras", "cut_at": "fc"}}
+    cfg = parse_finetune(params)
+    assert cfg.data.image_size is None
+    base, _, resolved = load_base(small_cnn(input_shape=(40, 24, 1)), cfg)
+    assert resolved.data.image_size == (40, 24) and base.input_shape[1:3] == (40, 24)
+    with pytest.raises(bases.BaseLoadError) as err:
+        load_base(small_cnn(input_shape=(None, None, 1)), cfg)
+    assert parameter_keys(str(err.value), "load_base").endswith(
+        "so finetune.data.image_size has no default: set it, e.g. finetune.data.image_size: "
+        "[224, 224].")
 
 
 def test_load_base_node_reports_the_weights_it_loaded(tmp_path: Path, caplog):

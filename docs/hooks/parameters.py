@@ -6,7 +6,7 @@ A page asks for a reference with a marker on a line of its own:
 * ``<!-- parameters: finetune -->`` (or ``predict``, ``tune``): a table per section of the
   pydantic model that validates those parameters (:data:`ROOTS`): every key with its type,
   default, allowed values and description (the field's docstring in
-  ``src/headswap/project/config.py`` and ``src/headswap/core/``). Where
+  ``src/headswap/project/config/`` and ``src/headswap/core/``). Where
   ``conf/base/parameters_<name>.yml`` sets another value, the default column shows it too.
 * ``<!-- parameters-file: parameters_compare.yml -->``: that file of ``conf/base/`` as it is
   (parameters no schema validates: its comments are their documentation).

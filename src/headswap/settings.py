@@ -11,10 +11,10 @@ warnings.filterwarnings("ignore", r"register_new_resolver\(\) is deprecated", Us
 
 from headswap.project.hooks import (  # noqa: E402 - after the filters, which must come first
     MlflowArtifactHook,
-    MlflowRunHook,
     MultiWorkerHook,
     UserErrorHook,
 )
+from headswap.project.mlflow_run import MlflowRunHook  # noqa: E402
 
 # Next to kedro-mlflow's own hook (registered by the plugin); what must come before it is
 # marked tryfirst, what needs its MLflow run trylast.

@@ -7,8 +7,9 @@ from typing import Any
 
 import pandas as pd
 
-from headswap.core import data
+from headswap.core import manifests, sources
 from headswap.core.evaluation import markdown_table
+from headswap.core.export_check import LATENCY_IMAGES, TOLERANCES
 
 
 def model_card(
@@ -21,6 +22,8 @@ def model_card(
     phase1_report: dict[str, Any],
     image_size: tuple[int, int],
     weakest: int = 2,
+    calibration: dict[str, Any] | None = None,
+    exports: pd.DataFrame | None = None,
 ) -> str:
     """The card of model ``name``: the data (classes, images per split), the base and its
     cut, the head, each phase's stages with what trained, the test results with the
@@ -28,11 +31,13 @@ def model_card(
 
     ``phases`` maps a phase's name to its stages' settings and its history (as
     :func:`headswap.core.fit.fit` returns it); ``base`` is the base's description (``base``,
-    ``base_params``, ``weights_file``).
+    ``base_params``, ``weights_file``); ``calibration`` the calibration report (the
+    finetune pipeline's ``calibration_report``: temperature, ECE, ``min_confidence``);
+    ``exports`` the exports' check (:func:`headswap.core.export_check.check_exports`).
     """
-    names = data.class_names(manifest)
+    names = manifests.class_names(manifest)
     counts = pd.crosstab(manifest["label"], manifest["split"]).reindex(
-        index=names, columns=list(data.SPLITS), fill_value=0)
+        index=names, columns=list(sources.SPLITS), fill_value=0)
     per_class = pd.DataFrame([
         {"class": n, "precision": report[n]["precision"], "recall": report[n]["recall"],
          "f1": report[n]["f1-score"], "support": int(report[n]["support"])} for n in names
@@ -73,10 +78,17 @@ def model_card(
         "Weakest classes: " + ", ".join(
             f"{row['class']} (F1 {row['f1']:.4f}, recall {row['recall']:.4f})"
             for _, row in weak.iterrows()) + ".",
+        *(_calibration_lines(calibration) if calibration else []),
+        *(_export_lines(exports) if exports is not None and len(exports) else []),
         "", "## Intended use and limits", "",
         f"- Classifies images into one of these {len(names)} classes: "
-        f"{', '.join(names)}. It always answers with one of them, also for an image of "
-        "something else: check the confidence, and keep images of other things away from it.",
+        f"{', '.join(names)}. " + (
+            "Below its `min_confidence` it answers `unknown`; above it, it answers with one "
+            "of them also for an image of something else: keep images of other things away "
+            "from it, or look at their `ood_score`."
+            if calibration and calibration["min_confidence"]["threshold"] is not None else
+            "It always answers with one of them, also for an image of something else: check "
+            "the confidence, and keep images of other things away from it."),
         "- The figures hold for images like the test split's (same source, framing and "
         f"resolution); they come from {int(counts['test'].sum())} test images, so a "
         "difference of a point or so between two models can be noise.",
@@ -86,3 +98,73 @@ def model_card(
     ]
     return "\n".join(lines) + "\n"
 
+
+
+def _calibration_lines(report: dict[str, Any]) -> list[str]:
+    """The card's section on the calibration report: temperature, ECE and NLL before and
+    after on each split, and the ``unknown`` threshold."""
+    val, test, bins = report["validation"], report["test"], report["bins"]
+    if report["method"] == "temperature":
+        how = (f"Temperature scaling fitted on the {val['images']} validation images: "
+               f"T = {report['temperature']:.4g}, folded into the model's last layer, so every "
+               "use of the model (predict, the MLflow model, the exports) gives these "
+               "probabilities; the predicted classes are those before it.")
+    else:
+        how = "Not calibrated" + (f" ({report['note']})." if report.get("note") else
+                                  " (`calibration.method`: none).")
+    rows = pd.DataFrame([{"split": name, "images": split["images"],
+                          "ECE before": split["ece_before"], "ECE after": split["ece"],
+                          "NLL before": split["nll_before"], "NLL after": split["nll"]}
+                         for name, split in (("validation", val), ("test", test))])
+    unknown = report["min_confidence"]
+    if unknown["threshold"] is None:
+        refusal = (f"No `min_confidence`: no top probability keeps a precision of "
+                   f"{unknown['target_precision']} on the validation split, so every image "
+                   "gets a class.")
+    else:
+        refusal = (
+            f"`min_confidence` **{unknown['threshold']:.4f}**: the lowest top probability at "
+            f"which the validation images kept are right at least "
+            f"{unknown['target_precision']:.0%} of the time (it keeps "
+            f"{unknown['validation']['kept']:.1%} of them; on the test split it keeps "
+            f"{unknown['test']['kept']:.1%}, right {_share(unknown['test']['precision'])} of "
+            f"the time). `predict` (`min_confidence: auto`) and the MLflow model label images "
+            "below it `unknown`.")
+    return [
+        "", "## Confidence", "", how, "", markdown_table(rows.round(4)), "",
+        f"ECE: expected calibration error over {bins} equal-width bins of the top "
+        "probability (0: the confidence is the accuracy); NLL: negative log-likelihood.", "",
+        refusal, "",
+        f"Out-of-distribution score (`ood_score` in predictions): {report['ood_score']}.",
+    ]
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _export_lines(table: pd.DataFrame) -> list[str]:
+    """The card's section on the exports, each scored against the Keras model."""
+    failed = table["error"].notna() & (table["error"].astype(str) != "")
+    shown = table[["format", "file", "size_mb", "accuracy", "agreement", "max_prob_diff",
+                   "latency_ms", "within_tolerance"]].copy()
+    shown["within_tolerance"] = shown["within_tolerance"].map(
+        {True: "yes", False: "**no**"}).where(~failed, "**failed**").fillna("")
+    shown = shown.astype(object).where(shown.notna(), "")
+    images = int(table["images"].max())
+    errors = [f"- {row.format} {row.error}" for row in table[failed].itertuples()]
+    if not images:
+        return ["", "## Exports", "", "Not checked against the Keras model "
+                "(`export.check_images`: 0).", "",
+                markdown_table(shown[["format", "file", "size_mb"]]), "", *errors]
+    return [
+        "", "## Exports", "",
+        f"Each export run by its own runtime (TensorFlow, the TFLite interpreter, onnxruntime) "
+        f"on {images:,} test images and compared with the Keras model: top-1 agreement, "
+        "largest difference of a class probability; size in MB; latency: median ms per image "
+        f"(batch 1, {LATENCY_IMAGES} images, on the machine that trained it, each runtime with "
+        "its default threads). Tolerance (least agreement, largest difference): "
+        + ", ".join(f"{name} {least}, {most}" for name, (least, most) in TOLERANCES.items())
+        + ".", "",
+        markdown_table(shown), "", *errors,
+    ]

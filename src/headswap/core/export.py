@@ -1,10 +1,12 @@
-"""Export a trained Keras classifier for serving (TensorFlow SavedModel) and for phones and
-edge devices (a LiteRT/TFLite flatbuffer, float32 or with dynamic-range quantization).
+"""Export a trained Keras classifier for serving (TensorFlow SavedModel), for phones and edge
+devices (a LiteRT/TFLite flatbuffer: float32, with dynamic-range quantization, or full-integer
+int8) and for other runtimes (ONNX).
 
-The models take raw pixels (float32, 0-255, shape ``(batch, height, width, channels)``) and
-do their own preprocessing inside, so every exported file takes images as they are decoded
-and resized and gives class probabilities in the order of ``class_names``, which are written
-one a line to a ``labels.txt`` file beside them.
+The models take raw pixels (float32, 0-255, shape ``(batch, height, width, channels)``; the
+int8 file: int8, see below) and do their own preprocessing inside, so every exported file
+takes images as they are decoded and resized and gives class probabilities in the order of
+``class_names``, which are written one a line to a ``labels.txt`` file beside them.
+:mod:`headswap.core.export_check` runs the files and scores them against the Keras model.
 
 Decoding and resizing stay outside the exported files: beside each ``labels.txt`` a
 ``preprocessing.json`` says how to bring an image to the model's input, as in training::
@@ -24,8 +26,10 @@ their EXIF orientation first. :func:`headswap.core.data.decode_bytes` does all o
         saved_model/            "saved_model": TensorFlow SavedModel (+ its labels.txt)
         model.tflite            "tflite": float32 LiteRT/TFLite file
         model_quantized.tflite  "tflite_quantized": dynamic-range quantized weights
-        labels.txt              class names of the .tflite files, in output order
-        preprocessing.json      image size, channels and resize mode of the .tflite files
+        model_int8.tflite       "tflite_int8": full-integer int8 (weights and activations)
+        model.onnx              "onnx": ONNX (input ``images``, output ``probabilities``)
+        labels.txt              class names of the .tflite and .onnx files, in output order
+        preprocessing.json      image size, channels and resize mode of those files
 
 How the SavedModel is made: Keras' public ``keras.export.ExportArchive`` writes one
 endpoint, ``serve``, that calls ``model(images, training=False)``: the inference graph, with
@@ -58,27 +62,22 @@ stores the weights of large enough layers as int8 (a file 3-4x smaller); inputs 
 stay float32, and activations are quantized on the fly, so the file is used exactly like
 the float32 one.
 
-How the TFLite file is run (:func:`tflite_predict`): TensorFlow 2.21 still ships
-``tf.lite.Interpreter``, but it warns that it is deprecated in favour of the interpreter of
-the ``ai-edge-litert`` package (``from ai_edge_litert.interpreter import Interpreter``, the
-same API). That package (2.3.0) installs from PyPI beside TensorFlow 2.21 and gives the
-same probabilities on these files; it has no SavedModel converter, so converting stays with
-``tf.lite.TFLiteConverter``. This module runs files with TensorFlow's interpreter, silencing
-its deprecation warning: it needs no extra dependency and is the release of the converter
-that wrote the file. Where a later TensorFlow no longer has ``tf.lite.Interpreter``, it
-uses ``ai_edge_litert``'s instead (``pip install ai-edge-litert``).
+Full-integer quantization (``tflite_int8``) also quantizes every activation, with ranges
+measured on a representative set of training images (``representative``), and runs on
+integer-only hardware (microcontrollers, Edge TPU, NPUs): its built-in int8 ops only, int8
+input and output. The input's range is fixed at the pixel range 0-255 (scale 1, zero point
+-128: ``int8 = pixel - 128``, exact for 8-bit images); the output is the probabilities in
+steps of 1/256 (``probability = (int8 + 128) / 256``). Both are in the file's tensor details
+(``quantization``); :func:`headswap.core.export_check.tflite_predict` applies them.
 
-On a device, or anywhere with ``ai-edge-litert``::
+How the ONNX file is made: ``tf2onnx.convert.from_function`` converts the same inference
+function as the SavedModel's (``model(images, training=False)``), with a free batch size,
+to ONNX opset :data:`ONNX_OPSET`; run it with onnxruntime
+(:func:`headswap.core.export_check.onnx_predict`)::
 
-    from ai_edge_litert.interpreter import Interpreter
-    interpreter = Interpreter(model_path="model.tflite")
-    interpreter.allocate_tensors()
-    inp = interpreter.get_input_details()[0]
-    out = interpreter.get_output_details()[0]
-    interpreter.set_tensor(inp["index"], image[None].astype("float32"))  # (1, H, W, C), 0-255
-    interpreter.invoke()
-    probabilities = interpreter.get_tensor(out["index"])[0]
-    labels = open("labels.txt").read().splitlines()
+    import onnxruntime
+    session = onnxruntime.InferenceSession("model.onnx")
+    probabilities = session.run(["probabilities"], {"images": batch})[0]  # float32, 0-255
 """
 
 from __future__ import annotations
@@ -86,7 +85,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-import warnings
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,6 +95,7 @@ import numpy as np
 import tensorflow as tf
 
 from headswap.core.bases import check_image_size, input_spec
+from headswap.core.errors import first_line
 from headswap.core.images import check_resize
 from headswap.core.predict import (
     LABELS_FILE,
@@ -105,12 +105,16 @@ from headswap.core.predict import (
     write_preprocessing,
 )
 
-FORMATS: tuple[str, ...] = ("saved_model", "tflite", "tflite_quantized")
+FORMATS: tuple[str, ...] = ("saved_model", "tflite", "tflite_quantized", "tflite_int8", "onnx")
 """The format names :func:`export_model` accepts."""
 
 SERVING_SIGNATURE = "serving_default"
 SAVED_MODEL_FOLDER = "saved_model"
-TFLITE_FILES = {"tflite": "model.tflite", "tflite_quantized": "model_quantized.tflite"}
+TFLITE_FILES = {"tflite": "model.tflite", "tflite_quantized": "model_quantized.tflite",
+                "tflite_int8": "model_int8.tflite"}
+ONNX_FILE = "model.onnx"
+ONNX_OPSET = 17
+ONNX_INPUT, ONNX_OUTPUT = "images", "probabilities"
 
 # What Keras' SavedModel export and :func:`export_saved_model` put in a folder: a folder
 # holding only these is a previous export, which a new export replaces.
@@ -141,33 +145,6 @@ def export_saved_model(
     return folder
 
 
-def export_tflite(
-    model: keras.Model,
-    path: str | Path,
-    class_names: Sequence[str],
-    quantize: bool = False,
-    resize: str = "stretch",
-    image_size: tuple[int, int] | None = None,
-) -> Path:
-    """Convert ``model`` to a LiteRT/TFLite file at ``path`` (ending in ``.tflite``), with
-    ``labels.txt`` and ``preprocessing.json`` beside it (in the same folder, replacing those
-    already there; :func:`_write_metadata`); return ``path``.
-
-    ``quantize=False`` keeps float32 weights: the file gives Keras' probabilities to float
-    rounding. ``quantize=True`` applies dynamic-range quantization (int8 weights, float32
-    inputs and outputs): a file 3-4x smaller whose probabilities differ slightly.
-    The file's input is a float32 batch of raw pixels of the model's input shape, its
-    output the class probabilities; run it with :func:`tflite_predict`.
-    """
-    path = _check_tflite_path(path)
-    _check(model, class_names, resize, image_size)
-    with tempfile.TemporaryDirectory(prefix="headswap_export_") as tmp:
-        saved_model = _write_saved_model(model, Path(tmp) / SAVED_MODEL_FOLDER)
-        path.write_bytes(_convert_saved_model(saved_model, quantize))
-    _write_metadata(path.parent, model, class_names, resize, image_size)
-    return path
-
-
 def export_model(
     model: keras.Model,
     folder: str | Path,
@@ -175,38 +152,62 @@ def export_model(
     formats: str | Iterable[str] = FORMATS,
     resize: str = "stretch",
     image_size: tuple[int, int] | None = None,
+    representative: np.ndarray | None = None,
+    timings: dict[str, float] | None = None,
+    failures: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Export ``model`` in each of ``formats`` (names from :data:`FORMATS`) into ``folder``
     and return ``{format: path}`` in the order given.
 
-    ``saved_model`` goes to ``folder/saved_model/`` (see :func:`export_saved_model`),
-    ``tflite`` to ``folder/model.tflite`` and ``tflite_quantized`` to
-    ``folder/model_quantized.tflite`` (see :func:`export_tflite`), with ``labels.txt`` and
-    ``preprocessing.json`` in ``folder`` beside them (:func:`_write_metadata`). The model is
-    exported to a SavedModel once, and the TFLite files are converted from it.
+    ``saved_model`` goes to ``folder/saved_model/`` (see :func:`export_saved_model`), the
+    TFLite formats to ``folder/`` + :data:`TFLITE_FILES` and ``onnx`` to ``folder/model.onnx``,
+    with ``labels.txt`` and ``preprocessing.json`` in ``folder`` beside them
+    (:func:`_write_metadata`). The model is exported to a SavedModel once, and the TFLite
+    files are converted from it. ``tflite_int8`` needs ``representative``: raw pixels of a
+    few hundred training images at most, of the model's input shape, on which the ranges of
+    the activations are measured. ``timings``, if given, gets the seconds each format took.
+    ``failures``, if given, gets the reason of each format whose conversion failed, which is
+    then left out (the others are still written); without it, such a failure is raised.
     """
     chosen = _check_formats(formats)
     _check(model, class_names, resize, image_size)
+    if "tflite_int8" in chosen and (representative is None or not len(representative)):
+        raise ValueError("tflite_int8 needs representative images (a few hundred training "
+                         "images at most) to measure the ranges of the activations on.")
     folder = Path(folder)
     if folder.is_file():
         raise FileExistsError(f"{folder} is a file. Give a folder path to export into.")
     paths: dict[str, Path] = {}
+    timings = {} if timings is None else timings
     with tempfile.TemporaryDirectory(prefix="headswap_export_") as tmp:
+        started = time.perf_counter()
         if "saved_model" in chosen:
             saved_model = export_saved_model(model, folder / SAVED_MODEL_FOLDER, class_names,
                                              resize, image_size)
             paths["saved_model"] = saved_model
-        else:
+            timings["saved_model"] = time.perf_counter() - started
+        elif any(name in TFLITE_FILES for name in chosen):
             saved_model = _write_saved_model(model, Path(tmp) / SAVED_MODEL_FOLDER)
         for name in chosen:
-            if name in TFLITE_FILES:
-                path = folder / TFLITE_FILES[name]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(_convert_saved_model(saved_model, name == "tflite_quantized"))
-                paths[name] = path
-    if any(name in TFLITE_FILES for name in chosen):
+            started = time.perf_counter()
+            if name == "saved_model":
+                continue
+            path = folder / TFLITE_FILES.get(name, ONNX_FILE)
+            try:
+                content = (_convert_saved_model(saved_model, name, representative)
+                           if name in TFLITE_FILES else _convert_onnx(model))
+            except (ValueError, RuntimeError) as err:
+                if failures is None:
+                    raise
+                failures[name], timings[name] = str(err), time.perf_counter() - started
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+            paths[name] = path
+            timings[name] = time.perf_counter() - started
+    if any(name != "saved_model" for name in paths):
         _write_metadata(folder, model, class_names, resize, image_size)
-    return {name: paths[name] for name in chosen}
+    return {name: paths[name] for name in chosen if name in paths}
 
 
 def _write_metadata(
@@ -225,94 +226,6 @@ def _write_metadata(
                         channels, resize)
 
 
-def tflite_predict(
-    path: str | Path, images: np.ndarray | Sequence[np.ndarray], batch_size: int = 32
-) -> np.ndarray:
-    """Class probabilities, shape ``(number of images, number of classes)``, that the
-    TFLite file at ``path`` gives for ``images``: raw pixels (0-255) of shape
-    ``(n, height, width, channels)``, or one image ``(height, width, channels)``.
-
-    Images go through the interpreter ``batch_size`` at a time (the input tensor is resized
-    to each batch); a file whose batch size is fixed gets batches of that size.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"No TFLite file at {path}. Write one with export_tflite or export_model."
-        )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
-    interpreter = _interpreter(path)
-    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise ValueError(
-            f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; tflite_predict runs "
-            "classifiers with one image input and one output, as export_tflite writes."
-        )
-    inp, out = inputs[0], outputs[0]
-    if inp["dtype"] != np.float32:
-        raise ValueError(
-            f"{path} takes {np.dtype(inp['dtype']).name} input; tflite_predict runs files with "
-            "float32 input (raw pixels), as export_tflite writes with or without quantize."
-        )
-    signature = [int(d) for d in inp["shape_signature"]]
-    given = np.asarray(images, dtype=np.float32)
-    batch = given[None] if given.ndim == len(signature) - 1 else given
-    if batch.ndim != len(signature) or any(
-        want not in (-1, got) for want, got in zip(signature[1:], batch.shape[1:], strict=True)
-    ):
-        wanted = ", ".join("any" if d == -1 else str(d) for d in signature[1:])
-        raise ValueError(
-            f"{path.name} takes images of shape ({wanted}) (height, width, channels), as a "
-            f"batch (n, {wanted}); got an array of shape {given.shape}. Resize the images to "
-            "the model's input size and give them its number of channels (a grayscale batch "
-            "of shape (n, height, width) gets its channel axis with images[..., None])."
-        )
-    fixed = signature[0] if signature[0] > 0 else None
-    step = fixed or batch_size
-    results = []
-    for start in range(0, len(batch), step):
-        chunk = batch[start : start + step]
-        count = len(chunk)
-        if fixed and count < fixed:
-            padding = np.zeros((fixed - count, *chunk.shape[1:]), dtype=np.float32)
-            chunk = np.concatenate([chunk, padding])
-        if tuple(interpreter.get_input_details()[0]["shape"]) != chunk.shape:
-            interpreter.resize_tensor_input(inp["index"], list(chunk.shape))
-            interpreter.allocate_tensors()
-        interpreter.set_tensor(inp["index"], chunk)
-        interpreter.invoke()
-        results.append(interpreter.get_tensor(out["index"])[:count].copy())
-    if not results:
-        return np.zeros((0, int(out["shape_signature"][-1])), dtype=np.float32)
-    return np.concatenate(results)
-
-
-def _interpreter(path: Path) -> Any:
-    """An allocated interpreter for the TFLite file at ``path``: TensorFlow's, or where this
-    TensorFlow has none, ``ai_edge_litert``'s."""
-    interpreter_class = getattr(tf.lite, "Interpreter", None)
-    if interpreter_class is None:
-        try:
-            from ai_edge_litert.interpreter import Interpreter as interpreter_class
-        except ImportError as err:
-            raise ImportError(
-                "This TensorFlow has no TFLite interpreter (tf.lite.Interpreter). "
-                "Install LiteRT's: pip install ai-edge-litert"
-            ) from err
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-            interpreter = interpreter_class(model_path=str(path))
-    except ValueError as err:
-        raise ValueError(
-            f"{path} is not a TFLite model the interpreter can read ({_first_line(err)}). "
-            "Write it with export_tflite or export_model."
-        ) from err
-    interpreter.allocate_tensors()
-    return interpreter
-
-
 def _write_saved_model(model: keras.Model, folder: Path) -> Path:
     """Write ``model(images, training=False)`` as a SavedModel in ``folder`` (signatures
     ``serve`` and ``serving_default``, input named as the model's input); return ``folder``."""
@@ -329,15 +242,23 @@ def _write_saved_model(model: keras.Model, folder: Path) -> Path:
     return folder
 
 
-def _convert_saved_model(folder: Path, quantize: bool) -> bytes:
-    """The TFLite flatbuffer of the SavedModel's ``serving_default`` signature, with
-    TFLite's built-in ops only; dynamic-range quantized if ``quantize``."""
+def _convert_saved_model(
+    folder: Path, name: str = "tflite", representative: np.ndarray | None = None
+) -> bytes:
+    """The TFLite flatbuffer (format ``name``, one of :data:`TFLITE_FILES`) of the
+    SavedModel's ``serving_default`` signature, with TFLite's built-in ops only:
+    dynamic-range quantized for ``tflite_quantized``, full-integer int8 for ``tflite_int8``
+    (ranges measured on ``representative``)."""
     converter = tf.lite.TFLiteConverter.from_saved_model(
         str(folder), signature_keys=[SERVING_SIGNATURE]
     )
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if quantize:
+    if name != "tflite":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if name == "tflite_int8":
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = converter.inference_output_type = tf.int8
+        converter.representative_dataset = _representative(representative)
     try:
         return converter.convert()
     except Exception as err:  # tf.lite's ConverterError is not public
@@ -350,7 +271,45 @@ def _convert_saved_model(folder: Path, quantize: bool) -> bytes:
                 "tf.lite.OpsSet.SELECT_TF_OPS (the file then needs the Flex delegate on the "
                 "device)."
             ) from err
-        raise RuntimeError(f"TFLite conversion failed: {_first_line(err)}") from err
+        raise RuntimeError(f"TFLite conversion failed: {first_line(err)}") from err
+
+
+def _representative(images: np.ndarray) -> Any:
+    """The converter's representative dataset: each image alone, as float32 raw pixels. The
+    first one comes once more with a black and a white pixel in its corner, so that the
+    input's measured range is the whole pixel range, 0-255, whatever the images' own."""
+    images = np.asarray(images, dtype=np.float32)
+    extremes = images[0].copy()
+    extremes[0, 0], extremes[0, -1] = 0.0, 255.0
+
+    def batches() -> Iterable[list[np.ndarray]]:
+        for image in (extremes, *images):
+            yield [image[None]]
+
+    return batches
+
+
+def _convert_onnx(model: keras.Model) -> bytes:
+    """The ONNX model (opset :data:`ONNX_OPSET`) of ``model(images, training=False)``, input
+    ``images`` (any batch size), output ``probabilities``, converted by tf2onnx."""
+    import onnx
+    import tf2onnx
+
+    spec = model.inputs[0]
+    signature = [tf.TensorSpec((None, *spec.shape[1:]), spec.dtype, name=ONNX_INPUT)]
+    serve = tf.function(lambda images: model(images, training=False))
+    try:
+        proto, _ = tf2onnx.convert.from_function(serve, input_signature=signature,
+                                                 opset=ONNX_OPSET)
+        # tf2onnx keeps an op it cannot convert as it is, which no ONNX runtime can run
+        onnx.checker.check_model(proto)
+    except Exception as err:  # tf2onnx raises plain exceptions for what it cannot convert
+        raise RuntimeError(f"ONNX conversion failed: {first_line(err)}") from err
+    (output,) = proto.graph.output
+    for node in proto.graph.node:  # tf2onnx names the output after the graph (Identity:0)
+        node.output[:] = [ONNX_OUTPUT if name == output.name else name for name in node.output]
+    output.name = ONNX_OUTPUT
+    return proto.SerializeToString()
 
 
 def _check(
@@ -382,18 +341,6 @@ def _check_formats(formats: str | Iterable[str]) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def _check_tflite_path(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder. Give the path of a .tflite file in it.")
-    if path.suffix != ".tflite":
-        raise ValueError(
-            f"A TFLite file's name ends in .tflite; got {path}. Use e.g. {path.stem}.tflite."
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _prepare_folder(folder: str | Path) -> Path:
     """``folder``, ready for a SavedModel: created if new, emptied if it holds a previous
     export; refused if it is a file or holds anything else."""
@@ -410,8 +357,3 @@ def _prepare_folder(folder: str | Path) -> Path:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from headswap.core import data, heads
+from headswap.core import data, heads, manifests
 from headswap.core.bases import input_spec
 from headswap.core.devices import (
     across_workers,
@@ -34,7 +34,6 @@ from headswap.core.devices import (
     spans_workers,
     strategy_scope,
 )
-from headswap.core.errors import InputError
 from headswap.core.lr_find import RangeTest, RangeTestSettings, range_test
 from headswap.core.progress import TrainingProgress
 from headswap.core.recipe import Callbacks, Stage, check_plateau
@@ -186,10 +185,10 @@ class _Run:
 
     @classmethod
     def start(cls, manifest: pd.DataFrame, options: FitOptions, first_epoch: int) -> _Run:
-        labels = data.split_arrays(manifest, "train")[1]
+        labels = manifests.split_arrays(manifest, "train")[1]
         return cls(
             manifest, options, steps_per_epoch(len(labels), options.batch_size),
-            class_weights(labels, data.class_names(manifest), options.class_weight),
+            class_weights(labels, manifests.class_names(manifest), options.class_weight),
             distribution_strategy(options.distribution),
             tf.Variable(first_epoch, dtype=tf.int64, trainable=False),  # outside the strategy
         )
@@ -286,7 +285,7 @@ def _stage_data(
             for split in ("train", "val")
         )
     if stage.label_smoothing:
-        classes = len(data.class_names(manifest))
+        classes = len(manifests.class_names(manifest))
         train, val = (one_hot_labels(d, classes) for d in (train, val))
     return trained, train, val
 
@@ -311,11 +310,12 @@ def find_learning_rate(
     keras.utils.set_random_seed(options.seed)
     reseed(trained, options.seed)
     test = range_test(trained, train, settings)
-    logger.info("%s: learning-rate range test over %s steps (%.3g to %.3g); %s; suggested "
-                "learning rate %.3g (smoothed loss lowest at %.3g, falling fastest at %.3g)",
+    logger.info("%s: learning-rate range test over %s steps (%.3g to %.3g); %s; %s (smoothed "
+                "loss lowest at %.3g, falling fastest at %.3g)",
                 label, len(test.learning_rates), settings.min_learning_rate,
-                settings.max_learning_rate, test.stopped, test.suggestion, test.minimum,
-                test.steepest)
+                settings.max_learning_rate, test.stopped,
+                f"suggested learning rate {test.suggestion:.3g}"
+                if np.isfinite(test.suggestion) else "no suggestion", test.minimum, test.steepest)
     return test
 
 
@@ -330,17 +330,11 @@ def _auto_rate(model: keras.Model, stage: Stage, run: _Run, label: str, epoch: i
         return stage.model_copy(update={"learning_rate": rate})
     target = (rebuild(model, run.options.mixed_precision, synchronized=run.strategy is not None)
               if run.strategy is not None or run.options.mixed_precision else model)
-    test = find_learning_rate(target, run.manifest, stage, run.options, label)
-    if not np.isfinite(test.suggestion):
-        raise InputError(
-            f"{label}: the learning-rate range test found no rate ({test.stopped} after "
-            f"{len(test.learning_rates)} steps); lower `min_learning_rate` or give the phase a "
-            "learning_rate."
-        )
+    rate = find_learning_rate(target, run.manifest, stage, run.options, label).rate(label)
     if memo is not None:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(json.dumps({"key": key, "learning_rate": test.suggestion}))
-    return stage.model_copy(update={"learning_rate": test.suggestion})
+        memo.write_text(json.dumps({"key": key, "learning_rate": rate}))
+    return stage.model_copy(update={"learning_rate": rate})
 
 
 def _stage_key(manifest: pd.DataFrame, stage: Stage, options: FitOptions, first: int,
@@ -367,7 +361,7 @@ def _can_cache(options: FitOptions, stage: Stage, model: keras.Model,
             and not options.callbacks.checkpoint):  # a checkpoint is of the whole model
         return False
     width = int(np.prod(heads.split_at_head(model)[0].output.shape[1:]))
-    largest = max(len(data.split_arrays(manifest, split)[0]) for split in ("train", "val"))
+    largest = max(len(manifests.split_arrays(manifest, split)[0]) for split in ("train", "val"))
     size = largest * width * np.dtype("float32").itemsize
     if size > options.cache_memory_mb * 2**20:
         logger.info(
@@ -391,7 +385,7 @@ def _cached_head(
         images = data.make_dataset(manifest, split, options.image_size, channels,
                                    options.batch_size, resize=options.resize)
         features = extractor.predict(images, verbose=0)
-        labels = data.split_arrays(manifest, split)[1]
+        labels = manifests.split_arrays(manifest, split)[1]
         train = split == "train"
         datasets.append(data.array_dataset((features, labels), options.batch_size,
                                            shuffle=train, seed=options.seed,

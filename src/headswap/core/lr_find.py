@@ -17,13 +17,26 @@ lowest rates) it suggests a rate too small to train at. The edge of the low-loss
 where training stops being safe on both kinds of curve; one decade below it is the usual
 margin. The steepest descent of the smoothed loss (a derivative of a noisy curve) and the
 minimum are reported beside it, and marked on the plot.
+
+A curve that does not fall gives no suggestion: the smoothed loss must drop, from where it
+starts (after that first tenth) to its minimum, by more than the batch-to-batch noise of the
+raw loss up to where the smoothed loss leaves its low region (from the median absolute second
+difference of consecutive steps, which a steady fall or rise of the curve leaves alone, scaled
+to a standard deviation for Gaussian noise; the steps after that edge, where training comes
+apart, are left out). On a flat curve (the loss varies within its noise across the whole range:
+a model that has already learned, or rates too small to move anything) the lowest point is
+wherever the noise put it and any rate read off it means nothing; the test then logs a warning
+and its suggestion is NaN (null in :meth:`RangeTest.to_dict`), and a `learning_rate: auto`
+stops (:meth:`RangeTest.rate`). With the default smoothing and 100 steps, a curve of pure
+noise passes this by chance in under 1% of tests.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
@@ -31,10 +44,16 @@ import tensorflow as tf
 from matplotlib.figure import Figure
 from pydantic import Field, model_validator
 
+from headswap.core.errors import InputError
 from headswap.core.recipe import Settings
+
+logger = logging.getLogger(__name__)
 
 #: How far above its minimum the smoothed loss may be where the suggestion is read off.
 RISE = 0.1
+#: The median absolute second difference (a - 2b + c) of independent Gaussian values, over
+#: their standard deviation (0.6745 * sqrt(6)): the loss's batch-to-batch noise from it.
+MEDIAN_CHANGE = 0.6745 * math.sqrt(6)
 
 
 class RangeTestSettings(Settings):
@@ -67,8 +86,10 @@ class RangeTestSettings(Settings):
 
 @dataclass
 class RangeTest:
-    """The rates tried, the loss of each step (raw and smoothed), the suggested rate, the rates
-    at the smoothed loss's minimum and at its steepest descent, and why the test stopped."""
+    """The rates tried, the loss of each step (raw and smoothed), the suggested rate (NaN when
+    the curve gives none), the rates at the smoothed loss's minimum and at its steepest
+    descent, how far the smoothed loss fell against the raw loss's noise, and why the test
+    stopped."""
 
     learning_rates: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
@@ -76,10 +97,31 @@ class RangeTest:
     suggestion: float = math.nan
     minimum: float = math.nan
     steepest: float = math.nan
+    drop: float = math.nan
+    noise: float = math.nan
     stopped: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The test as plain values, JSON-ready: a value that is not a number (no suggestion)
+        is None."""
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in asdict(self).items()}
+
+    def rate(self, label: str) -> float:
+        """The rate a `learning_rate`: auto trains at (``label``: the phase or stage it is
+        for); :class:`InputError` when the test suggests none."""
+        if math.isfinite(self.suggestion):
+            return self.suggestion
+        if not math.isfinite(self.noise):  # too few steps to tell
+            why = f"{self.stopped} after {len(self.learning_rates)} steps"
+        else:
+            why = (f"its smoothed loss falls by {self.drop:.3g}, not more than the loss's "
+                   f"batch-to-batch noise ({self.noise:.3g}): the curve is flat")
+        raise InputError(
+            f"{label}: `learning_rate` is auto, but the learning-rate range test suggests no "
+            f"rate ({why}). Set the {label} `learning_rate` to a number (read one off the "
+            "lr_find pipeline's plot)."
+        )
 
 
 def learning_rates(settings: RangeTestSettings) -> np.ndarray:
@@ -128,19 +170,44 @@ def range_test(
         model.set_weights(weights)
         for variable, value in zip(optimizer.variables, state, strict=True):
             variable.assign(value)
-    result.suggestion, result.minimum, result.steepest = suggest(result.learning_rates,
-                                                                  result.smoothed)
+    reading = suggest(result.learning_rates, result.losses, result.smoothed)
+    result.suggestion, result.minimum, result.steepest, result.drop, result.noise = reading
+    if math.isfinite(result.noise) and not math.isfinite(result.suggestion):
+        logger.warning(
+            "Learning-rate range test: no suggestion. From its start to its minimum the "
+            "smoothed loss falls by %.3g, not more than the loss's batch-to-batch noise "
+            "(%.3g): between %.3g and %.3g the curve is flat within its noise, so a rate read "
+            "off it would mean nothing.",
+            result.drop, result.noise, result.learning_rates[0], result.learning_rates[-1])
     return result
 
 
-def suggest(rates: list[float], smoothed: list[float]) -> tuple[float, float, float]:
-    """``(suggestion, minimum, steepest)`` read off the smoothed loss, leaving out the first
-    tenth of the steps (where the average still settles): the suggestion, one tenth of the
-    highest rate at which the smoothed loss is still within :data:`RISE` of its minimum; the
-    rate at the minimum; the rate where the loss falls fastest against the log of the rate,
-    up to the minimum. NaN for all when fewer than two steps ran."""
+class Reading(NamedTuple):
+    """What :func:`suggest` reads off a curve."""
+
+    suggestion: float
+    minimum: float
+    steepest: float
+    drop: float
+    noise: float
+
+
+def suggest(rates: list[float], losses: list[float], smoothed: list[float]) -> Reading:
+    """The suggestion, minimum and steepest descent read off the smoothed loss, leaving out
+    the first tenth of the steps (where the average still settles), and whether the curve
+    falls at all.
+
+    ``drop`` is how far the smoothed loss falls from its first settled value to its minimum;
+    ``noise`` the batch-to-batch noise of the raw loss from there to the highest rate at which
+    the smoothed loss is still within :data:`RISE` of its minimum (the median absolute second
+    difference of consecutive steps over :data:`MEDIAN_CHANGE`; NaN for fewer than three
+    steps). The suggestion is one tenth of the highest rate at which the smoothed loss is
+    still within :data:`RISE` of its minimum, NaN unless ``drop`` is above ``noise`` (a flat
+    curve); the minimum is the rate at the smoothed loss's lowest point; the steepest, the
+    rate where it falls fastest against the log of the rate, up to the minimum. NaN for all
+    when fewer than two steps ran."""
     if len(rates) < 2:
-        return math.nan, math.nan, math.nan
+        return Reading(math.nan, math.nan, math.nan, math.nan, math.nan)
     start = len(rates) // 10 if len(rates) >= 20 else 0
     values = np.asarray(smoothed[start:])
     lowest = int(np.argmin(values))
@@ -150,12 +217,17 @@ def suggest(rates: list[float], smoothed: list[float]) -> tuple[float, float, fl
         steepest = start + int(np.argmin(np.gradient(values[: lowest + 1], window)))
     else:
         steepest = start
-    return rates[start + edge] / 10, rates[start + lowest], rates[steepest]
+    drop = float(values[0] - values[lowest])
+    changes = np.abs(np.diff(losses[start:start + edge + 1], n=2))
+    noise = float(np.median(changes)) / MEDIAN_CHANGE if len(changes) else math.nan
+    suggestion = rates[start + edge] / 10 if drop > noise else math.nan
+    return Reading(suggestion, rates[start + lowest], rates[steepest], drop, noise)
 
 
 def range_test_figure(tests: list[tuple[str, RangeTest | dict[str, Any]]]) -> Figure:
     """Smoothed loss against learning rate (log scale), one panel per test, the suggestion
-    marked (and the smoothed loss's minimum, dotted)."""
+    marked (and the smoothed loss's minimum, dotted); a flat curve's legend says it gives no
+    suggestion."""
     fig = Figure(figsize=(5.5 * len(tests), 4))
     axes = np.atleast_1d(fig.subplots(1, len(tests)))
     for ax, (title, test) in zip(axes, tests, strict=True):
@@ -165,9 +237,13 @@ def range_test_figure(tests: list[tuple[str, RangeTest | dict[str, Any]]]) -> Fi
         ax.plot(test["learning_rates"], test["smoothed"], label="smoothed loss")
         for key, style, text in (("suggestion", "--", "suggestion"),
                                  ("minimum", ":", "minimum of the smoothed loss")):
-            if math.isfinite(test[key]):
+            if test[key] is not None and math.isfinite(test[key]):
                 ax.axvline(test[key], color="C3" if key == "suggestion" else "grey",
                            linestyle=style, label=f"{text}: {test[key]:.2g}")
+        drop, noise = test.get("drop"), test.get("noise")
+        if test["suggestion"] is None and drop is not None and noise is not None:
+            ax.plot([], [], " ", label=f"no suggestion: the loss falls by {drop:.2g},\n"
+                                       f"within its batch-to-batch noise ({noise:.2g})")
         settled = test["smoothed"][len(test["smoothed"]) // 10:]
         if settled:  # from the settled minimum to well above the curve's typical level
             low = min(settled)

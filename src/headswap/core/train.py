@@ -45,7 +45,7 @@ def base_layers(model: keras.Model) -> list[keras.layers.Layer]:
 def select_layers(
     layers: Sequence[keras.layers.Layer], selection: LayerSelection | None
 ) -> list[keras.layers.Layer]:
-    """The layers a :class:`~headswap.project.config.LayerSelection` names, in their order.
+    """The layers a :class:`~headswap.core.recipe.LayerSelection` names, in their order.
 
     ``index`` is a Python slice (``"5:-1"``); ``top`` the last N layers; ``from_layer`` that
     layer and all above it. Unknown names raise, listing the layers there are.

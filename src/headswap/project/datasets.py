@@ -212,13 +212,13 @@ class BaseModelDataset(AbstractDataset[None, Any]):
         self._options = _storage_options(credentials, fs_args)
 
     def load(self) -> Any:
-        from headswap.core import bases
+        from headswap.core import applications, bases
 
         size = tuple(self.image_size) if self.image_size else None
         if self.source == "keras_applications":
-            return bases.keras_application(self.name, size, self.weights)
+            return applications.keras_application(self.name, size, self.weights)
         if self.source == "keras_hub":
-            return bases.keras_hub_base(self.path or self.name, size)
+            return applications.keras_hub_base(self.path or self.name, size)
         if not self.path:
             raise bases.BaseLoadError(
                 "No base is set. Put `base.path` (a .keras/.h5 file) or `base.source`: "
@@ -258,7 +258,8 @@ class ClassifierDataset(AbstractDataset):
     """The classifier the ``predict`` pipeline uses, as ``predict.model`` names it: null (the
     latest fine-tuned model), a Kedro version of it, a .keras/.h5 file (class names from
     ``labels`` or a labels.txt beside it) or an MLflow model URI. A fine-tuned model comes
-    with the class names of its run's manifest and its run's resize mode (``preprocessing``).
+    with the class names of its run's manifest and its run's resize mode and
+    ``min_confidence`` (``preprocessing``).
     Read only."""
 
     def __init__(self, fine_tuned_model: str, manifest: str, preprocessing: str,
@@ -293,7 +294,7 @@ class ClassifierDataset(AbstractDataset):
         from kedro_datasets.pandas import CSVDataset
         from kedro_datasets.tensorflow import TensorFlowModelDataset
 
-        from headswap.core import data
+        from headswap.core import manifests
         from headswap.core.predict import Classifier
 
         stored = TensorFlowModelDataset(filepath=self.fine_tuned_model,
@@ -312,7 +313,7 @@ class ClassifierDataset(AbstractDataset):
         manifest = CSVDataset(filepath=self.manifest, version=Version(version, None),
                               load_args={"dtype": str, "keep_default_na": False})
         try:
-            names = data.class_names(manifest.load())
+            names = manifests.class_names(manifest.load())
         except DatasetError as err:
             raise InputError(
                 f"The fine-tuned model {version} has no manifest of its run in "
@@ -321,8 +322,10 @@ class ClassifierDataset(AbstractDataset):
             ) from err
         logger.info("Model: the fine-tuned model of run %s (%s classes)", version, len(names))
         how = JSONDataset(filepath=self.preprocessing, version=Version(version, None))
-        resize = how.load()["resize"] if how.exists() else "stretch"  # runs before resize modes
-        return Classifier(model, tuple(names), resize=resize)
+        settings = how.load() if how.exists() else {}
+        return Classifier(model, tuple(names),  # runs before resize modes: stretch
+                          resize=settings.get("resize", "stretch"),
+                          min_confidence=settings.get("min_confidence"))
 
     def save(self, data: Any) -> None:
         raise DatasetError("The classifier is an input: it is read, never written.")

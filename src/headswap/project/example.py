@@ -10,13 +10,17 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import os
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 from PIL import Image
+
+from headswap.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +43,54 @@ _FILES = {
 _PREFIX = "fmnist_"
 
 
+KERAS = "keras"  # in ``fashion_mnist_dirs``: Keras' download cache, fetched when empty
+
+
 def find_fashion_mnist(candidates: list[str]) -> Path:
-    """Return the first folder in ``candidates`` that holds the four Fashion-MNIST IDX files."""
+    """Return the first folder in ``candidates`` that holds the four Fashion-MNIST IDX files.
+
+    The entry ``keras`` stands for Keras' download cache (``$KERAS_HOME/datasets/fashion-mnist``,
+    ``~/.keras`` by default); when the files are not there yet, ``keras.datasets.fashion_mnist``
+    fetches them into it (this needs network) and the search goes on if that fails.
+    """
     for candidate in candidates:
-        folder = Path(candidate)
-        if all(_idx_file(folder, name) is not None for pair in _FILES.values() for name in pair):
+        folder = _keras_cache() if candidate == KERAS else Path(candidate).expanduser()
+        if _complete(folder) or (candidate == KERAS and _fetched_by_keras()):
             return folder
-    raise FileNotFoundError(
+    raise InputError(
         "Fashion-MNIST was not found in any of: "
         + ", ".join(str(c) for c in candidates)
-        + ". Install it with `sudo apt-get install dataset-fashion-mnist` (files land in "
-        "/usr/share/datasets/fashion-mnist), or copy the four files train-images-idx3-ubyte.gz, "
-        "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz "
-        "into data/01_raw/fashion-mnist/."
+        + ". Copy the four files train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz into "
+        "data/01_raw/fashion-mnist/, or install Debian's package "
+        "(`sudo apt-get install dataset-fashion-mnist`), or run with network access so that "
+        "Keras can fetch them (the entry `keras` of example.fashion_mnist_dirs)."
     )
+
+
+def _complete(folder: Path) -> bool:
+    return all(_idx_file(folder, name) is not None for pair in _FILES.values() for name in pair)
+
+
+def _keras_cache() -> Path:
+    """Where ``keras.datasets.fashion_mnist`` keeps its files, as ``keras.utils.get_file``
+    chooses it: ``$KERAS_HOME`` (else ``~/.keras``), or ``.keras`` in the temporary folder when
+    that cannot be written to."""
+    home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras").expanduser()
+    if not os.access(home, os.W_OK):
+        home = Path(tempfile.gettempdir()) / ".keras"
+    return home / "datasets" / "fashion-mnist"
+
+
+def _fetched_by_keras() -> bool:
+    """Fetch Fashion-MNIST into :func:`_keras_cache` with Keras; False when that fails."""
+    logger.info("Fashion-MNIST: fetching it with keras.datasets.fashion_mnist")
+    try:
+        keras.datasets.fashion_mnist.load_data()
+    except Exception as error:  # noqa: BLE001 - no network, a proxy, a full disk: say so, go on
+        logger.warning("Fashion-MNIST could not be fetched by Keras: %s", error)
+        return False
+    return _complete(_keras_cache())
 
 
 def _idx_file(folder: Path, stem: str) -> Path | None:

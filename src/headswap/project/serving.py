@@ -2,10 +2,14 @@
 
 ``mlflow.pyfunc.load_model(uri).predict(df)`` takes a DataFrame with an ``image`` column:
 file paths, or the images' bytes base64-encoded (what a REST client sends to
-``mlflow models serve``). It returns, per row, the predicted class, its confidence, the
-``top_k`` classes with their probabilities (``top_k`` is a parameter, default 3) and each
-class's probability. The Keras model (raw pixels in), its class names, image size and resize
-mode travel inside the MLflow model as artifacts, and the images are decoded exactly as in
+``mlflow models serve``). It returns, per row, the predicted class (``unknown`` when its
+probability is below ``min_confidence``: a parameter, by default the threshold the finetune
+run stored; 0 labels every image), its confidence, the out-of-distribution score
+``ood_score`` (higher is more unusual), the ``top_k`` classes with their probabilities
+(``top_k`` is a parameter, default 3; ``top_1`` is the most probable class also for an
+``unknown`` image) and each class's probability. The Keras model (raw pixels in, calibrated
+probabilities out), its class names, image size, resize mode and ``min_confidence`` travel
+inside the MLflow model as artifacts, and the images are decoded exactly as in
 training (:mod:`headswap.core.predict`). A model logged before the resize mode was recorded
 resizes with ``stretch``, as its training did.
 
@@ -34,6 +38,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import headswap
+from headswap.core import calibration
 from headswap.core.errors import InputError
 from headswap.core.predict import TOP_K, Classifier
 
@@ -54,7 +59,8 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         spec = json.loads(Path(context.artifacts["classifier"]).read_text(encoding="utf-8"))
         model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
         self.classifier = Classifier(model, tuple(spec["class_names"]),
-                                     tuple(spec["image_size"]), spec.get("resize", "stretch"))
+                                     tuple(spec["image_size"]), spec.get("resize", "stretch"),
+                                     spec.get("min_confidence"))
 
     def predict(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -67,8 +73,16 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
                 INVALID_PARAMETER_VALUE,
             )
         top_k = int((params or {}).get("top_k") or TOP_K)
+        threshold = (params or {}).get("min_confidence")
+        try:
+            threshold = calibration.check_threshold(threshold, self.classifier.class_names)
+        except InputError as err:
+            raise MlflowException(str(err), INVALID_PARAMETER_VALUE) from None
         table, problems = self.classifier.predict(model_input[IMAGE_COLUMN].tolist(),
                                                   top_k=top_k)
+        if threshold is not None:  # the request's own threshold in place of the model's
+            table["predicted"] = calibration.refuse(table["top_1"], table["confidence"],
+                                                    threshold)
         if problems:
             raise MlflowException(
                 "Some images cannot be classified: "
@@ -80,16 +94,19 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
 def signature(class_names: list[str], top_k: int = TOP_K) -> ModelSignature:
     """Input: a string column ``image``; output: the columns of
-    :func:`~headswap.core.predict.label_table`; parameter: ``top_k``."""
+    :func:`~headswap.core.predict.label_table`; parameters: ``top_k`` and ``min_confidence``
+    (none given: the model's own)."""
     k = max(1, min(top_k, len(class_names)))
-    outputs = [ColSpec("string", "predicted"), ColSpec("float", "confidence")]
+    outputs = [ColSpec("string", "predicted"), ColSpec("float", "confidence"),
+               ColSpec("float", "ood_score")]
     for j in range(1, k + 1):
         outputs += [ColSpec("string", f"top_{j}"), ColSpec("float", f"top_{j}_probability")]
     outputs += [ColSpec("float", f"p[{name}]") for name in class_names]
     return ModelSignature(
         inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
         outputs=Schema(outputs),
-        params=ParamSchema([ParamSpec("top_k", "long", TOP_K)]),
+        params=ParamSchema([ParamSpec("top_k", "long", TOP_K),
+                            ParamSpec("min_confidence", "double", None)]),
     )
 
 
@@ -113,7 +130,8 @@ def log_classifier(
         spec = Path(tmp) / "classifier.json"
         spec.write_text(json.dumps({"class_names": list(classifier.class_names),
                                     "image_size": list(classifier.image_size),
-                                    "resize": classifier.resize}, indent=2))
+                                    "resize": classifier.resize,
+                                    "min_confidence": classifier.min_confidence}, indent=2))
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=str(Path(__file__).with_name("serving_model.py")),

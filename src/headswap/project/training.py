@@ -10,7 +10,7 @@ from typing import Any
 import keras
 import pandas as pd
 
-from headswap.core import data, evaluation, fine_tune, heads
+from headswap.core import evaluation, fine_tune, heads, manifests
 from headswap.core.bases import image_size_for
 from headswap.core.devices import rebuild
 from headswap.core.fit import FitOptions, History
@@ -33,7 +33,7 @@ def train_recipe(
     if from_scratch:
         keras.utils.set_random_seed(cfg.seed)
         base = keras.models.clone_model(base)
-    model = heads.swap_head(base, data.class_names(manifest), cfg.head,
+    model = heads.swap_head(base, manifests.class_names(manifest), cfg.head,
                             cfg.training.augmentation, options.seed)
     with tracking.epoch_metrics() as live:
         histories = fine_tune(model, manifest, cfg.phases(),

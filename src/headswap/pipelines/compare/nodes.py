@@ -12,7 +12,7 @@ import keras
 import pandas as pd
 from matplotlib.figure import Figure
 
-from headswap.core import data, evaluation
+from headswap.core import comparison, data, evaluation, manifests, sources
 from headswap.core.bases import image_size_for
 from headswap.project import training
 from headswap.project.config import (
@@ -78,12 +78,12 @@ def fit_logistic_regression(
                               resize=options.resize),
             cfg.head.pooling,
         )
-        for split in data.SPLITS
+        for split in sources.SPLITS
     }
-    predicted, val_accuracy, size = evaluation.logistic_regression_baseline(
+    predicted, val_accuracy, size = comparison.logistic_regression_baseline(
         features, float(regression["C"]), int(regression["max_iter"]), options.seed
     )
-    report = evaluation.report(features["test"][1], predicted, data.class_names(manifest))
+    report = evaluation.report(features["test"][1], predicted, manifests.class_names(manifest))
     history = {"epoch": [], "val_accuracy": [val_accuracy],
                "seconds": time.perf_counter() - started,
                "parameter_counts": {"trainable_params": size, "non_trainable_params": 0}}
@@ -97,14 +97,14 @@ def summarise_variant(
     its time is the seconds its training took (its phases' ``seconds``)."""
     phases = list(histories.values())
     seconds = sum(float(h.get("seconds", 0.0)) for h in phases)
-    summary = evaluation.variant_summary(variant, report, phases, seconds)
+    summary = comparison.variant_summary(variant, report, phases, seconds)
     logger.info(
         "Variant %s: test accuracy %.4f, macro F1 %.4f, %s trainable parameters, %.1f s",
         variant, summary["test_accuracy"], summary["macro_f1"],
         f"{summary['trainable_params']:,}", summary["wall_time_s"],
     )
     metrics = {k: [{"step": 0, "value": float(summary[k])}]
-               for k in evaluation.TABLE_COLUMNS[1:]}
+               for k in comparison.TABLE_COLUMNS[1:]}
     metrics["val_accuracy"] = [
         {"step": step, "value": value}
         for step, value in zip(summary["epoch"] or [0], summary["val_accuracy"], strict=True)
@@ -116,11 +116,11 @@ def compare_variants(
     *summaries: dict[str, Any],
 ) -> tuple[pd.DataFrame, list[dict[str, Any]], str, Figure]:
     """The comparison table (CSV, JSON records, Markdown) and every variant's validation curve."""
-    table = evaluation.comparison_table(list(summaries))
+    table = comparison.comparison_table(list(summaries))
     logger.info("Comparison of the variants:\n%s", table.to_string(index=False))
     return (
         table,
         table.to_dict(orient="records"),
         evaluation.markdown_table(table),
-        evaluation.validation_curves_figure(list(summaries)),
+        comparison.validation_curves_figure(list(summaries)),
     )

@@ -13,7 +13,7 @@ with ``finetune`` and ``compare.variants.<variant>`` merged in (``head_only``: n
 ``scratch``: random weights, phase 1 trains everything), in a Kedro namespace of its own. A
 variant's time is the seconds its own training took (whatever order the runner runs the
 variants in), and each logs into its own MLflow run nested under the pipeline's run (see
-``headswap.project.hooks.MlflowRunHook``).
+``headswap.project.mlflow_run.MlflowRunHook``).
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ from headswap.core import (
     data,
     evaluation,
     explain,
+    export_check,
     heads,
+    manifests,
     quality,
     sources,
     weights,
@@ -42,11 +44,10 @@ logger = logging.getLogger(__name__)
 Metrics = dict[str, dict[str, float]]
 
 
-def check_parameters(params: dict[str, Any], pretrained: keras.Model) -> FinetuneConfig:
-    """The ``finetune`` parameters, validated once, as the typed object the other nodes take;
-    ``data.image_size`` unset is the pretrained base's own input size."""
+def check_parameters(params: dict[str, Any]) -> FinetuneConfig:
+    """The ``finetune`` parameters, validated once, as the typed object the other nodes take
+    (``data.image_size`` as given: :func:`load_base` resolves it from the base)."""
     cfg = parse_finetune(params)
-    cfg = cfg.with_image_size(bases.image_size_for(pretrained, cfg.data.image_size))
     for phase, keys in cfg.ignored.items():
         logger.warning("finetune.%s.%s not used: finetune.%s.stages sets them for each stage",
                        phase, ", ".join(keys) + (" is" if len(keys) == 1 else " are"), phase)
@@ -63,7 +64,7 @@ def ingest_images(
 
     Every image is decoded once here (remote images through the local cache).
     """
-    manifest, skipped = data.ingest(
+    manifest, skipped = manifests.ingest(
         images, config.data.val_fraction, config.data.test_fraction, config.seed
     )
     counts = {"images": len(manifest), "skipped_images": len(skipped)}
@@ -72,9 +73,12 @@ def ingest_images(
 
 def load_base(
     pretrained: keras.Model, config: FinetuneConfig
-) -> tuple[keras.Model, dict[str, Any]]:
-    """The pretrained network cut below its old classifier, taking raw pixels; and the report
-    of the weights loaded into it by layer name from ``weights_file`` (if any)."""
+) -> tuple[keras.Model, dict[str, Any], FinetuneConfig]:
+    """The pretrained network cut below its old classifier, taking raw pixels; the report of
+    the weights loaded into it by layer name from ``weights_file`` (if any); and the
+    parameters with ``data.image_size`` resolved (unset: the pretrained base's own input
+    size), which every later node takes."""
+    config = config.with_image_size(bases.image_size_for(pretrained, config.data.image_size))
     base = config.base
     if base.source == "keras_applications":
         model, origin = pretrained, f"keras.applications {base.name}, weights: {base.weights}"
@@ -86,10 +90,10 @@ def load_base(
     bases.check_image_size(model, config.data.image_size)
     about = {"base": origin, "base_params": model.count_params()}
     if base.weights_file is None:
-        return model, {**about, "weights_file": None}
+        return model, {**about, "weights_file": None}, config
     report = weights.load_weights_by_name(model, base.weights_file, base.allow_unsafe)
     logger.info(weights.summarise(report))
-    return model, {**about, **report}
+    return model, {**about, **report}, config
 
 
 def check_data_quality(
@@ -134,7 +138,7 @@ def _features(base: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig)
     """The base's pooled features of every image, in the manifest's order."""
     channels = input_spec(base)[2]
     features = None
-    for split in data.SPLITS:
+    for split in sources.SPLITS:
         rows = np.flatnonzero(manifest["split"].to_numpy() == split)
         if not len(rows):
             continue
@@ -151,7 +155,7 @@ def swap_head(
     base_model: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig
 ) -> keras.Model:
     """Attach a new head sized for the manifest's classes (after augmentation layers, if any)."""
-    return heads.swap_head(base_model, data.class_names(manifest), config.head,
+    return heads.swap_head(base_model, manifests.class_names(manifest), config.head,
                            config.training.augmentation, config.seed)
 
 
@@ -208,7 +212,7 @@ def evaluate(
     predictions: pd.DataFrame, manifest: pd.DataFrame, config: FinetuneConfig
 ) -> tuple[dict[str, Any], str, Figure, Metrics]:
     """The fine-tuned model on the test split: report (dict and text), confusion matrix, metrics."""
-    names = data.class_names(manifest)
+    names = manifests.class_names(manifest)
     result = evaluation.summarise(predictions, names, config.evaluation.top_k)
     logger.info("Classification report on %s test images:\n%s", len(predictions), result["text"])
     _, y_true, probabilities = evaluation.predictions_arrays(predictions, names)
@@ -221,7 +225,7 @@ def evaluate_details(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, Figure]:
     """Confusion matrix (counts, row-normalised), per-class metrics, and the most confidently
     misclassified test images (table and image grid)."""
-    names = data.class_names(manifest)
+    names = manifests.class_names(manifest)
     paths, y_true, probabilities = evaluation.predictions_arrays(predictions, names)
     y_pred = probabilities.argmax(axis=1)
     counts, shares = evaluation.confusion_tables(y_true, y_pred, names)
@@ -244,42 +248,59 @@ def summarise_training(*histories: History) -> tuple[Figure, dict[str, list[dict
 
 def export_model(
     model: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig
-) -> dict[str, bytes]:
+) -> tuple[dict[str, bytes], pd.DataFrame, Metrics]:
     """The fine-tuned model exported in ``finetune.export.formats`` (SavedModel, TFLite
-    float32, TFLite with dynamic-range quantization), each with its ``labels.txt`` and
-    ``preprocessing.json`` (image size, channels, resize mode)."""
-    export = config.export
+    float32, dynamic-range and full-integer int8, ONNX), each with its ``labels.txt`` and
+    ``preprocessing.json`` (image size, channels, resize mode); each export scored against the
+    model on ``export.check_images`` test images at most (accuracy, top-1 agreement, largest
+    probability difference, size, latency, the seconds its export and check took), as a table
+    and as metrics ``export.<format>.<figure>``. An export outside its tolerance, or that
+    could not be written or run, is logged as a warning (the other formats are written)."""
+    export, size, resize = config.export, config.data.image_size, config.data.resize
     if not export.formats:
         logger.info("No export: finetune.export.formats is empty.")
-        return {}
+        return {}, pd.DataFrame(columns=export_check.COLUMNS), {}
+    representative = None
+    if "tflite_int8" in export.formats:
+        representative = export_check.representative_images(
+            manifest, size, input_spec(model)[2], export.representative_images, resize,
+            config.seed)
+    timings: dict[str, float] = {}
+    failures: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="headswap_export_") as tmp:
-        paths = exports.export_model(model, tmp, data.class_names(manifest), export.formats,
-                                     config.data.resize, config.data.image_size)
+        paths = exports.export_model(model, tmp, manifests.class_names(manifest), export.formats,
+                                     resize, size, representative, timings, failures)
+        table = export_check.check_on_split(model, paths, manifest, size, export.check_images,
+                                            config.data.batch_size, resize, config.seed, timings,
+                                            failures)
         files = {p.relative_to(tmp).as_posix(): p.read_bytes()
                  for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
-        logger.info("Exported the model: %s", ", ".join(  # sizes before tmp is removed
-            f"{name} ({_size(paths[name]):.3g} MB)" for name in export.formats))
-    return files
+    for line in export_check.summaries(table):
+        logger.info("Export %s", line)
+    for line in export_check.disagreements(table):
+        logger.warning("Export check: %s", line)
+    return files, table, metrics_points(export_check.figures(table))
 
 
 def publish_model(
     model: keras.Model, manifest: pd.DataFrame, report: dict[str, Any],
-    images_name: str, config: FinetuneConfig,
+    images_name: str, config: FinetuneConfig, calibration: dict[str, Any],
 ) -> dict[str, Any]:
     """Log the fine-tuned model to the MLflow run as ``model``, an MLflow model that takes
-    images (paths or base64 bytes) and answers with class names, and as ``keras_model``, the
-    plain Keras model; register ``model`` as a new version of ``finetune.registry.name``,
-    tagged with its test results, and move the ``champion`` alias to it if it beats the
-    current champion on the same test split."""
+    images (paths or base64 bytes) and answers with class names (``unknown`` below the
+    calibration's ``min_confidence``), and as ``keras_model``, the plain Keras model; register
+    ``model`` as a new version of ``finetune.registry.name``, tagged with its test results,
+    and move the ``champion`` alias to it if it beats the current champion on the same test
+    split."""
     run = mlflow.active_run()
     if run is None:
         logger.info("MLflow tracking is off for this run: the model is neither logged nor "
                     "registered.")
         return {"logged": False, "registered_model": None}
-    classifier = Classifier(model, tuple(data.class_names(manifest)), config.data.image_size,
-                            config.data.resize)
+    classifier = Classifier(model, tuple(manifests.class_names(manifest)), config.data.image_size,
+                            config.data.resize, calibration["min_confidence"]["threshold"])
     name = config.registry.model_name(images_name)
-    examples = sources.local_paths(data.split_arrays(manifest, "test")[0][:2])
+    examples = sources.local_paths(manifests.split_arrays(manifest, "test")[0][:2])
     serving.log_keras_model(model, data.decode_all(examples, classifier.image_size,
                                                    classifier.channels, resize=config.data.resize))
     info = serving.log_classifier(classifier, examples[0], name)
@@ -312,32 +333,34 @@ def publish_model(
     return {**result, **registry.elect_champion(name, version, accuracy, digest, score)}
 
 
-def describe_preprocessing(model: keras.Model, config: FinetuneConfig) -> dict[str, Any]:
-    """How the fine-tuned model reads images (image size, channels, resize mode), versioned
-    beside it so that predicting with it later reads images the same way."""
+def describe_preprocessing(
+    model: keras.Model, config: FinetuneConfig, calibration: dict[str, Any]
+) -> dict[str, Any]:
+    """How the fine-tuned model reads images (image size, channels, resize mode) and the top
+    probability below which its answer is ``unknown`` (``min_confidence``, null: none),
+    versioned beside it so that predicting with it later reads images the same way."""
     return {"image_size": list(config.data.image_size), "channels": input_spec(model)[2],
-            "resize": config.data.resize}
-
-
-def _size(path: Path) -> float:
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    return sum(p.stat().st_size for p in files) / 1e6
+            "resize": config.data.resize,
+            "min_confidence": calibration["min_confidence"]["threshold"]}
 
 
 def write_model_card(
     manifest: pd.DataFrame, base_report: dict[str, Any], config: FinetuneConfig,
     phase1_history: History, phase2_history: History, report: dict[str, Any],
-    phase1_report: dict[str, Any], images_name: str,
+    phase1_report: dict[str, Any], images_name: str, calibration: dict[str, Any],
+    export_checks: pd.DataFrame,
 ) -> str:
     """The run's model card (Markdown): data, base and head, each phase, results with the
-    weakest classes, intended use and limits."""
+    weakest classes, calibration and the ``unknown`` threshold, the exports checked against
+    the model, intended use and limits."""
     name = config.registry.model_name(images_name) or images_name
     histories = {"phase1": phase1_history, "phase2": phase2_history}
     phases = {name.replace("phase", "Phase "): (_with_found_rates(stages, histories[name]),
                                                 histories[name])
               for name, stages in config.phases().items()}
     return model_card(name, manifest, base_report, config.head.model_dump(), phases, report,
-                      phase1_report, config.data.image_size)
+                      phase1_report, config.data.image_size, calibration=calibration,
+                      exports=export_checks)
 
 
 def _with_found_rates(stages: list[Stage], history: History) -> list[dict[str, Any]]:
@@ -354,7 +377,7 @@ def explain_predictions(
     """Grad-CAM heatmaps over the most confidently misclassified test images and the most
     confidently right ones: where the base's features drove the predicted class. A base
     without a feature map gets a figure that says why instead."""
-    names = data.class_names(manifest)
+    names = manifests.class_names(manifest)
     paths, y_true, probabilities = evaluation.predictions_arrays(predictions, names)
     count = min(config.evaluation.misclassified, 8)
     wrong = evaluation.confident_errors(paths, y_true, probabilities, names, count)

@@ -7,6 +7,7 @@ from kedro.pipeline import Node, Pipeline
 
 from headswap.pipelines import bound
 
+from .calibration_nodes import calibrate
 from .nodes import (
     check_data_quality,
     check_parameters,
@@ -28,17 +29,19 @@ from .nodes import (
 
 
 def preparation(params: str = "params:finetune") -> Pipeline:
-    """The parameters checked once (``finetune_config``, the typed object the other nodes
-    take), the images ingested into ``manifest``, and the base loaded and cut (``base_model``):
-    what every pipeline that trains on the user's images starts from."""
+    """The parameters checked once (``finetune_parameters``), the images ingested into
+    ``manifest``, and the base loaded once and cut (``base_model``), with the parameters'
+    image size resolved from it (``finetune_config``, the typed object the later nodes take):
+    what every pipeline that trains on the user's images starts from. Nothing that makes the
+    manifest takes the base, so the data layers keep one order where the base is an earlier
+    stage's output (the example)."""
     return Pipeline([
-        Node(check_parameters, [params, "pretrained_model"], "finetune_config",
-             name="check_parameters"),
-        Node(ingest_images, ["images", "finetune_config"],
+        Node(check_parameters, params, "finetune_parameters", name="check_parameters"),
+        Node(ingest_images, ["images", "finetune_parameters"],
              ["manifest", "skipped_images", "data_metrics", "images_name"],
              name="ingest_images"),
-        Node(load_base, ["pretrained_model", "finetune_config"],
-             ["base_model", "base_weights_report"], name="load_base"),
+        Node(load_base, ["pretrained_model", "finetune_parameters"],
+             ["base_model", "base_weights_report", "finetune_config"], name="load_base"),
     ])
 
 
@@ -52,7 +55,8 @@ def new_head() -> Pipeline:
 #: The recipe's phases, in order (``FinetuneConfig.phases()``): a node each, named as users
 #: know them.
 PHASES = {"phase1": "train_head", "phase2": "fine_tune"}
-LAST = f"{list(PHASES)[-1]}_model"
+#: The final model: the last phase's, calibrated (what is evaluated, published and exported).
+LAST = "calibrated_model"
 
 
 def phases() -> Pipeline:
@@ -69,14 +73,24 @@ def phases() -> Pipeline:
     return Pipeline(nodes)
 
 
+def calibration() -> Pipeline:
+    """``calibrated_model`` (:data:`LAST`): the last phase's model with the temperature fitted
+    on the validation split folded in, its ``unknown`` threshold and the calibration report."""
+    return Pipeline([
+        Node(calibrate, [f"{list(PHASES)[-1]}_model", "manifest", "finetune_config"],
+             [LAST, "calibration_report", "calibration_plot", "calibration_metrics"],
+             name="calibrate"),
+    ])
+
+
 def training() -> Pipeline:
-    """The data-quality check, a new head on ``base_model``, the phases, and the test split's
-    reports."""
+    """The data-quality check, a new head on ``base_model``, the phases, the calibration, and
+    the test split's reports."""
     return new_head() + Pipeline([
         Node(check_data_quality, ["manifest", "skipped_images", "base_model", "finetune_config"],
              ["data_quality_report", "data_quality_findings", "data_quality_plot",
               "data_quality_metrics"], name="check_data_quality"),
-    ]) + phases() + Pipeline([
+    ]) + phases() + calibration() + Pipeline([
         Node(evaluate_head_only, ["phase1_model", "manifest", "finetune_config"],
              ["phase1_classification_report", "phase1_test_metrics"],
              name="evaluate_head_only"),
@@ -99,16 +113,16 @@ def packaging() -> Pipeline:
     and Grad-CAM heatmaps of its test predictions."""
     return Pipeline([
         Node(publish_model, [LAST, "manifest", "classification_report",
-                             "images_name", "finetune_config"],
+                             "images_name", "finetune_config", "calibration_report"],
              "model_registry", name="publish_model"),
-        Node(export_model, [LAST, "manifest", "finetune_config"], "model_exports",
-             name="export_model"),
-        Node(describe_preprocessing, [LAST, "finetune_config"], "preprocessing",
-             name="describe_preprocessing"),
+        Node(export_model, [LAST, "manifest", "finetune_config"],
+             ["model_exports", "export_checks", "export_metrics"], name="export_model"),
+        Node(describe_preprocessing, [LAST, "finetune_config", "calibration_report"],
+             "preprocessing", name="describe_preprocessing"),
         Node(write_model_card,
              ["manifest", "base_weights_report", "finetune_config", "phase1_history",
               "phase2_history", "classification_report", "phase1_classification_report",
-              "images_name"],
+              "images_name", "calibration_report", "export_checks"],
              "model_card", name="write_model_card"),
         Node(explain_predictions, [LAST, "test_predictions", "manifest",
                                    "finetune_config"],

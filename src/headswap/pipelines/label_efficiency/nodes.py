@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from headswap.core import data, evaluation
+from headswap.core import comparison, evaluation, manifests, sources
 from headswap.project.config import merge_parameters
 from headswap.project.example import target_folder
 
@@ -40,10 +40,11 @@ def select_labels(
     manifest: pd.DataFrame, seed: int, *, labels_per_class: int
 ) -> tuple[pd.DataFrame, dict[str, dict[str, float]]]:
     """The manifest with ``labels_per_class`` labelled images per class (nested across counts,
-    see :func:`headswap.core.data.labelled_subset`) and its image counts as metrics."""
-    subset = data.labelled_subset(manifest, labels_per_class, seed)
+    see :func:`headswap.core.manifests.labelled_subset`) and its image counts as metrics."""
+    subset = manifests.labelled_subset(manifest, labels_per_class, seed)
     counts = {"labels_per_class": labels_per_class,
-              **{f"{split}_images": int((subset["split"] == split).sum()) for split in data.SPLITS}}
+              **{f"{split}_images": int((subset["split"] == split).sum())
+                 for split in sources.SPLITS}}
     logger.info("%s labelled images per class: %s", labels_per_class,
                 ", ".join(f"{k} {v}" for k, v in counts.items() if k != "labels_per_class"))
     return subset, {k: {"value": float(v), "step": 0} for k, v in counts.items()}
@@ -54,11 +55,11 @@ def collect_counts(
 ) -> tuple[pd.DataFrame, list[dict[str, Any]], str, Figure]:
     """Every count's comparison in one long table (CSV, JSON records, Markdown), and test
     accuracy against labels per class for each variant."""
-    table = evaluation.label_efficiency_table(dict(zip(labels_per_class, tables, strict=True)))
+    table = comparison.label_efficiency_table(dict(zip(labels_per_class, tables, strict=True)))
     logger.info("Label efficiency:\n%s", table.to_string(index=False))
     return (
         table,
         table.to_dict(orient="records"),
         evaluation.markdown_table(table),
-        evaluation.label_efficiency_figure(table),
+        comparison.label_efficiency_figure(table),
     )

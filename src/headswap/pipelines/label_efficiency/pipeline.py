@@ -17,7 +17,7 @@ The counts shape the pipeline (one namespace each), so they are an argument of
 :data:`LABELS_PER_CLASS`. Each variant's time is the seconds its own training took, whatever
 order the runner runs the counts and variants in. In MLflow each count has a run nested under
 the pipeline's run and each variant a run nested under its count's (see
-``headswap.project.hooks.MlflowRunHook``).
+``headswap.project.mlflow_run.MlflowRunHook``).
 """
 
 from __future__ import annotations

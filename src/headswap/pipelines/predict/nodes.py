@@ -4,11 +4,12 @@ catalog's ``classifier``, and report against the class sub-folders' labels if th
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
 
-from headswap.core import data, evaluation, predict, sources
+from headswap.core import calibration, evaluation, manifests, predict, sources
 from headswap.core.predict import Classifier
 from headswap.pipelines import metrics_points
 from headswap.project.config import PredictConfig, parse_predict
@@ -37,9 +38,11 @@ def classify_images(
     config: PredictConfig,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per image: path, the true class (if the folder has class sub-folders),
-    predicted class, confidence, the top-k classes and each class's probability; and the
-    files that could not be classified (path, reason)."""
+    predicted class (``unknown`` below ``predict.min_confidence``), confidence, the
+    out-of-distribution score, the top-k classes and each class's probability; and the files
+    that could not be classified (path, reason)."""
     paths = images["path"].tolist()
+    classifier = replace(classifier, min_confidence=min_confidence(classifier, config))
     table, problems = classifier.predict(list(sources.local_paths(paths)), config.batch_size,
                                          config.top_k)
     front = images.iloc[table.index][["path"]].reset_index(drop=True)
@@ -48,29 +51,50 @@ def classify_images(
     predictions = pd.concat([front, table.reset_index(drop=True)], axis=1)
     skipped = pd.concat([unsupported, pd.DataFrame(
         [(paths[i], reason) for i, reason in sorted(problems.items())],
-        columns=data.SKIPPED_COLUMNS)], ignore_index=True)
-    data.log_skipped(skipped, len(images) + len(unsupported))
+        columns=sources.SKIPPED_COLUMNS)], ignore_index=True)
+    manifests.log_skipped(skipped, len(images) + len(unsupported))
     return predictions, skipped
 
 
+def min_confidence(classifier: Classifier, config: PredictConfig) -> float | None:
+    """The threshold ``predict.min_confidence`` asks for: ``auto``, the one stored with the
+    model (None for a model without one), a number, or None (off)."""
+    if config.min_confidence == "auto":
+        return classifier.min_confidence
+    return config.min_confidence
+
+
 def report(
-    predictions: pd.DataFrame, skipped: pd.DataFrame, classifier: Classifier
+    predictions: pd.DataFrame, skipped: pd.DataFrame, classifier: Classifier,
+    config: PredictConfig,
 ) -> tuple[dict[str, Any], str, dict[str, dict[str, float]]]:
     """scikit-learn's classification report of the images in class sub-folders named after
-    the model's classes (empty without any), and the counts and accuracy as metrics."""
-    counts = {"images": len(predictions), "skipped_images": len(skipped)}
+    the model's classes (empty without any; an image labelled ``unknown`` counts as a miss
+    of its class, and ``unknown`` is how many were), and the counts (``unknown`` included)
+    and accuracy as metrics."""
+    threshold = min_confidence(classifier, config)
+    refused = int((predictions["predicted"] == calibration.UNKNOWN).sum())
+    counts = {"images": len(predictions), "skipped_images": len(skipped), "unknown": refused}
+    note = (f"{refused} of {len(predictions)} images labelled {calibration.UNKNOWN} (top "
+            f"probability below min_confidence {threshold:.4g}).\n"
+            if threshold is not None else "")
     names = list(classifier.class_names)
     labelled = (predictions[predictions["true"].isin(names)] if "true" in predictions
                 else predictions.iloc[:0])
     if labelled.empty:
         text = "No image is in a sub-folder named after one of the model's classes: no report."
         logger.info(text)
-        return {}, text + "\n", metrics_points(counts)
+        return {}, text + "\n" + note, metrics_points(counts)
     others = sorted(set(predictions["true"]) - set(names) - {""})
     if others:
         logger.warning("Left out of the report: sub-folders %s are not classes of the model "
                        "(%s).", ", ".join(others), ", ".join(names))
-    result = evaluation.summarise(labelled, names)
-    logger.info("Classification report on %s labelled images:\n%s", len(labelled),
-                result["text"])
-    return result["report"], result["text"], metrics_points({**counts, **result["metrics"]})
+    _, y_true, probabilities = evaluation.predictions_arrays(labelled, names)
+    result, text = calibration.report_with_unknown(y_true, labelled["predicted"], names)
+    result["min_confidence"] = threshold
+    metrics = evaluation.test_metrics(result, names)
+    k, accuracy = evaluation.top_k_accuracy(y_true, probabilities, 2)  # as summarise
+    metrics[f"top_{k}_accuracy"] = accuracy
+    text += note
+    logger.info("Classification report on %s labelled images:\n%s", len(labelled), text)
+    return result, text, metrics_points({**counts, **metrics})

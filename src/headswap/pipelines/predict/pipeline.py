@@ -14,7 +14,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(classify_images,
              ["classifier", "images_to_classify", "unsupported_images", "predict_config"],
              ["predictions", "prediction_skipped_images"], name="classify_images"),
-        Node(report, ["predictions", "prediction_skipped_images", "classifier"],
+        Node(report, ["predictions", "prediction_skipped_images", "classifier",
+                      "predict_config"],
              ["prediction_report", "prediction_report_text", "prediction_metrics"],
              name="report_predictions"),
     ])
