@@ -19,11 +19,27 @@ endif
 
 .PHONY: install install-test data example lint test test-fast postgresql docs
 
+# The example's Fashion-MNIST (conf/base/parameters_data.yml searches these in order): the four
+# IDX files copied into data/01_raw/fashion-mnist/ (then no apt at all), Debian's
+# dataset-fashion-mnist package, or, with neither and no apt-get, Keras fetches them at the
+# first run (network needed).
+LOCAL_FASHION_MNIST := $(wildcard data/01_raw/fashion-mnist/train-images-idx3-ubyte*)
+APT_GET := $(shell command -v apt-get)
+
 $(FASHION_MNIST):
 	$(SUDO) apt-get install -y dataset-fashion-mnist \
 	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist)
 
+ifneq ($(LOCAL_FASHION_MNIST)$(wildcard $(FASHION_MNIST)),)
+data:
+else ifeq ($(APT_GET),)
+data:
+	@echo "No apt-get here: copy the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz," \
+	  "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) into" \
+	  "data/01_raw/fashion-mnist/, or let Keras fetch them at the first run (network needed)."
+else
 data: $(FASHION_MNIST)
+endif
 
 # The tests open kedro-viz and the MLflow UI in a real (headless) browser.
 $(CHROMIUM):

@@ -15,12 +15,14 @@ Then, with the run's calibrated model (``calibrated_model``) and its ``min_confi
 * the share labelled ``unknown`` (top probability below ``min_confidence``) of the test
   split (seen classes) and of the unseen-class images;
 * AUROC of separating unseen from seen images by the OOD score the predictions carry
-  (``ood_score``: energy, ``-logsumexp(logits)``), by the max-logit score (``-max(logits)``),
-  by ``1 - max probability``, and, for comparison (not in the predictions), by the
-  Mahalanobis distance of the features the last Dense layer takes to the nearest class mean
-  of the training split (shared covariance, Ledoit-Wolf shrinkage); and the share of unseen
-  images each keeps at the score that keeps 95% of the seen ones (FPR at 95% TPR: lower is
-  better);
+  (``ood_score``, as the :class:`~headswap.core.predict.Classifier` computes it from the
+  statistics in the run's ``preprocessing.json``: the Mahalanobis distance of the head
+  features to the nearest training class mean, :mod:`headswap.core.ood`), and, for
+  comparison (not in the predictions), by the energy (``-logsumexp(logits)``), the max-logit
+  score (``-max(logits)``) and ``1 - max probability``; and the share of unseen images each
+  keeps at the score that keeps 95% of the seen ones (FPR at 95% TPR: lower is better);
+* the share of seen and unseen images scored above ``ood_threshold``, the validation split's
+  95% quantile of the ``ood_score`` stored with the model;
 * the calibration report's temperature and ECE (15 bins) before and after, test and
   validation.
 
@@ -50,10 +52,11 @@ import numpy as np
 import pandas as pd
 from common import ENV, ROOT, latest_model_file, load, project_parameters, table, write_result
 from PIL import Image
-from sklearn.covariance import LedoitWolf
+from scipy.special import logsumexp
 from sklearn.metrics import roc_auc_score
 
-from headswap.core import calibration, data
+from headswap.core import calibration, data, manifests, sources
+from headswap.core.predict import Classifier, read_preprocessing
 from headswap.project.example import CLASS_NAMES, find_fashion_mnist, load_split
 
 
@@ -116,25 +119,23 @@ def features(model: Any, manifest: pd.DataFrame, split: str) -> tuple[np.ndarray
     return np.concatenate(out), np.concatenate(labels).astype(int)
 
 
-def mahalanobis(train: np.ndarray, labels: np.ndarray) -> Any:
-    """The distance of features to the nearest training class mean (shared covariance)."""
-    means = np.stack([train[labels == c].mean(axis=0) for c in np.unique(labels)])
-    precision = LedoitWolf().fit(train - means[labels]).precision_
-
-    def distance(x: np.ndarray) -> np.ndarray:
-        gaps = x[:, None, :] - means[None]
-        return np.einsum("ncd,de,nce->nc", gaps, precision, gaps).min(axis=1)
-
-    return distance
+def shipped_scores(classifier: Classifier, manifest: pd.DataFrame) -> np.ndarray:
+    """The ``ood_score`` the classifier gives the test split of ``manifest``, in its order."""
+    paths = sources.local_paths(manifests.split_arrays(manifest, "test")[0])
+    table, problems = classifier.predict(list(paths), batch_size=64)
+    if problems:
+        raise SystemExit(f"{len(problems)} images could not be classified: {problems}")
+    return table["ood_score"].to_numpy(dtype=np.float64)
 
 
-def scores(model: Any, feats: np.ndarray, distance: Any) -> dict[str, np.ndarray]:
-    """Each OOD score of the images (higher: more unusual)."""
+def scores(model: Any, feats: np.ndarray, shipped: np.ndarray) -> dict[str, np.ndarray]:
+    """Each OOD score of the images (higher: more unusual): the shipped one first, then those
+    it is compared with."""
     logits = calibration.logits_of(model, feats)
     probabilities = calibration.tempered(logits)
-    return {"energy": calibration.energy(logits), "max_logit": -logits.max(axis=1),
-            "one_minus_max_probability": 1 - probabilities.max(axis=1),
-            "mahalanobis_features": distance(feats)}
+    return {"ood_score": shipped, "energy": -logsumexp(logits, axis=1),
+            "max_logit": -logits.max(axis=1),
+            "one_minus_max_probability": 1 - probabilities.max(axis=1)}
 
 
 def fpr_at_95_tpr(seen: np.ndarray, unseen: np.ndarray) -> float:
@@ -151,17 +152,24 @@ def measure(project: Path, unseen_per_class: int | None, seed: int) -> dict[str,
     manifest = pd.read_csv(latest_model_file(data / "02_intermediate/manifest.csv"), dtype=str,
                            keep_default_na=False)
     report = latest_json(data / "08_reporting/calibration_report.json")
-    threshold = latest_json(data / "06_models/preprocessing.json").get("min_confidence")
+    settings = read_preprocessing(latest_model_file(data / "06_models/preprocessing.json"))
+    threshold, statistics = settings["min_confidence"], settings["ood"]
+    if statistics is None:
+        raise SystemExit("The run stored no ood_score statistics with its model.")
+    classifier = Classifier(model, tuple(manifests.class_names(manifest)),
+                            settings["image_size"], settings["resize"], ood=statistics)
     seen_f, seen_y = features(model, manifest, "test")
-    distance = mahalanobis(*features(model, manifest, "train"))
+    seen_shipped = shipped_scores(classifier, manifest)
     with tempfile.TemporaryDirectory(prefix="headswap-unseen-") as tmp:
         unseen = unseen_manifest(Path(tmp), unseen_per_class, seed)
         unseen_f, _ = features(model, unseen, "test")
+        unseen_shipped = shipped_scores(classifier, unseen)
     seen_logits, unseen_logits = (calibration.logits_of(model, f) for f in (seen_f, unseen_f))
     seen_p, unseen_p = calibration.tempered(seen_logits), calibration.tempered(unseen_logits)
     t = 0.0 if threshold is None else threshold
-    seen_scores = scores(model, seen_f, distance)
-    unseen_scores = scores(model, unseen_f, distance)
+    seen_scores = scores(model, seen_f, seen_shipped)
+    unseen_scores = scores(model, unseen_f, unseen_shipped)
+    reference = statistics.threshold
     truth = np.r_[np.zeros(len(seen_logits)), np.ones(len(unseen_logits))]
     return {
         "images": {"seen_test": len(seen_logits), "unseen": len(unseen_logits),
@@ -174,6 +182,9 @@ def measure(project: Path, unseen_per_class: int | None, seed: int) -> dict[str,
         "seen_test_accuracy": float((seen_p.argmax(axis=1) == seen_y).mean()),
         "seen_test_precision_answered": calibration.coverage_and_precision(
             seen_p, seen_y, threshold)[1],
+        "ood_threshold": reference,
+        "above_ood_threshold": {"seen_test": float((seen_shipped > reference).mean()),
+                                "unseen": float((unseen_shipped > reference).mean())},
         "auroc": {name: float(roc_auc_score(truth, np.r_[seen_scores[name],
                                                          unseen_scores[name]]))
                   for name in seen_scores},
@@ -221,6 +232,10 @@ def main() -> None:
     print(table(["score", "AUROC", "FPR at 95% TPR"],
                 [[name, figures["auroc"][name], figures["fpr_at_95_tpr"][name]]
                  for name in figures["auroc"]]))
+    above = figures["above_ood_threshold"]
+    print(f"ood_threshold {figures['ood_threshold']:.4g} (validation 95% quantile): above it "
+          f"{above['seen_test']:.1%} of the seen test images, {above['unseen']:.1%} of the "
+          "unseen")
     cal = figures["calibration"]
     print(f"temperature {cal['temperature']:.4g}; test ECE {cal['test_ece_before']:.4f} -> "
           f"{cal['test_ece']:.4f}, validation ECE {cal['val_ece_before']:.4f} -> "

@@ -94,13 +94,13 @@ def test_a_model_without_a_dense_softmax_top_is_read_but_not_folded():
     probabilities, inputs_ = features.predict_on_batch(x)
     logits = calibration.logits_of(dense, np.asarray(inputs_))
     np.testing.assert_allclose(calibration.tempered(logits), probabilities, atol=1e-5)
-    assert np.all(calibration.energy(logits) <= -logits.max(axis=1))
 
 
 def test_the_calibrate_node_folds_the_temperature_or_says_why_it_cannot(tmp_path, caplog):
-    """The finetune pipeline's node on a small real model: folded and reported; a model whose
-    last layer is not a Dense softmax layer is kept as it is, reported as not calibrated."""
-    from headswap.core import heads, manifests
+    """The finetune pipeline's node on a small real model: folded and reported, with the
+    ood_score's statistics of the train split's head features; a model whose last layer is
+    not a Dense softmax layer is kept as it is, reported as not calibrated and unscored."""
+    from headswap.core import heads, manifests, ood
     from headswap.pipelines.finetune.calibration_nodes import calibrate
     from headswap.project.config import parse_finetune
     from tests.conftest import make_image_folder
@@ -113,7 +113,7 @@ def test_the_calibrate_node_folds_the_temperature_or_says_why_it_cannot(tmp_path
                              keras.layers.Conv2D(4, 3, activation="relu")])
     model = heads.attach_head(base, 3, dense=[], dropout=0.0, seed=0)
     logits, _ = calibration.split_logits(model, manifest, "val", (16, 16))
-    folded, report, figure, metrics = calibrate(model, manifest, config)
+    folded, report, figure, metrics, statistics = calibrate(model, manifest, config)
     t = report["temperature"]
     assert report["method"] == "temperature" and t != 1.0 and report["note"] is None
     after, _ = calibration.split_logits(folded, manifest, "val", (16, 16))
@@ -123,14 +123,29 @@ def test_the_calibrate_node_folds_the_temperature_or_says_why_it_cannot(tmp_path
     assert metrics["temperature"]["value"] == t and "test_ece" in metrics
     assert len(report["reliability_test"]["after"]) == calibration.BINS
     assert figure.axes
+    # the ood_score: class means and precision of the train split's head features (the 4
+    # channels the new head pools), the validation split's 95% quantile as its reference
+    _, features, labels = calibration.split_outputs(model, manifest, "train", (16, 16))
+    _, val_features, _ = calibration.split_outputs(model, manifest, "val", (16, 16))
+    stored = ood.from_settings(statistics)
+    fitted = ood.fit(features, labels).with_threshold(val_features)
+    assert stored.means.shape == (3, 4) and stored.precision.shape == (4, 4)
+    assert stored.threshold == pytest.approx(fitted.threshold, rel=1e-4)
+    assert report["ood_score"]["threshold"] == pytest.approx(fitted.threshold)
+    assert report["ood_score"]["train_images"] == len(labels) == (manifest["split"] ==
+                                                                   "train").sum()
+    assert report["ood_score"]["covariance"] == "full"
+    assert metrics["ood_threshold"]["value"] == report["ood_score"]["threshold"]
 
     inputs = keras.Input((16, 16, 1))
     x = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(inputs))
     softmax_last = keras.Model(inputs, keras.layers.Softmax()(x))
     weights = [w.copy() for w in softmax_last.get_weights()]
-    kept, report, _, _ = calibrate(softmax_last, manifest, config)
+    kept, report, _, _, statistics = calibrate(softmax_last, manifest, config)
     assert report["method"] == "none" and report["temperature"] == 1.0
     assert "does not end in a Dense layer with a softmax" in report["note"]
     assert "Calibration: not calibrated" in caplog.text
     assert all(np.array_equal(a, b) for a, b in zip(kept.get_weights(), weights, strict=True))
     assert report["test"]["ece"] == report["test"]["ece_before"]
+    assert statistics == {} and report["ood_score"]["threshold"] is None
+    assert "not a Dense softmax layer" in report["ood_score"]["note"]

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from headswap.pipelines.compare.pipeline import VARIANTS
-from tests.conftest import copy_project, run_documented_session, versions
+from tests.conftest import copy_project, versions
+from tests.documented import run_documented_session
 
 pytestmark = pytest.mark.slow
 

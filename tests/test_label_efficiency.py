@@ -14,7 +14,8 @@ from headswap.core.manifests import labelled_subset
 from headswap.core.sources import DataError
 from headswap.pipelines import label_efficiency
 from headswap.pipelines.compare.pipeline import VARIANTS
-from tests.conftest import copy_project, run_documented_session, run_sessions
+from tests.conftest import copy_project, run_sessions
+from tests.documented import run_documented_session
 from tests.test_compare import _latest
 
 pytestmark = pytest.mark.slow

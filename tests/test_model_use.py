@@ -27,13 +27,13 @@ from tests.conftest import (
     free_port,
     kedro_cli,
     mlflow_runs,
-    run_documented,
     run_finetune,
     run_sessions,
     serve,
     stop,
     versions,
 )
+from tests.documented import run_documented
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +85,10 @@ def test_predict_pipeline_on_the_test_split_gives_the_evaluations_predictions(pr
     np.testing.assert_allclose(predictions["top_1_probability"], predictions["confidence"])
     assert {"top_3", "top_3_probability"} <= set(predictions.columns)
     assert np.isfinite(predictions["ood_score"]).all()
+    # its validation reference: the test images, like the validation's, are rarely above it
+    ood_threshold = json.loads(latest(project, "data/06_models/preprocessing.json").read_text())[
+        "ood_threshold"]
+    assert 0 < (predictions["ood_score"] > ood_threshold).mean() < 0.25
     # min_confidence: auto, the threshold the finetune run stored with the model
     threshold = json.loads(latest(project, "data/06_models/preprocessing.json").read_text())[
         "min_confidence"]
@@ -192,6 +196,11 @@ def test_a_version_a_model_file_and_a_run_uri_name_the_same_classifier(project: 
     threshold = json.loads(latest(project, "data/08_reporting/calibration_report.json")
                            .read_text())["min_confidence"]["threshold"]
     assert [c.min_confidence for c in classifiers] == [threshold, threshold, None, threshold]
+    # so do the ood_score's statistics: the same scores, or none (NaN) for the bare file
+    scores = [c.predict(images)[0]["ood_score"].to_numpy() for c in classifiers]
+    assert np.isfinite(scores[0]).all() and np.isnan(scores[2]).all()
+    for other in (scores[1], scores[3]):
+        np.testing.assert_allclose(other, scores[0], rtol=1e-5)
 
 
 def test_the_logged_model_answers_with_class_names_for_paths_and_base64(project: Path):

@@ -25,16 +25,8 @@ import pytest
 import yaml
 
 from headswap.core import devices
-from tests.conftest import (
-    copy_project,
-    documented,
-    free_port,
-    make_image_folder,
-    mlflow_runs,
-    run_documented,
-    small_cnn,
-    stop,
-)
+from tests.conftest import copy_project, free_port, make_image_folder, mlflow_runs, small_cnn, stop
+from tests.documented import documented, run_documented
 
 #: Set in conf/test for both runs: no dropout and no feature cache (the same computation in
 #: both), a log line per epoch with its loss.

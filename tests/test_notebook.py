@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_project, mlflow_runs, run_documented_session, run_sessions
+from tests.conftest import copy_project, mlflow_runs, run_sessions
+from tests.documented import run_documented_session
 
 pytestmark = pytest.mark.slow
 

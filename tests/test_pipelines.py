@@ -23,19 +23,16 @@ from PIL import Image
 from headswap.core.export import FORMATS
 from tests.conftest import (
     browser_page,
-    conf_environment,
     copy_project,
-    documented,
     free_port,
     kedro_cli,
     kill_in_phase2,
     mlflow_runs,
-    run_documented,
-    run_documented_session,
     serve,
     stop,
     versions,
 )
+from tests.documented import conf_environment, documented, run_documented, run_documented_session
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +54,7 @@ VERSIONED = [
     "data/06_models/phase2_model.keras",
     "data/06_models/calibrated_model.keras",
     "data/06_models/preprocessing.json",
+    "data/06_models/ood_statistics.json",
     "data/07_model_output/phase1_history.json",
     "data/07_model_output/phase2_history.json",
     "data/08_reporting/test_predictions.csv",
@@ -148,6 +146,13 @@ def test_mlflow_run_holds_params_metrics_of_both_phases_artifacts_and_model(proj
             "reports/classification_report.json", "data/manifest.csv",
             "reports/per_class_metrics.csv", "reports/confusion_matrix_normalised.csv",
             "reports/misclassified_plot.png", "reports/grad_cam_plot.png"} <= artifacts
+    # logged as the catalog saves it (its save_args: dpi 110), not at Matplotlib's default
+    logged = Image.open(client.download_artifacts(run.info.run_id,
+                                                  "reports/confusion_matrix_plot.png"))
+    version = versions(project, "data/08_reporting/confusion_matrix.png")[-1]
+    saved = Image.open(project / "data/08_reporting/confusion_matrix.png" / version /
+                       "confusion_matrix.png")
+    assert logged.size == saved.size
 
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/keras_model")
     files = sorted((project / "data/01_raw/fashion-mnist-target/test/Bag").glob("*.png"))[:4]
@@ -171,6 +176,7 @@ def test_the_model_card_describes_data_model_training_and_results(project: Path)
     assert f"Weakest classes: {weakest} (F1 {report[weakest]['f1-score']:.4f}" in card
     assert "base layers trained: none (head only)" in card  # phase 1
     assert "## Intended use and limits" in card
+    assert "without keeping the aspect ratio" in card  # resize: stretch, the default
     client, runs = _run(project)
     assert "model/model_card.txt" in {a.path for a in client.list_artifacts(
         runs[0].info.run_id, "model")}
@@ -216,7 +222,8 @@ def test_the_calibration_is_reported_in_the_card_in_mlflow_and_stored_with_the_m
     """Temperature scaling fitted on the validation split: a lower calibration error and
     negative log-likelihood there, the test split's ECE before and after in the versioned
     report, the model card and the MLflow run (metrics and the reliability diagram), and the
-    `unknown` threshold stored with the model beside its preprocessing."""
+    `unknown` threshold stored with the model beside its preprocessing, with the statistics
+    of the ood_score and its validation reference."""
     version = versions(project, "data/08_reporting/calibration_report.json")[-1]
     report = json.loads((project / "data/08_reporting/calibration_report.json" / version /
                          "calibration_report.json").read_text())
@@ -234,17 +241,25 @@ def test_the_calibration_is_reported_in_the_card_in_mlflow_and_stored_with_the_m
     how = json.loads((project / "data/06_models/preprocessing.json" / version /
                       "preprocessing.json").read_text())
     assert how["min_confidence"] == threshold
+    ood = report["ood_score"]
+    assert ood["threshold"] > 0
+    assert how["ood_threshold"] == pytest.approx(ood["threshold"], rel=1e-5)
+    assert ood["covariance"] == "full" and ood["train_images"] == 5 * 40 - val["images"]
+    assert len(how["ood"]["means"]) == 5 and len(how["ood"]["precision"]) == ood["dimensions"]
+    assert 0 <= ood["test_above_threshold"] < 0.25  # the test split is like the validation's
     card = (project / "data/08_reporting/model_card.md" / version / "model_card.md").read_text()
     assert "## Confidence" in card and f"T = {report['temperature']:.4g}" in card
     assert f"| test | 5,000 | {round(test['ece_before'], 4):g} | {round(test['ece'], 4):g} |" \
         in card
     assert f"`min_confidence` **{threshold:.4f}**" in card
+    assert f"**{ood['threshold']:.4g}** (`ood_threshold` in `preprocessing.json`" in card
     client, runs = _run(project)
     metrics = runs[0].data.metrics
     assert metrics["calibration.test_ece_before"] == pytest.approx(test["ece_before"])
     assert metrics["calibration.test_ece"] == pytest.approx(test["ece"])
     assert metrics["calibration.temperature"] == pytest.approx(report["temperature"])
     assert metrics["calibration.min_confidence"] == pytest.approx(threshold)
+    assert metrics["calibration.ood_threshold"] == pytest.approx(ood["threshold"])
     assert {"reports/calibration_report.json", "reports/calibration_plot.png"} <= {
         a.path for a in client.list_artifacts(runs[0].info.run_id, "reports")}
 

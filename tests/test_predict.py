@@ -182,14 +182,17 @@ def test_a_folded_temperature_gives_softmax_of_the_logits_over_it_and_keeps_the_
 def test_images_below_min_confidence_are_unknown_with_their_best_class_and_ood_score(
     trained, tmp_path: Path
 ):
-    from headswap.core import calibration
+    from headswap.core import calibration, ood
     from headswap.core.predict import write_preprocessing
 
     model, manifest = trained
     paths = manifests.split_arrays(manifest, "test")[0].tolist()
     plain, _ = Classifier(model, tuple(CLASSES)).predict(paths)
     threshold = float(np.median(plain["confidence"]))
-    table, _ = Classifier(model, tuple(CLASSES), min_confidence=threshold).predict(paths)
+    _, features, labels = calibration.split_outputs(model, manifest, "train", (32, 32))
+    statistics = ood.fit(features, labels)
+    table, _ = Classifier(model, tuple(CLASSES), min_confidence=threshold,
+                          ood=statistics).predict(paths)
     assert table.columns.tolist()[:4] == ["predicted", "confidence", "ood_score", "top_1"]
     low = table["confidence"] < threshold
     assert low.any() and (~low).any()
@@ -197,8 +200,9 @@ def test_images_below_min_confidence_are_unknown_with_their_best_class_and_ood_s
     assert (table.loc[~low, "predicted"] == table.loc[~low, "top_1"]).all()
     assert table["top_1"].tolist() == plain["predicted"].tolist()
     assert (plain["predicted"] != "unknown").all()  # no threshold: every image gets a class
-    logits, _ = calibration.split_logits(model, manifest, "test", (32, 32), batch_size=8)
-    np.testing.assert_allclose(table["ood_score"], calibration.energy(logits), rtol=1e-4)
+    _, test_features, _ = calibration.split_outputs(model, manifest, "test", (32, 32))
+    np.testing.assert_allclose(table["ood_score"], statistics.score(test_features), rtol=1e-4)
+    assert plain["ood_score"].isna().all()  # no statistics given: no score
     with pytest.raises(InputError, match="A class is named 'unknown'"):
         Classifier(model, ("circle", "unknown", "stripes"), min_confidence=0.5)
     model.save(tmp_path / "model.keras")

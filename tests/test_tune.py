@@ -19,16 +19,8 @@ import yaml
 
 from headswap.core import FitOptions, Stage, fit
 from headswap.project.config import parse_finetune
-from tests.conftest import (
-    conf_environment,
-    copy_project,
-    documented,
-    kedro_cli,
-    kill_in_phase2,
-    mlflow_runs,
-    run_documented,
-    run_sessions,
-)
+from tests.conftest import copy_project, kedro_cli, kill_in_phase2, mlflow_runs, run_sessions
+from tests.documented import conf_environment, documented, run_documented
 from tests.test_compare import _latest
 
 pytestmark = pytest.mark.slow

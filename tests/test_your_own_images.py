@@ -21,11 +21,11 @@ from tests.conftest import (
     copy_project,
     kedro_cli,
     mlflow_runs,
-    run_documented,
     small_base,
     versions,
     write_photos,
 )
+from tests.documented import run_documented
 
 pytestmark = pytest.mark.slow
 
@@ -183,6 +183,8 @@ def test_a_csv_of_paths_and_labels_trains_and_predict_scores_it(tmp_path: Path):
     run_version = versions(project, "data/06_models/preprocessing.json")[-1]
     how = project / "data/06_models/preprocessing.json" / run_version / "preprocessing.json"
     assert yaml.safe_load(how.read_text())["resize"] == "pad"
+    card = (project / "data/08_reporting/model_card.md" / run_version / "model_card.md")
+    assert "resized to 48x48 keeping the aspect ratio, with black bands" in card.read_text()
     tested = pd.read_csv(project / "data/08_reporting/test_predictions.csv" / run_version /
                          "test_predictions.csv").set_index("path")
     predicted = pd.read_csv(project / "data/07_model_output/predictions.csv" /

@@ -24,6 +24,7 @@ def model_card(
     weakest: int = 2,
     calibration: dict[str, Any] | None = None,
     exports: pd.DataFrame | None = None,
+    resize: str = "stretch",
 ) -> str:
     """The card of model ``name``: the data (classes, images per split), the base and its
     cut, the head, each phase's stages with what trained, the test results with the
@@ -33,7 +34,8 @@ def model_card(
     :func:`headswap.core.fit.fit` returns it); ``base`` is the base's description (``base``,
     ``base_params``, ``weights_file``); ``calibration`` the calibration report (the
     finetune pipeline's ``calibration_report``: temperature, ECE, ``min_confidence``);
-    ``exports`` the exports' check (:func:`headswap.core.export_check.check_exports`).
+    ``exports`` the exports' check (:func:`headswap.core.export_check.check_exports`);
+    ``resize`` how images are brought to ``image_size`` (:data:`headswap.core.images.RESIZE_MODES`).
     """
     names = manifests.class_names(manifest)
     counts = pd.crosstab(manifest["label"], manifest["split"]).reindex(
@@ -92,12 +94,17 @@ def model_card(
         "- The figures hold for images like the test split's (same source, framing and "
         f"resolution); they come from {int(counts['test'].sum())} test images, so a "
         "difference of a point or so between two models can be noise.",
-        f"- Images are resized to {image_size[0]}x{image_size[1]} without keeping the aspect "
-        "ratio, as in training.",
+        f"- Images are resized to {image_size[0]}x{image_size[1]} "
+        + _RESIZED[resize] + ", as in training.",
         "- Look at the weakest classes and the misclassified images before relying on it.",
     ]
     return "\n".join(lines) + "\n"
 
+
+
+_RESIZED = {"stretch": "without keeping the aspect ratio",
+            "pad": "keeping the aspect ratio, with black bands",
+            "crop": "keeping the aspect ratio, their edges cropped"}
 
 
 def _calibration_lines(report: dict[str, Any]) -> list[str]:
@@ -134,9 +141,25 @@ def _calibration_lines(report: dict[str, Any]) -> list[str]:
         "", "## Confidence", "", how, "", markdown_table(rows.round(4)), "",
         f"ECE: expected calibration error over {bins} equal-width bins of the top "
         "probability (0: the confidence is the accuracy); NLL: negative log-likelihood.", "",
-        refusal, "",
-        f"Out-of-distribution score (`ood_score` in predictions): {report['ood_score']}.",
+        refusal, "", _ood_line(report["ood_score"]),
     ]
+
+
+def _ood_line(ood: dict[str, Any]) -> str:
+    """The card's paragraph on the out-of-distribution score and its validation reference."""
+    what = f"Out-of-distribution score (`ood_score` in predictions): {ood['description']}."
+    if ood.get("note"):
+        return f"{what} This model has none ({ood['note']})."
+    if ood.get("threshold") is None:
+        return f"{what} No validation images set a reference to compare it with."
+    return (
+        f"{what} {ood['quantile']:.0%} of the validation images score at most "
+        f"**{ood['threshold']:.4g}** (`ood_threshold` in `preprocessing.json`; "
+        f"{_share(ood['test_above_threshold'])} of the test images score above it): an image "
+        "scoring well above it is unlike the training images. A hint, not a verdict: it ranks "
+        "images of classes the model never saw above its own test images only most of the "
+        "time (on the headswap example, AUROC well below 1: see the documentation's \"Using "
+        "the model\"), so some of them score below it.")
 
 
 def _share(value: float | None) -> str:

@@ -19,16 +19,17 @@ margin. The steepest descent of the smoothed loss (a derivative of a noisy curve
 minimum are reported beside it, and marked on the plot.
 
 A curve that does not fall gives no suggestion: the smoothed loss must drop, from where it
-starts (after that first tenth) to its minimum, by more than the batch-to-batch noise of the
-raw loss up to where the smoothed loss leaves its low region (from the median absolute second
-difference of consecutive steps, which a steady fall or rise of the curve leaves alone, scaled
-to a standard deviation for Gaussian noise; the steps after that edge, where training comes
-apart, are left out). On a flat curve (the loss varies within its noise across the whole range:
-a model that has already learned, or rates too small to move anything) the lowest point is
-wherever the noise put it and any rate read off it means nothing; the test then logs a warning
-and its suggestion is NaN (null in :meth:`RangeTest.to_dict`), and a `learning_rate: auto`
-stops (:meth:`RangeTest.rate`). With the default smoothing and 100 steps, a curve of pure
-noise passes this by chance in under 1% of tests.
+starts (after that first tenth) to its minimum, by more than :data:`MARGIN` times the
+batch-to-batch noise of the raw loss up to where the smoothed loss leaves its low region (from
+the median absolute second difference of consecutive steps, which a steady fall or rise of the
+curve leaves alone, scaled to a standard deviation for Gaussian noise; the steps after that
+edge, where training comes apart, are left out). On a flat curve (the loss varies within its
+noise across the whole range: a model that has already learned, or rates too small to move
+anything) the lowest point is wherever the noise put it and any rate read off it means nothing;
+the test then logs a warning and its suggestion is NaN (null in :meth:`RangeTest.to_dict`), and
+a `learning_rate: auto` stops (:meth:`RangeTest.rate`). The margin of two keeps out curves whose
+only fall is the smoothed average settling from a few high first batches (the example's phase 2:
+a fall of 1.4 times the noise, then a climb).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ RISE = 0.1
 #: The median absolute second difference (a - 2b + c) of independent Gaussian values, over
 #: their standard deviation (0.6745 * sqrt(6)): the loss's batch-to-batch noise from it.
 MEDIAN_CHANGE = 0.6745 * math.sqrt(6)
+#: How many times the batch-to-batch noise the smoothed loss must fall for a suggestion.
+MARGIN = 2.0
 
 
 class RangeTestSettings(Settings):
@@ -115,8 +118,9 @@ class RangeTest:
         if not math.isfinite(self.noise):  # too few steps to tell
             why = f"{self.stopped} after {len(self.learning_rates)} steps"
         else:
-            why = (f"its smoothed loss falls by {self.drop:.3g}, not more than the loss's "
-                   f"batch-to-batch noise ({self.noise:.3g}): the curve is flat")
+            why = (f"its smoothed loss falls by {self.drop:.3g}, not more than {MARGIN:g} "
+                   f"times the loss's batch-to-batch noise ({self.noise:.3g}): the curve is "
+                   "flat")
         raise InputError(
             f"{label}: `learning_rate` is auto, but the learning-rate range test suggests no "
             f"rate ({why}). Set the {label} `learning_rate` to a number (read one off the "
@@ -175,10 +179,10 @@ def range_test(
     if math.isfinite(result.noise) and not math.isfinite(result.suggestion):
         logger.warning(
             "Learning-rate range test: no suggestion. From its start to its minimum the "
-            "smoothed loss falls by %.3g, not more than the loss's batch-to-batch noise "
-            "(%.3g): between %.3g and %.3g the curve is flat within its noise, so a rate read "
-            "off it would mean nothing.",
-            result.drop, result.noise, result.learning_rates[0], result.learning_rates[-1])
+            "smoothed loss falls by %.3g, not more than %g times the loss's batch-to-batch "
+            "noise (%.3g): between %.3g and %.3g the curve is flat within its noise, so a "
+            "rate read off it would mean nothing.", result.drop, MARGIN, result.noise,
+            result.learning_rates[0], result.learning_rates[-1])
     return result
 
 
@@ -200,12 +204,12 @@ def suggest(rates: list[float], losses: list[float], smoothed: list[float]) -> R
     ``drop`` is how far the smoothed loss falls from its first settled value to its minimum;
     ``noise`` the batch-to-batch noise of the raw loss from there to the highest rate at which
     the smoothed loss is still within :data:`RISE` of its minimum (the median absolute second
-    difference of consecutive steps over :data:`MEDIAN_CHANGE`; NaN for fewer than three
-    steps). The suggestion is one tenth of the highest rate at which the smoothed loss is
-    still within :data:`RISE` of its minimum, NaN unless ``drop`` is above ``noise`` (a flat
-    curve); the minimum is the rate at the smoothed loss's lowest point; the steepest, the
-    rate where it falls fastest against the log of the rate, up to the minimum. NaN for all
-    when fewer than two steps ran."""
+    difference of consecutive steps over :data:`MEDIAN_CHANGE`; NaN for fewer than three steps).
+    The suggestion is one tenth of the highest rate at which the smoothed loss is still within
+    :data:`RISE` of its minimum, NaN unless ``drop`` is above :data:`MARGIN` times ``noise`` (a
+    flat curve); the minimum is the rate at the smoothed loss's lowest point; the steepest, the
+    rate where it falls fastest against the log of the rate, up to the minimum. NaN for all when
+    fewer than two steps ran."""
     if len(rates) < 2:
         return Reading(math.nan, math.nan, math.nan, math.nan, math.nan)
     start = len(rates) // 10 if len(rates) >= 20 else 0
@@ -220,7 +224,7 @@ def suggest(rates: list[float], losses: list[float], smoothed: list[float]) -> R
     drop = float(values[0] - values[lowest])
     changes = np.abs(np.diff(losses[start:start + edge + 1], n=2))
     noise = float(np.median(changes)) / MEDIAN_CHANGE if len(changes) else math.nan
-    suggestion = rates[start + edge] / 10 if drop > noise else math.nan
+    suggestion = rates[start + edge] / 10 if drop > MARGIN * noise else math.nan
     return Reading(suggestion, rates[start + lowest], rates[steepest], drop, noise)
 
 
@@ -243,7 +247,8 @@ def range_test_figure(tests: list[tuple[str, RangeTest | dict[str, Any]]]) -> Fi
         drop, noise = test.get("drop"), test.get("noise")
         if test["suggestion"] is None and drop is not None and noise is not None:
             ax.plot([], [], " ", label=f"no suggestion: the loss falls by {drop:.2g},\n"
-                                       f"within its batch-to-batch noise ({noise:.2g})")
+                                       f"within {MARGIN:g}x its batch-to-batch noise "
+                                       f"({noise:.2g})")
         settled = test["smoothed"][len(test["smoothed"]) // 10:]
         if settled:  # from the settled minimum to well above the curve's typical level
             low = min(settled)

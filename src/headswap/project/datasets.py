@@ -258,8 +258,8 @@ class ClassifierDataset(AbstractDataset):
     """The classifier the ``predict`` pipeline uses, as ``predict.model`` names it: null (the
     latest fine-tuned model), a Kedro version of it, a .keras/.h5 file (class names from
     ``labels`` or a labels.txt beside it) or an MLflow model URI. A fine-tuned model comes
-    with the class names of its run's manifest and its run's resize mode and
-    ``min_confidence`` (``preprocessing``).
+    with the class names of its run's manifest and its run's resize mode, ``min_confidence``
+    and ``ood_score`` statistics (``preprocessing``).
     Read only."""
 
     def __init__(self, fine_tuned_model: str, manifest: str, preprocessing: str,
@@ -294,7 +294,7 @@ class ClassifierDataset(AbstractDataset):
         from kedro_datasets.pandas import CSVDataset
         from kedro_datasets.tensorflow import TensorFlowModelDataset
 
-        from headswap.core import manifests
+        from headswap.core import manifests, ood
         from headswap.core.predict import Classifier
 
         stored = TensorFlowModelDataset(filepath=self.fine_tuned_model,
@@ -325,7 +325,8 @@ class ClassifierDataset(AbstractDataset):
         settings = how.load() if how.exists() else {}
         return Classifier(model, tuple(names),  # runs before resize modes: stretch
                           resize=settings.get("resize", "stretch"),
-                          min_confidence=settings.get("min_confidence"))
+                          min_confidence=settings.get("min_confidence"),
+                          ood=ood.from_settings(settings))
 
     def save(self, data: Any) -> None:
         raise DatasetError("The classifier is an input: it is read, never written.")

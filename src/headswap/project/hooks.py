@@ -220,6 +220,14 @@ class MlflowArtifactHook:
 
     def __init__(self) -> None:
         self._folders: dict[str, str] = {}
+        self._save_args: dict[str, dict[str, Any]] = {}
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        # a figure is logged as its catalog entry saves it (dpi, ...): its save_args
+        self._save_args = {name: dict(entry.get("save_args") or {})
+                           for name, entry in context.config_loader["catalog"].items()
+                           if isinstance(entry, dict)}
 
     @hook_impl
     def after_catalog_created(self, catalog) -> None:
@@ -235,7 +243,8 @@ class MlflowArtifactHook:
         if folder is None or mlflow.active_run() is None:
             return
         if isinstance(data, Figure):
-            mlflow.log_figure(data, f"{folder}/{dataset_name}.png")
+            mlflow.log_figure(data, f"{folder}/{dataset_name}.png",
+                              save_kwargs=self._save_args.get(dataset_name) or None)
         elif isinstance(data, dict) and all(isinstance(v, bytes) for v in data.values()):
             _log_files(data, folder)  # a folder of files (FilesDataset); nothing if empty
         elif isinstance(data, pd.DataFrame):

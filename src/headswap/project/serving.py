@@ -5,13 +5,14 @@ file paths, or the images' bytes base64-encoded (what a REST client sends to
 ``mlflow models serve``). It returns, per row, the predicted class (``unknown`` when its
 probability is below ``min_confidence``: a parameter, by default the threshold the finetune
 run stored; 0 labels every image), its confidence, the out-of-distribution score
-``ood_score`` (higher is more unusual), the ``top_k`` classes with their probabilities
-(``top_k`` is a parameter, default 3; ``top_1`` is the most probable class also for an
-``unknown`` image) and each class's probability. The Keras model (raw pixels in, calibrated
-probabilities out), its class names, image size, resize mode and ``min_confidence`` travel
-inside the MLflow model as artifacts, and the images are decoded exactly as in
-training (:mod:`headswap.core.predict`). A model logged before the resize mode was recorded
-resizes with ``stretch``, as its training did.
+``ood_score`` (higher is more unusual: :mod:`headswap.core.ood`), the ``top_k`` classes
+with their probabilities (``top_k`` is a parameter, default 3; ``top_1`` is the most
+probable class also for an ``unknown`` image) and each class's probability. The Keras model
+(raw pixels in, calibrated probabilities out), its class names, image size, resize mode,
+``min_confidence`` and the ``ood_score``'s statistics travel inside the MLflow model as
+artifacts, and the images are decoded exactly as in training (:mod:`headswap.core.predict`).
+A model logged before the resize mode was recorded resizes with ``stretch``, as its
+training did; one logged before the ``ood_score``'s statistics were gives NaN there.
 
 Why not kedro-mlflow's ``pipeline_ml_factory``: its ``KedroPipelineModel`` deep-copies the
 loaded catalog, Keras model included, on every ``predict`` call (measured in
@@ -38,7 +39,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import headswap
-from headswap.core import calibration
+from headswap.core import calibration, ood
 from headswap.core.errors import InputError
 from headswap.core.predict import TOP_K, Classifier
 
@@ -60,7 +61,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
         self.classifier = Classifier(model, tuple(spec["class_names"]),
                                      tuple(spec["image_size"]), spec.get("resize", "stretch"),
-                                     spec.get("min_confidence"))
+                                     spec.get("min_confidence"), ood.from_settings(spec))
 
     def predict(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -131,7 +132,8 @@ def log_classifier(
         spec.write_text(json.dumps({"class_names": list(classifier.class_names),
                                     "image_size": list(classifier.image_size),
                                     "resize": classifier.resize,
-                                    "min_confidence": classifier.min_confidence}, indent=2))
+                                    "min_confidence": classifier.min_confidence,
+                                    **ood.to_settings(classifier.ood)}, indent=2))
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=str(Path(__file__).with_name("serving_model.py")),

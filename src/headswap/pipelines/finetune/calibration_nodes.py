@@ -1,6 +1,7 @@
 """The ``finetune`` pipeline's calibration node: temperature scaling fitted on the validation
-split after the last phase and folded into the model, the ``unknown`` threshold, and their
-report (:mod:`headswap.core.calibration`)."""
+split after the last phase and folded into the model, the ``unknown`` threshold, the
+statistics of the out-of-distribution score, and their report
+(:mod:`headswap.core.calibration`, :mod:`headswap.core.ood`)."""
 
 from __future__ import annotations
 
@@ -13,33 +14,35 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from headswap.core import calibration, manifests
+from headswap.core import calibration, manifests, ood
 from headswap.core.errors import InputError
 from headswap.pipelines import metrics_points
 from headswap.project.config import FinetuneConfig
 
 logger = logging.getLogger(__name__)
 
-#: What the report and the predictions call the out-of-distribution score.
-OOD_SCORE = ("energy: -logsumexp(logits) of the calibrated model's last Dense layer before "
-             "its softmax; higher means more unusual")
-
 
 def calibrate(
     model: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig
-) -> tuple[keras.Model, dict[str, Any], Figure, dict[str, list[dict[str, float]]]]:
+) -> tuple[keras.Model, dict[str, Any], Figure, dict[str, list[dict[str, float]]],
+           dict[str, Any]]:
     """The last phase's model with its temperature folded in (``finetune.calibration.method:
     temperature``; fitted on the validation split by the negative log-likelihood; the
     predicted classes stay the same), or as it is (``none``, or a model whose last layer is
     not a Dense softmax layer); the report (temperature, ECE and NLL before and after on the
     validation and test splits, the ``min_confidence`` threshold that keeps
-    ``target_precision`` on the validation split), the reliability diagram of the test split
-    before and after, and the figures as metrics (``calibration.test_ece``, ...)."""
+    ``target_precision`` on the validation split, the ``ood_score``'s validation reference),
+    the reliability diagram of the test split before and after, the figures as metrics
+    (``calibration.test_ece``, ...), and the statistics of the ``ood_score`` fitted on the
+    train split's head features, as a model's settings hold them
+    (:func:`headswap.core.ood.to_settings`; empty for a model without a Dense softmax last
+    layer)."""
     started = time.perf_counter()
     settings = config.calibration
     read = (config.data.image_size, config.data.batch_size, config.data.resize)
-    val_logits, val_y = calibration.split_logits(model, manifest, "val", *read)
-    test_logits, test_y = calibration.split_logits(model, manifest, "test", *read)
+    val_logits, val_features, val_y = calibration.split_outputs(model, manifest, "val", *read)
+    test_logits, test_features, test_y = calibration.split_outputs(model, manifest, "test",
+                                                                   *read)
     temperature, note = _fold(model, val_logits, val_y, settings.method)
     val_p = calibration.tempered(val_logits, temperature)
     test_p = calibration.tempered(test_logits, temperature)
@@ -59,10 +62,13 @@ def calibrate(
         "test": _summary(test_logits, test_y, temperature),
         "min_confidence": {"threshold": threshold,
                            "target_precision": settings.target_precision, **kept},
-        "ood_score": OOD_SCORE,
+        "ood_score": {"description": ood.DESCRIPTION, "quantile": ood.QUANTILE,
+                      "threshold": None},
         "reliability_test": {"before": _records(calibration.reliability(before, test_y)),
                              "after": _records(calibration.reliability(test_p, test_y))},
     }
+    statistics = _ood_statistics(model, manifest, read, val_features, test_features,
+                                 report["ood_score"])
     test = report["test"]
     logger.info(
         "Calibration: %s; test ECE %s -> %s (%s bins); min_confidence %s keeps %s of the test "
@@ -78,9 +84,44 @@ def calibrate(
     metrics = {"temperature": temperature, "val_ece_before": report["validation"]["ece_before"],
                "val_ece": report["validation"]["ece"], "test_ece_before": test["ece_before"],
                "test_ece": test["ece"], "min_confidence": threshold,
-               "test_kept": kept["test"]["kept"]}
-    return model, report, figure, metrics_points({k: v for k, v in metrics.items()
-                                                  if v is not None})
+               "test_kept": kept["test"]["kept"],
+               "ood_threshold": report["ood_score"].get("threshold")}
+    return (model, report, figure, metrics_points({k: v for k, v in metrics.items()
+                                                   if v is not None}),
+            ood.to_settings(statistics))
+
+
+def _ood_statistics(
+    model: keras.Model, manifest: pd.DataFrame, read: tuple, val_features: np.ndarray | None,
+    test_features: np.ndarray | None, report: dict[str, Any],
+) -> ood.Statistics | None:
+    """The ``ood_score``'s statistics, fitted on the train split's head features (one pass),
+    with the validation split's reference (``threshold``); None (with a note in ``report``,
+    which gets the figures) for a model without a Dense softmax last layer or whose features
+    do not vary."""
+    started = time.perf_counter()
+    if val_features is None:
+        report["note"] = "the model's last layer is not a Dense softmax layer"
+        return None
+    _, features, labels = calibration.split_outputs(model, manifest, "train", *read)
+    statistics = ood.fit(features, labels)
+    if statistics is None:
+        report["note"] = "the head features of the training images do not vary"
+        logger.warning("No ood_score: the head features of the %s training images do not "
+                       "vary within their classes.", len(labels))
+        return None
+    statistics = statistics.with_threshold(val_features)
+    threshold = statistics.threshold
+    above = (float((statistics.score(test_features) > threshold).mean())
+             if threshold is not None and len(test_features) else None)
+    report.update(threshold=threshold, test_above_threshold=above,
+                  covariance="diagonal" if statistics.diagonal else "full",
+                  dimensions=statistics.dimensions, train_images=len(labels))
+    logger.info("ood_score: class means and %s covariance of %s head features of %s training "
+                "images; validation %.0f%% quantile %s (%s of the test images above it; %.1f s)",
+                report["covariance"], statistics.dimensions, len(labels), 100 * ood.QUANTILE,
+                _shown(threshold, ".4g"), _shown(above, ".1%"), time.perf_counter() - started)
+    return statistics
 
 
 def _fold(

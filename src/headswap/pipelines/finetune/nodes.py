@@ -25,6 +25,7 @@ from headswap.core import (
     export_check,
     heads,
     manifests,
+    ood,
     quality,
     sources,
     weights,
@@ -285,20 +286,22 @@ def export_model(
 def publish_model(
     model: keras.Model, manifest: pd.DataFrame, report: dict[str, Any],
     images_name: str, config: FinetuneConfig, calibration: dict[str, Any],
+    ood_statistics: dict[str, Any],
 ) -> dict[str, Any]:
     """Log the fine-tuned model to the MLflow run as ``model``, an MLflow model that takes
     images (paths or base64 bytes) and answers with class names (``unknown`` below the
-    calibration's ``min_confidence``), and as ``keras_model``, the plain Keras model; register
-    ``model`` as a new version of ``finetune.registry.name``, tagged with its test results,
-    and move the ``champion`` alias to it if it beats the current champion on the same test
-    split."""
+    calibration's ``min_confidence``) and an ``ood_score``, and as ``keras_model``, the plain
+    Keras model; register ``model`` as a new version of ``finetune.registry.name``, tagged
+    with its test results, and move the ``champion`` alias to it if it beats the current
+    champion on the same test split."""
     run = mlflow.active_run()
     if run is None:
         logger.info("MLflow tracking is off for this run: the model is neither logged nor "
                     "registered.")
         return {"logged": False, "registered_model": None}
     classifier = Classifier(model, tuple(manifests.class_names(manifest)), config.data.image_size,
-                            config.data.resize, calibration["min_confidence"]["threshold"])
+                            config.data.resize, calibration["min_confidence"]["threshold"],
+                            ood.from_settings(ood_statistics))
     name = config.registry.model_name(images_name)
     examples = sources.local_paths(manifests.split_arrays(manifest, "test")[0][:2])
     serving.log_keras_model(model, data.decode_all(examples, classifier.image_size,
@@ -334,14 +337,16 @@ def publish_model(
 
 
 def describe_preprocessing(
-    model: keras.Model, config: FinetuneConfig, calibration: dict[str, Any]
+    model: keras.Model, config: FinetuneConfig, calibration: dict[str, Any],
+    ood_statistics: dict[str, Any],
 ) -> dict[str, Any]:
-    """How the fine-tuned model reads images (image size, channels, resize mode) and the top
-    probability below which its answer is ``unknown`` (``min_confidence``, null: none),
+    """How the fine-tuned model reads images (image size, channels, resize mode), the top
+    probability below which its answer is ``unknown`` (``min_confidence``, null: none) and
+    what its ``ood_score`` needs (``ood_threshold``, ``ood``: none for a model without),
     versioned beside it so that predicting with it later reads images the same way."""
     return {"image_size": list(config.data.image_size), "channels": input_spec(model)[2],
             "resize": config.data.resize,
-            "min_confidence": calibration["min_confidence"]["threshold"]}
+            "min_confidence": calibration["min_confidence"]["threshold"], **ood_statistics}
 
 
 def write_model_card(
@@ -360,7 +365,7 @@ def write_model_card(
               for name, stages in config.phases().items()}
     return model_card(name, manifest, base_report, config.head.model_dump(), phases, report,
                       phase1_report, config.data.image_size, calibration=calibration,
-                      exports=export_checks)
+                      exports=export_checks, resize=config.data.resize)
 
 
 def _with_found_rates(stages: list[Stage], history: History) -> list[dict[str, Any]]:

@@ -75,11 +75,12 @@ def phases() -> Pipeline:
 
 def calibration() -> Pipeline:
     """``calibrated_model`` (:data:`LAST`): the last phase's model with the temperature fitted
-    on the validation split folded in, its ``unknown`` threshold and the calibration report."""
+    on the validation split folded in, its ``unknown`` threshold, the calibration report and
+    the statistics of its out-of-distribution score (``ood_statistics``)."""
     return Pipeline([
         Node(calibrate, [f"{list(PHASES)[-1]}_model", "manifest", "finetune_config"],
-             [LAST, "calibration_report", "calibration_plot", "calibration_metrics"],
-             name="calibrate"),
+             [LAST, "calibration_report", "calibration_plot", "calibration_metrics",
+              "ood_statistics"], name="calibrate"),
     ])
 
 
@@ -113,11 +114,13 @@ def packaging() -> Pipeline:
     and Grad-CAM heatmaps of its test predictions."""
     return Pipeline([
         Node(publish_model, [LAST, "manifest", "classification_report",
-                             "images_name", "finetune_config", "calibration_report"],
+                             "images_name", "finetune_config", "calibration_report",
+                             "ood_statistics"],
              "model_registry", name="publish_model"),
         Node(export_model, [LAST, "manifest", "finetune_config"],
              ["model_exports", "export_checks", "export_metrics"], name="export_model"),
-        Node(describe_preprocessing, [LAST, "finetune_config", "calibration_report"],
+        Node(describe_preprocessing, [LAST, "finetune_config", "calibration_report",
+                                      "ood_statistics"],
              "preprocessing", name="describe_preprocessing"),
         Node(write_model_card,
              ["manifest", "base_weights_report", "finetune_config", "phase1_history",
