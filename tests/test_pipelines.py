@@ -192,7 +192,7 @@ def test_every_export_is_checked_against_the_model(project: Path):
     assert list(rows) == ["keras", *FORMATS]
     for name in FORMATS:
         row = rows[name]
-        assert float(row["images"]) == 1000  # export.check_images of the 5,000 test images
+        assert float(row["images"]) == 250  # export.check_images of the 5,000 test images
         assert float(row["size_mb"]) > 0 and float(row["latency_ms"]) > 0
         assert float(row["export_s"]) > 0 and float(row["check_s"]) > 0
         assert abs(float(row["accuracy"]) - float(rows["keras"]["accuracy"])) <= 0.05, name
@@ -204,7 +204,7 @@ def test_every_export_is_checked_against_the_model(project: Path):
         "saved_model", "model.tflite", "model_quantized.tflite", "model_int8.tflite",
         "model.onnx", "labels.txt", "preprocessing.json"}
     card = (project / "data/08_reporting/model_card.md" / version / "model_card.md").read_text()
-    assert "## Exports" in card and "on 1,000 test images" in card
+    assert "## Exports" in card and "on 250 test images" in card
     for name in FORMATS:
         assert re.search(rf"^\| {name} \| \S+ \| [0-9.e-]+ \| ", card, re.MULTILINE), name
     client, runs = _run(project)
@@ -288,7 +288,7 @@ def test_cli_runs_finetune_with_both_pipeline_flags(project: Path):
         assert "Completed node: evaluate" in result.stdout + result.stderr
         for name in FORMATS:  # each export's size and the time its export and check took
             logged = re.search(rf"Export {name}: ([0-9.e-]+) MB, written in ([0-9.]+) s, "
-                               r"checked in ([0-9.]+) s on 1000 test images",
+                               r"checked in ([0-9.]+) s on 250 test images",
                                result.stdout + result.stderr)
             assert logged and float(logged[1]) > 0 and float(logged[2]) > 0, name
     assert len(versions(project, "data/06_models/phase2_model.keras")) == 3

@@ -214,7 +214,7 @@ class ExportConfig(Settings):
     formats: list[Literal[FORMATS]] = Field(default_factory=lambda: list(FORMATS))
     """Which exports to write: any of `saved_model`, `tflite` (float32), `tflite_quantized`
     (dynamic-range), `tflite_int8` (full-integer), `onnx`; `[]` for none."""
-    check_images: int = Field(1000, ge=0)
+    check_images: int = Field(250, ge=0)
     """Test images (at most; a seeded sample of the test split) each export is scored on
     against the Keras model: accuracy, top-1 agreement, largest probability difference,
     latency; 0: no check."""
