@@ -215,7 +215,13 @@ class MultiWorkerHook:
 
 class MlflowArtifactHook:
     """Logs each saved output whose catalog entry has ``metadata: {mlflow_artifact: <dir>}``
-    to the active MLflow run, under ``<dir>/`` (figures as PNG, dicts as JSON, tables as CSV).
+    to the active MLflow run, under ``<dir>/`` (figures as PNG at their entry's ``save_args``,
+    dicts as JSON, tables as CSV).
+
+    Not kedro-mlflow's ``MlflowArtifactDataset``: that dataset logs the file at its local save
+    path (``mlflow.log_artifact`` of ``_get_save_path()``), which fails when the catalog's
+    ``globals: data`` is an ``s3://`` or ``gs://`` folder; this hook logs the saved data itself,
+    wherever the catalog put the file.
     """
 
     def __init__(self) -> None:
