@@ -99,6 +99,7 @@ def test_an_image_below_the_minimum_names_image_size_and_the_minimum():
     assert error.value.__cause__ is None
 
 
+@pytest.mark.slow  # trains a model for seconds
 def test_a_new_architecture_takes_raw_pixels_and_trains():
     base = applications.keras_application("NASNetMobile", (32, 32), weights=None)
     assert [layer.name for layer in base.layers[1:-1]] == ["preprocess_scale"]
@@ -134,6 +135,7 @@ def guide_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
+@pytest.mark.slow  # trains a model for seconds
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_guide_shaped_model_is_cut_at_its_nested_base_and_trains(suffix, guide_files, tmp_path):
     user = keras.saving.load_model(guide_files[suffix], safe_mode=True, compile=False)

@@ -82,6 +82,7 @@ def test_only_selected_layers_train_and_counts_follow():
     assert counts["trainable_params"] == head + conv2
 
 
+@pytest.mark.slow  # trains a model for seconds
 def test_phase2_by_default_trains_the_base_with_frozen_batchnorm_statistics(image_folder):
     cfg = _cfg(image_folder, phase1={"epochs": 1}, phase2={"epochs": 2})
     manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
@@ -128,6 +129,7 @@ def test_discriminative_rates_are_geometric_from_bottom_to_head():
     assert [g.learning_rate for g in groups] == pytest.approx([1e-4, 1e-3])
 
 
+@pytest.mark.slow  # trains a model for seconds
 def test_gradual_unfreezing_stages_open_more_layers_on_one_epoch_axis(image_folder):
     cfg = _cfg(image_folder, phase2={"stages": [
         {"train": {"top": 3}, "epochs": 1, "learning_rate": 1e-3},
@@ -206,6 +208,7 @@ def test_reduce_lr_on_plateau_lowers_the_rate_and_conflicts_are_refused(image_fo
         _cfg(image_folder, training={"callbacks": {"reduce_lr_on_plateau": {}}})
 
 
+@pytest.mark.slow  # trains a model for seconds
 def test_cached_features_train_the_same_head_as_the_image_pipeline(image_folder):
     manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     images = np.stack([np.asarray(__import__("PIL.Image").Image.open(p), dtype="float32")

@@ -295,6 +295,7 @@ def test_exports_record_the_preprocessing_beside_the_labels(tmp_path: Path):
         export_model(pixel_model(), tmp_path / "other", pixel_names(), "tflite", resize="zoom")
 
 
+@pytest.mark.slow  # trains a model for seconds
 def test_the_logged_classifier_remembers_its_resize_mode(tmp_path: Path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("resize")  # not the experiment an earlier module made active

@@ -124,6 +124,7 @@ def test_a_curve_flat_within_its_noise_gives_no_suggestion(caplog):
         test.rate("phase2")
 
 
+@pytest.mark.slow  # trains a model for seconds
 def test_range_test_restores_the_weights_and_the_optimizer_state(base, manifest):
     model = _model(base)
     compile_model(model, make_optimizer("adam", 1e-3))
@@ -156,6 +157,7 @@ def test_find_learning_rate_leaves_the_weights_as_they_were(base, manifest, stag
     assert test.drop > 2 * test.noise > 0  # a real dip, well out of the noise
 
 
+@pytest.mark.slow  # trains a model for seconds
 def test_auto_rates_are_found_trained_at_and_reused_by_a_resumed_run(base, manifest, tmp_path):
     stages = [Stage(epochs=2, learning_rate="auto", optimizer="rmsprop")]
     history = fit(_model(base), manifest, stages, _options(backup_dir=tmp_path), name="phase1")
@@ -192,6 +194,7 @@ def test_the_parameters_take_auto_and_name_the_key_of_a_bad_rate():
         parse_finetune({**params, "training": {"lr_find": {"max_learning_rate": 1e-9}}})
 
 
+@pytest.mark.slow  # trains a model for seconds
 def test_a_real_flat_curve_gives_no_suggestion_and_auto_stops(base, manifest, caplog):
     """Rates too small to move the loss (1e-9 to 1e-7): the head's curve is flat within its
     noise; the same model's curve over the default range falls (above). ``learning_rate:

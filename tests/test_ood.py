@@ -95,6 +95,7 @@ def _png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow  # trains a model for seconds
 def test_a_class_left_out_of_training_and_noise_score_above_the_test_split(tmp_path: Path):
     """A small CNN trained on circles and squares: held-out stripes (a class it never saw)
     and random noise get a higher ``ood_score`` than every test image of its own classes,

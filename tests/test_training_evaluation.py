@@ -43,6 +43,7 @@ def test_phase1_trains_only_the_head(setup, cache):
     assert not _same(before_head, _weights([model.get_layer("head_dense1")]))
 
 
+@pytest.mark.slow  # trains a model for seconds
 def test_phase2_trains_the_base_but_keeps_batchnorm_statistics(setup):
     model, manifest = setup
     frozen = fit(model, manifest, [Stage(epochs=1, learning_rate=1e-3)], OPTIONS)

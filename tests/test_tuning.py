@@ -65,6 +65,7 @@ def _value_at(cfg, key: str):
     return value
 
 
+@pytest.mark.slow  # trains a model for seconds
 def test_a_new_study_runs_the_default_recipe_first(tmp_path):
     """The study's first trial trains the finetune parameters as they are (every searched key
     at its default), so the best trial is never worse on validation than the defaults; the
