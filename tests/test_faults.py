@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
 import re
 import shutil
@@ -138,6 +137,9 @@ def _digests(project: Path, version: str) -> dict[str, str]:
     return found
 
 
+WALL_CLOCK = (".latency_ms", ".export_s", ".check_s")
+
+
 def _metrics(client: mlflow.MlflowClient, run) -> dict[str, list[float]]:
     return {
         key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key),
@@ -154,24 +156,12 @@ def project(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def twin_runs(project: Path) -> dict[str, Any]:
     """The same parameters and seed run twice: in this process, then through the CLI."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    # Child loggers: Kedro's logging setup replaces the handlers of "headswap" itself.
-    loggers = [logging.getLogger(name) for name in ("headswap.core.data", "headswap.project.hooks")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        first = run_finetune(project)
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
+    first = run_finetune(project)
     before = _digests(project, first)
     cli = kedro_cli(project, "run", "--pipelines", "finetune", "--env", "test")
     assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
     return {
         "first": first,
-        "log": "\n".join(r.getMessage() for r in records),
         "digests_before": before,
         "cli": cli.stdout + cli.stderr,
     }
@@ -240,9 +230,9 @@ def test_faulty_files_are_skipped_listed_logged_and_counted(project: Path, twin_
     report = client.download_artifacts(run.info.run_id, "reports/classification_report.json",
                                        str(folder.parent))
     assert set(MESSY_CLASSES) <= set(pd.read_json(report, typ="series").index)
-    assert "Skipped 6 of 36 image files" in twin_runs["log"]
-    assert "truncated.jpg: cannot be decoded" in twin_runs["log"]
-    assert "Run summary: 30 images used, 6 image files skipped" in twin_runs["log"]
+    # what the user's terminal shows (the same run again, through the CLI)
+    assert "Skipped 6 of 36 image files" in twin_runs["cli"]
+    assert "truncated.jpg: cannot be decoded" in twin_runs["cli"]
     assert "Run summary: 30 images used, 6 image files skipped" in twin_runs["cli"]
 
 
@@ -286,6 +276,8 @@ def test_same_parameters_and_seed_give_the_same_split_and_metrics(project: Path,
     assert metrics[0].keys() == metrics[1].keys()
     assert {"epoch.loss", "epoch.val_accuracy", "test.accuracy"} <= metrics[0].keys()
     for key, values in metrics[0].items():
+        if key.endswith(WALL_CLOCK):  # how long an export and its check took: not a result
+            continue
         np.testing.assert_allclose(metrics[1][key], values, rtol=RTOL, atol=ATOL, err_msg=key)
 
 
