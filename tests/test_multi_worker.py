@@ -55,7 +55,7 @@ SHARDS = textwrap.dedent("""
     import json, sys
     import tensorflow as tf
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    from headswap.core import data
+    from headswap.core import data, manifests
     manifest = manifests.ingest_image_folder(sys.argv[1], seed=0)[0]
     steps = -(-int((manifest["split"] == "train").sum()) // 16)  # one epoch's batches
     found = {}
