@@ -146,9 +146,12 @@ def test_a_plain_virtual_environment_installs_with_pip_and_reads_the_projects_fi
         images, labels = load_split(folder, "test")
         print(headswap.__file__, folder.resolve(), images.shape, labels.shape)
     """)
+    # without PYTHONPATH: a Kedro session of an earlier test in this process points it at
+    # that test's project
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([python, "-c", check], cwd=project, capture_output=True, text=True,
                             timeout=300, check=False,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                            env={**environment, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert result.returncode == 0, result.stderr[-3000:]
     module, folder, *shapes = result.stdout.split()
     assert module == str(project / "src/headswap/__init__.py")
