@@ -30,17 +30,26 @@ from PIL import Image
 CLASSES = ("circle", "square", "stripes")
 
 
+@contextlib.contextmanager
+def variable_kept(name: str):
+    """Leave the environment variable ``name`` as the block found it (set or not)."""
+    before = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _tracking_uri_variable_kept():
     """``mlflow.set_tracking_uri`` (which several modules call for their project's store) also
     writes ``MLFLOW_TRACKING_URI`` into this process's environment, which every later
     subprocess (``kedro run``, servers) would inherit: each module leaves it as it found it."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    with variable_kept("MLFLOW_TRACKING_URI"):
+        yield
 
 
 def draw(kind: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:

@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from tests.conftest import variable_kept
+
 
 def documented(command: str, replace: dict[str, str] | None = None) -> list[str]:
     """A ``kedro run ...`` command as README.md or docs/ show it, split as a shell splits it,
@@ -62,22 +64,18 @@ def run_documented_session(project: Path, command: str, env: str | None = "test"
 
     args = documented(command)
     variables = _documented_env(project, args, env)
-    before = os.environ.get("KEDRO_ENV")
     cwd = os.getcwd()
     os.chdir(project)
     try:
-        if "KEDRO_ENV" in variables:
-            os.environ["KEDRO_ENV"] = variables["KEDRO_ENV"]
-        else:
-            os.environ.pop("KEDRO_ENV", None)
-        bootstrap_project(project)
-        run.main(args=args[2:], prog_name="kedro run", standalone_mode=False)
+        with variable_kept("KEDRO_ENV"):
+            if "KEDRO_ENV" in variables:
+                os.environ["KEDRO_ENV"] = variables["KEDRO_ENV"]
+            else:
+                os.environ.pop("KEDRO_ENV", None)
+            bootstrap_project(project)
+            run.main(args=args[2:], prog_name="kedro run", standalone_mode=False)
     finally:
         os.chdir(cwd)
-        if before is None:
-            os.environ.pop("KEDRO_ENV", None)
-        else:
-            os.environ["KEDRO_ENV"] = before
 
 
 def conf_environment(project: Path, name: str, parameters: dict[str, Any]) -> str:

@@ -7,7 +7,6 @@ pipeline through a real KedroSession, and reads the run back through ``MlflowCli
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import free_port, run_finetune, serve, stop
+from tests.conftest import free_port, run_finetune, serve, stop, variable_kept
 from tests.test_faults import IMAGES, MESSY_CLASSES, PER_CLASS, make_project
 
 pytestmark = pytest.mark.slow
@@ -90,16 +89,13 @@ def check_logged_model(run_id: str, project: Path, tracking_uri: str) -> None:
     server ``tracking_uri``, answers a few of the project's images with its class names."""
     # Another test may have set this process's tracking URI; set_tracking_uri also writes
     # MLFLOW_TRACKING_URI, which the next `kedro run` subprocess inherits: both restored.
-    previous, variable = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if variable is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = variable
+    previous = mlflow.get_tracking_uri()
+    with variable_kept("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+        finally:
+            mlflow.set_tracking_uri(previous)
     files = sorted((project / IMAGES / "filled circle").glob("img 0[0-3].png"))
     answer = model.predict(pd.DataFrame({"image": [str(f) for f in files]}))
     assert set(answer["top_1"]) <= set(MESSY_CLASSES) and len(answer) == len(files)

@@ -15,7 +15,7 @@ from mlflow.entities import Metric
 from mlflow.utils.time import get_current_time_millis
 
 from headswap.core import sources
-from headswap.core.errors import InputError
+from headswap.core.errors import InputError, first_line
 
 BATCH = 1000  # the most metrics one MLflow log_batch request takes
 
@@ -284,7 +284,7 @@ class ClassifierDataset(AbstractDataset):
                 raise
             except Exception as err:  # MLflow says why: unknown run, alias, registry...
                 raise InputError(f"`model` {model} cannot be loaded from MLflow: "
-                                 f"{str(err).splitlines()[0]}") from err
+                                 f"{first_line(err)}") from err
         return Classifier.from_file(model, self.labels, self.allow_unsafe)
 
     def _fine_tuned(self, version: str | None) -> Any:
