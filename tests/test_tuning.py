@@ -89,7 +89,9 @@ def test_a_new_study_runs_the_default_recipe_first(tmp_path):
         assert _value_at(trained[0], key) == _value_at(defaults, key), key
     assert trained[0] == defaults
     assert any(_value_at(trained[1], key) != _value_at(defaults, key) for key in cfg.space)
-    assert best_parameters(study, finetune)["finetune"] == study.trials[0].user_attrs["finetune"]
+    best, value = best_parameters(study, finetune)
+    assert best["finetune"] == study.trials[0].user_attrs["finetune"]
+    assert value == study.trials[0].value
 
     more = search(cfg.model_copy(update={"n_trials": 4}), finetune, train)
     assert len(trained) == 4 and "default_recipe" not in more.trials[3].user_attrs

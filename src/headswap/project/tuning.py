@@ -272,9 +272,12 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def best_parameters(study: optuna.Study, finetune: dict[str, Any]) -> dict[str, Any]:
+def best_parameters(
+    study: optuna.Study, finetune: dict[str, Any]
+) -> tuple[dict[str, Any], float]:
     """The best completed trial's settings as a parameters file (``{"finetune": {...}}``, only
-    the searched keys), checked against the parameter schema with ``finetune`` under them."""
+    the searched keys), checked against the parameter schema with ``finetune`` under them, and
+    that trial's validation accuracy."""
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
         raise InputError(
@@ -287,4 +290,4 @@ def best_parameters(study: optuna.Study, finetune: dict[str, Any]) -> dict[str, 
     parse_finetune(merge_parameters(finetune, overrides))
     logger.info("Best of %s completed trials: trial %s, validation accuracy %.4f, with %s",
                 len(completed), best.number, best.value, overrides)
-    return {"finetune": overrides}
+    return {"finetune": overrides}, best.value

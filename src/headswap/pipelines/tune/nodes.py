@@ -35,13 +35,14 @@ def search_recipe(
 
     study = tuning.search(cfg, finetune, train)
     table = tuning.trials_table(study)
-    best = tuning.best_parameters(study, finetune)
+    # one read of the best trial: another process may finish a better one meanwhile
+    best, best_value = tuning.best_parameters(study, finetune)
     states = table["state"].value_counts()
     logger.info("Study %s: %s trials (%s complete, %s pruned); best validation accuracy %.4f",
                 cfg.study, len(table), states.get("COMPLETE", 0), states.get("PRUNED", 0),
-                study.best_value)
+                best_value)
     metrics = {"trials": len(table), "complete": states.get("COMPLETE", 0),
-               "pruned": states.get("PRUNED", 0), "best_trial.val_accuracy": study.best_value}
+               "pruned": states.get("PRUNED", 0), "best_trial.val_accuracy": best_value}
     return table, best, best, metrics_points(metrics)
 
 
