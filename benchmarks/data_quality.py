@@ -204,14 +204,10 @@ def top_k(issues: pd.DataFrame, wrong: list[str], also_wrong: list[str]) -> dict
 def probe_accuracy(feats: np.ndarray, labels: pd.Series, seed: int) -> float:
     """Out-of-fold accuracy of the label-issue check's classifier on the clean labels: how
     well the base's features separate the classes (its errors compete with the label noise)."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     cv = StratifiedKFold(5, shuffle=True, random_state=seed)
-    return round(float(cross_val_score(model, feats, labels, cv=cv).mean()), 4)
+    return round(float(cross_val_score(quality.probe(), feats, labels, cv=cv).mean()), 4)
 
 
 def pixel_difference(a: str, b: str) -> dict[str, float]:

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 from kedro_datasets.pandas import CSVDataset
 from sklearn.metrics import confusion_matrix, top_k_accuracy_score
 
 from headswap.core import bases, data, evaluation, heads, manifests, train
-from headswap.pipelines.finetune import nodes
+from headswap.pipelines.finetune import calibration_nodes, nodes
 from headswap.project.config import ParameterError, parse_finetune
 from tests.conftest import small_cnn
 
@@ -103,7 +104,13 @@ def _trained_model_and_manifest(folder: Path):
 
 def test_evaluate_details_node_on_a_trained_model_reads_the_images(image_folder: Path):
     model, manifest, params = _trained_model_and_manifest(image_folder)
-    predictions = nodes.predict_test(model, manifest, params)
+    calibrated, *_, predictions = calibration_nodes.calibrate(model, manifest, params)
+    # the test predictions calibrate makes from its pass are the calibrated model's own
+    own = evaluation.predict_split(calibrated, manifest, "test", (32, 32), 8)
+    pd.testing.assert_frame_equal(predictions[["path", "true", "predicted"]],
+                                  own[["path", "true", "predicted"]])
+    np.testing.assert_allclose(predictions.iloc[:, 3:].to_numpy(float),
+                               own.iloc[:, 3:].to_numpy(float), atol=1e-5)
     counts, shares, per_class, errors, figure = nodes.evaluate_details(
         predictions, manifest, params
     )

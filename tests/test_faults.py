@@ -137,10 +137,10 @@ def _digests(project: Path, version: str) -> dict[str, str]:
     return found
 
 
-# how long an export and its check took, and the SavedModel's size (its graph names traced
-# functions with a counter of the process, so the same model's file differs by some bytes):
-# not results of the training
-NOT_RESULTS = (".latency_ms", ".export_s", ".check_s", "saved_model.size_mb")
+# how long an export and its check took, and the exports' file sizes (SavedModel and ONNX
+# graphs name their traced functions with counters of the process, so the same model's file
+# differs by some bytes): not results of the training
+NOT_RESULTS = (".latency_ms", ".export_s", ".check_s", ".size_mb")
 
 
 def _metrics(client: mlflow.MlflowClient, run) -> dict[str, list[float]]:

@@ -41,7 +41,7 @@ TARGET_CLASSES = ["Ankle boot", "Bag", "Sandal", "Shirt", "Sneaker"]
 FINETUNE_NODES = [
     "check_parameters", "ingest_images", "load_base", "check_data_quality",
     "swap_head", "train_head", "evaluate_head_only",
-    "fine_tune", "calibrate", "predict_test", "evaluate", "evaluate_details", "summarise_training",
+    "fine_tune", "calibrate", "evaluate", "evaluate_details", "summarise_training",
     "publish_model", "export_model", "describe_preprocessing", "write_model_card",
     "explain_predictions",
 ]

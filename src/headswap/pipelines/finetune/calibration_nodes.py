@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from headswap.core import calibration, manifests, ood
+from headswap.core import calibration, evaluation, manifests, ood
 from headswap.core.errors import InputError
 from headswap.pipelines import metrics_points
 from headswap.project.config import FinetuneConfig
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 def calibrate(
     model: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig
 ) -> tuple[keras.Model, dict[str, Any], Figure, dict[str, list[dict[str, float]]],
-           dict[str, Any]]:
+           dict[str, Any], pd.DataFrame]:
     """The last phase's model with its temperature folded in (``finetune.calibration.method:
     temperature``; fitted on the validation split by the negative log-likelihood; the
     predicted classes stay the same), or as it is (``none``, or a model whose last layer is
@@ -36,7 +36,9 @@ def calibrate(
     (``calibration.test_ece``, ...), and the statistics of the ``ood_score`` fitted on the
     train split's head features, as a model's settings hold them
     (:func:`headswap.core.ood.to_settings`; empty for a model without a Dense softmax last
-    layer)."""
+    layer); and, from the same pass over the test split, the calibrated model's prediction for
+    every test image (path, true and predicted class, confidence, each class's probability),
+    which the evaluation nodes read."""
     started = time.perf_counter()
     settings = config.calibration
     read = (config.data.image_size, config.data.batch_size, config.data.resize)
@@ -86,9 +88,11 @@ def calibrate(
                "test_ece": test["ece"], "min_confidence": threshold,
                "test_kept": kept["test"]["kept"],
                "ood_threshold": report["ood_score"].get("threshold")}
+    predictions = evaluation.predictions_table(manifests.split_arrays(manifest, "test")[0],
+                                               test_y, test_p, manifests.class_names(manifest))
     return (model, report, figure, metrics_points({k: v for k, v in metrics.items()
                                                    if v is not None}),
-            ood.to_settings(statistics))
+            ood.to_settings(statistics), predictions)
 
 
 def _ood_statistics(

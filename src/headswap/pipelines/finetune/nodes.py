@@ -200,15 +200,6 @@ def evaluate_head_only(
     return result["report"], metrics_points(metrics)
 
 
-def predict_test(
-    model: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig
-) -> pd.DataFrame:
-    """The fine-tuned model's prediction for every test image (path, true and predicted class,
-    confidence, each class's probability): computed once, read by the evaluation nodes."""
-    return evaluation.predict_split(model, manifest, "test", config.data.image_size,
-                                    config.data.batch_size, config.data.resize)
-
-
 def evaluate(
     predictions: pd.DataFrame, manifest: pd.DataFrame, config: FinetuneConfig
 ) -> tuple[dict[str, Any], str, Figure, Metrics]:

@@ -19,7 +19,6 @@ from .nodes import (
     export_model,
     ingest_images,
     load_base,
-    predict_test,
     publish_model,
     summarise_training,
     swap_head,
@@ -76,11 +75,12 @@ def phases() -> Pipeline:
 def calibration() -> Pipeline:
     """``calibrated_model`` (:data:`LAST`): the last phase's model with the temperature fitted
     on the validation split folded in, its ``unknown`` threshold, the calibration report and
-    the statistics of its out-of-distribution score (``ood_statistics``)."""
+    the statistics of its out-of-distribution score (``ood_statistics``), and its predictions
+    on the test split (``test_predictions``, from the pass the calibration report makes)."""
     return Pipeline([
         Node(calibrate, [f"{list(PHASES)[-1]}_model", "manifest", "finetune_config"],
              [LAST, "calibration_report", "calibration_plot", "calibration_metrics",
-              "ood_statistics"], name="calibrate"),
+              "ood_statistics", "test_predictions"], name="calibrate"),
     ])
 
 
@@ -95,8 +95,6 @@ def training() -> Pipeline:
         Node(evaluate_head_only, ["phase1_model", "manifest", "finetune_config"],
              ["phase1_classification_report", "phase1_test_metrics"],
              name="evaluate_head_only"),
-        Node(predict_test, [LAST, "manifest", "finetune_config"], "test_predictions",
-             name="predict_test"),
         Node(evaluate, ["test_predictions", "manifest", "finetune_config"],
              ["classification_report", "classification_report_text",
               "confusion_matrix_plot", "test_metrics"], name="evaluate"),
