@@ -113,7 +113,7 @@ def test_the_calibrate_node_folds_the_temperature_or_says_why_it_cannot(tmp_path
                              keras.layers.Conv2D(4, 3, activation="relu")])
     model = heads.attach_head(base, 3, dense=[], dropout=0.0, seed=0)
     logits, _ = calibration.split_logits(model, manifest, "val", (16, 16))
-    folded, report, figure, metrics, statistics = calibrate(model, manifest, config)
+    folded, report, figure, metrics, statistics, _ = calibrate(model, manifest, config)
     t = report["temperature"]
     assert report["method"] == "temperature" and t != 1.0 and report["note"] is None
     after, _ = calibration.split_logits(folded, manifest, "val", (16, 16))
@@ -141,7 +141,7 @@ def test_the_calibrate_node_folds_the_temperature_or_says_why_it_cannot(tmp_path
     x = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(inputs))
     softmax_last = keras.Model(inputs, keras.layers.Softmax()(x))
     weights = [w.copy() for w in softmax_last.get_weights()]
-    kept, report, _, _, statistics = calibrate(softmax_last, manifest, config)
+    kept, report, _, _, statistics, _ = calibrate(softmax_last, manifest, config)
     assert report["method"] == "none" and report["temperature"] == 1.0
     assert "does not end in a Dense layer with a softmax" in report["note"]
     assert "Calibration: not calibrated" in caplog.text
