@@ -48,8 +48,8 @@ def calibrate(
     temperature, note = _fold(model, val_logits, val_y, settings.method)
     val_p = calibration.tempered(val_logits, temperature)
     test_p = calibration.tempered(test_logits, temperature)
-    threshold = _threshold(val_p, val_y, settings.target_precision,
-                           manifests.class_names(manifest))
+    names = manifests.class_names(manifest)
+    threshold = _threshold(val_p, val_y, settings.target_precision, names)
     kept = {split: dict(zip(("kept", "precision"),
                             map(_number, calibration.coverage_and_precision(p, y, threshold)),
                             strict=True))
@@ -89,7 +89,7 @@ def calibrate(
                "test_kept": kept["test"]["kept"],
                "ood_threshold": report["ood_score"].get("threshold")}
     predictions = evaluation.predictions_table(manifests.split_arrays(manifest, "test")[0],
-                                               test_y, test_p, manifests.class_names(manifest))
+                                               test_y, test_p, names)
     return (model, report, figure, metrics_points({k: v for k, v in metrics.items()
                                                    if v is not None}),
             ood.to_settings(statistics), predictions)
