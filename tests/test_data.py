@@ -1,3 +1,4 @@
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from headswap.core import data, manifests, sources
+from headswap.core import data, decodable, manifests, sources
 from tests.conftest import CLASSES, make_image_folder
 from tests.test_faults import MESSY_CLASSES, PER_CLASS, make_messy_folder
 
@@ -359,3 +360,79 @@ def test_the_example_pretrains_on_a_seeded_sample_of_each_source_class():
     np.testing.assert_array_equal(again["images"], task["images"])  # the same sample
     every = extract_source_task({**params, "source_per_class": None})
     assert np.bincount(every["labels"]).tolist() == [6000, 0, 0, 6000]
+
+
+# --- the memo of decodable files ---------------------------------------------------------
+
+
+def _memo_rows(cache: Path) -> int:
+    with sqlite3.connect(cache / decodable.MEMO_FILE) as memo:
+        return memo.execute("SELECT COUNT(*) FROM decodable").fetchone()[0]
+
+
+def test_images_found_decodable_are_decoded_again_only_when_they_change(
+    tmp_path: Path, monkeypatch, caplog
+):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HEADSWAP_CACHE", str(cache))
+    caplog.set_level("INFO", logger="headswap.core.decodable")
+    folder = make_image_folder(tmp_path / "images", per_class=8)
+    manifest, skipped = manifests.ingest_image_folder(folder, seed=0)
+    total = len(manifest)
+    assert skipped.empty and _memo_rows(cache) == total
+    assert "already found decodable" not in caplog.text
+
+    caplog.clear()
+    again, skipped = manifests.ingest_image_folder(folder, seed=0)
+    pd.testing.assert_frame_equal(again, manifest)
+    assert f"{total} of {total} image files already found decodable" in caplog.text
+    assert "decoding the other 0" in caplog.text
+
+    # a file rewritten in place (truncated) is decoded again, and reported
+    broken = Path(manifest["path"].iloc[0])
+    broken.write_bytes(broken.read_bytes()[:40])
+    caplog.clear()
+    again, skipped = manifests.ingest_image_folder(folder, seed=0)
+    assert f"{total - 1} of {total} image files already found decodable" in caplog.text
+    assert skipped["path"].tolist() == [str(broken)]
+    assert "cannot be decoded" in skipped["reason"].iloc[0]
+    assert len(again) == total - 1
+
+
+def test_jpegs_are_checked_as_training_decodes_them(tmp_path: Path, monkeypatch):
+    """The ingest check decodes JPEGs at an eighth of their size: it must reject exactly the
+    files the full decoder rejects, including a JPEG cut just before its end and one whose
+    compressed data is damaged."""
+    monkeypatch.setenv("HEADSWAP_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(96, 128, 3), dtype=np.uint8)
+    encoded = tf.io.encode_jpeg(pixels, quality=90).numpy()
+    progressive = tmp_path / "progressive.jpg"
+    Image.fromarray(pixels).save(progressive, "JPEG", progressive=True)
+    damaged = bytearray(encoded)
+    damaged[len(encoded) // 2 : len(encoded) // 2 + 64] = b"\xff" * 64
+    files = {"whole.jpg": encoded, "cut_at_end.jpg": encoded[:-12],
+             "cut_in_half.jpg": encoded[: len(encoded) // 2], "damaged.jpg": bytes(damaged),
+             "header_only.jpg": encoded[:300]}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    paths = [str(tmp_path / name) for name in files] + [str(progressive)]
+    expected = {path for path in paths if manifests.bytes_problem(Path(path).read_bytes())}
+    assert str(tmp_path / "whole.jpg") not in expected and str(progressive) not in expected
+    assert str(tmp_path / "cut_in_half.jpg") in expected
+    assert set(manifests.find_unreadable(paths)) == expected
+
+
+def test_a_memo_that_cannot_be_used_is_left_out(tmp_path: Path, monkeypatch):
+    folder, faulty = make_messy_folder(tmp_path / "images")
+    blocked = tmp_path / "a file"
+    blocked.write_text("not a folder")
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / decodable.MEMO_FILE).write_bytes(b"this is no SQLite database" * 40)
+    for cache in (blocked / "cache", garbage):
+        monkeypatch.setenv("HEADSWAP_CACHE", str(cache))
+        for _ in range(2):
+            manifest, skipped = manifests.ingest_image_folder(folder, seed=0)
+            assert {Path(p).name for p in skipped["path"]} == set(faulty)
+            assert len(manifest) == len(MESSY_CLASSES) * PER_CLASS

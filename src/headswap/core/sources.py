@@ -156,11 +156,9 @@ def _from_folder(
         entries = [(fs.unstrip_protocol(path), path[len(prefix):].split("/"), _etag(info))
                    for path, info in sorted(found.items()) if path.startswith(prefix)]
     else:
-        folder = Path(location)
-        if not folder.is_dir():
+        if not os.path.isdir(location):
             raise FileNotFoundError(location)
-        entries = [(str(p), list(p.relative_to(folder).parts), "")
-                   for p in sorted(folder.rglob("*")) if p.is_file()]
+        entries = _walk(location)
     rows, skipped, versions = [], [], {}
     entries = [e for e in entries if not any(part.startswith(".") for part in e[1])]
     top = {parts[0].lower() for _, parts, _ in entries if len(parts) > 1}
@@ -182,6 +180,24 @@ def _from_folder(
             versions[path] = version
     files = pd.DataFrame(rows, columns=["path", "label", "split"])
     return files, pd.DataFrame(skipped, columns=SKIPPED_COLUMNS), versions
+
+
+def _walk(folder: str) -> list[tuple[str, list[str], str]]:
+    """``(path, parts of the path under folder, "")`` of every file under the local ``folder``
+    (links to files followed, to folders not, as ``Path.rglob``), sorted by those parts."""
+    entries: list[tuple[str, list[str], str]] = []
+
+    def visit(path: str, under: list[str]) -> None:
+        with os.scandir(path) as listing:
+            for entry in listing:
+                if entry.is_dir(follow_symlinks=False):
+                    visit(entry.path, [*under, entry.name])
+                elif entry.is_file():
+                    entries.append((entry.path, [*under, entry.name], ""))
+
+    visit(str(Path(folder)), [])
+    entries.sort(key=lambda entry: entry[1])
+    return entries
 
 
 def _find(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, Any]]:
