@@ -10,14 +10,18 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
+from PIL import Image
 
+from headswap.core.evaluation import predict_split
 from headswap.core.export import FORMATS, export_model, export_saved_model
 from headswap.core.export_check import (
     LATENCY_IMAGES,
     TFLiteModel,
     check_exports,
+    check_on_split,
     disagreements,
     figures,
     onnx_predict,
@@ -325,3 +329,39 @@ def test_op_without_tflite_or_onnx_kernel_is_named(tmp_path):
     lines = disagreements(table)
     assert len(lines) == 2 and lines[0].startswith("tflite was not written: The model uses")
     assert "onnx was not written: ONNX conversion failed: No Op registered" in lines[1]
+
+
+def test_the_check_on_a_split_takes_the_models_probabilities_from_its_predictions(
+    exported, tmp_path
+):
+    """With the run's test predictions, the check reads the Keras probabilities from them
+    (the same table as computing them) instead of running the model again."""
+    rows = []
+    for i, (image, label) in enumerate(zip(exported.images[:60], exported.labels[:60],
+                                           strict=True)):
+        path = tmp_path / CLASS_NAMES[label] / f"{i:03d}.png"
+        path.parent.mkdir(exist_ok=True)
+        pixels = image.round().astype("uint8")
+        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+        rows.append((str(path), CLASS_NAMES[label], "test"))
+    manifest = pd.DataFrame(rows, columns=["path", "label", "split"])
+    predictions = predict_split(exported.model, manifest, "test", (SIZE, SIZE))
+    computed = check_on_split(exported.model, exported.paths, manifest, (SIZE, SIZE), 250)
+    read = check_on_split(exported.model, exported.paths, manifest, (SIZE, SIZE), 250,
+                          predictions=predictions)
+    same = ["format", "images", "accuracy", "agreement", "within_tolerance"]
+    pd.testing.assert_frame_equal(read[same], computed[same])
+    np.testing.assert_allclose(read["max_prob_diff"], computed["max_prob_diff"], atol=1e-5)
+    assert (read["images"] == 60).all() and read["within_tolerance"][1:].all()
+    # the reference is the table's: probabilities moved one class over disagree with every
+    # export, and the Keras row's accuracy is the table's
+    columns = [f"p[{name}]" for name in CLASS_NAMES]
+    moved = predictions.copy()
+    moved[columns] = np.roll(predictions[columns].to_numpy(), 1, axis=1)
+    table = check_on_split(exported.model, exported.paths, manifest, (SIZE, SIZE), 250,
+                           predictions=moved).set_index("format")
+    labels = manifest["label"].map(CLASS_NAMES.index).to_numpy()
+    assert table.loc["keras", "accuracy"] == pytest.approx(
+        np.mean(moved[columns].to_numpy().argmax(axis=1) == labels))
+    assert (table.loc[list(FORMATS), "agreement"] < 0.5).all()
+    assert not table.loc[list(FORMATS), "within_tolerance"].any()

@@ -32,14 +32,15 @@ def unreadable(paths: list[str], check: Callable[[list[str]], dict[str, str]]) -
     """``check(paths)`` (``{path: reason}`` of the local files that cannot be decoded) for the
     ``paths`` the memo does not hold at their current stamp; those ``check`` passes are
     recorded."""
-    stamps = {os.path.abspath(path): _stamp(path) for path in paths}
+    absolute = {path: os.path.abspath(path) for path in paths}
+    stamps = {absolute[path]: _stamp(path) for path in paths}
     known = _recorded(stamps)
-    todo = [path for path in paths if os.path.abspath(path) not in known]
+    todo = [path for path in paths if absolute[path] not in known]
     if known:
         logger.info("%s of %s image files already found decodable (unchanged since); "
                     "decoding the other %s", len(known), len(paths), len(todo))
     problems = check(todo)
-    passed = (os.path.abspath(path) for path in todo if path not in problems)
+    passed = (absolute[path] for path in todo if path not in problems)
     _record({path: stamps[path] for path in passed if stamps[path] is not None})
     return problems
 

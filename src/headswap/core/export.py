@@ -70,8 +70,9 @@ input and output. The input's range is fixed at the pixel range 0-255 (scale 1, 
 steps of 1/256 (``probability = (int8 + 128) / 256``). Both are in the file's tensor details
 (``quantization``); :func:`headswap.core.export_check.tflite_predict` applies them.
 
-How the ONNX file is made: ``tf2onnx.convert.from_function`` converts the same inference
-function as the SavedModel's (``model(images, training=False)``), with a free batch size,
+How the ONNX file is made: ``tf2onnx.convert.from_function`` converts the SavedModel's own
+inference function (``model(images, training=False)``, traced once for both), with a free
+batch size,
 to ONNX opset :data:`ONNX_OPSET`; run it with onnxruntime
 (:func:`headswap.core.export_check.onnx_predict`)::
 
@@ -139,8 +140,15 @@ def export_saved_model(
     new, empty, or a previous export, which is replaced.
     """
     _check(model, class_names, resize, image_size)
+    return _saved_model_with_metadata(model, folder, class_names, resize, image_size)
+
+
+def _saved_model_with_metadata(
+    model: keras.Model, folder: str | Path, class_names: Sequence[str], resize: str,
+    image_size: tuple[int, int] | None, serve: Any = None,
+) -> Path:
     folder = _prepare_folder(folder)
-    _write_saved_model(model, folder)
+    _write_saved_model(model, folder, serve)
     _write_metadata(folder, model, class_names, resize, image_size)
     return folder
 
@@ -181,13 +189,14 @@ def export_model(
     timings = {} if timings is None else timings
     with tempfile.TemporaryDirectory(prefix="headswap_export_") as tmp:
         started = time.perf_counter()
+        serve = _inference_function(model)
         if "saved_model" in chosen:
-            saved_model = export_saved_model(model, folder / SAVED_MODEL_FOLDER, class_names,
-                                             resize, image_size)
+            saved_model = _saved_model_with_metadata(model, folder / SAVED_MODEL_FOLDER,
+                                                     class_names, resize, image_size, serve)
             paths["saved_model"] = saved_model
             timings["saved_model"] = time.perf_counter() - started
         elif any(name in TFLITE_FILES for name in chosen):
-            saved_model = _write_saved_model(model, Path(tmp) / SAVED_MODEL_FOLDER)
+            saved_model = _write_saved_model(model, Path(tmp) / SAVED_MODEL_FOLDER, serve)
         for name in chosen:
             started = time.perf_counter()
             if name == "saved_model":
@@ -195,7 +204,7 @@ def export_model(
             path = folder / TFLITE_FILES.get(name, ONNX_FILE)
             try:
                 content = (_convert_saved_model(saved_model, name, representative)
-                           if name in TFLITE_FILES else _convert_onnx(model))
+                           if name in TFLITE_FILES else _convert_onnx(serve))
             except (ValueError, RuntimeError) as err:
                 if failures is None:
                     raise
@@ -226,20 +235,27 @@ def _write_metadata(
                         channels, resize)
 
 
-def _write_saved_model(model: keras.Model, folder: Path) -> Path:
-    """Write ``model(images, training=False)`` as a SavedModel in ``folder`` (signatures
-    ``serve`` and ``serving_default``, input named as the model's input); return ``folder``."""
-    spec = model.inputs[0]
-    signature = [tf.TensorSpec(tuple(spec.shape), spec.dtype, name=spec.name)]
-
-    def serve(images: tf.Tensor) -> tf.Tensor:
-        return model(images, training=False)
-
+def _write_saved_model(model: keras.Model, folder: Path, serve: Any = None) -> Path:
+    """Write ``model(images, training=False)`` (``serve``, :func:`_inference_function`, made
+    if not given) as a SavedModel in ``folder`` (signatures ``serve`` and
+    ``serving_default``, input named as the model's input); return ``folder``."""
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serve", serve, input_signature=signature)
+    archive.add_endpoint("serve", serve or _inference_function(model))
     archive.write_out(str(folder), verbose=False)
     return folder
+
+
+def _inference_function(model: keras.Model) -> Any:
+    """``model(images, training=False)`` as a traced ``tf.function`` of the model's input
+    (any batch size, the input named as the model's): the SavedModel's endpoint and the
+    function ONNX is converted from, traced once for both."""
+    spec = model.inputs[0]
+    signature = [tf.TensorSpec((None, *spec.shape[1:]), spec.dtype, name=spec.name)]
+    serve = tf.function(lambda images: model(images, training=False),
+                        input_signature=signature, autograph=False)
+    serve.get_concrete_function()
+    return serve
 
 
 def _convert_saved_model(
@@ -289,26 +305,27 @@ def _representative(images: np.ndarray) -> Any:
     return batches
 
 
-def _convert_onnx(model: keras.Model) -> bytes:
-    """The ONNX model (opset :data:`ONNX_OPSET`) of ``model(images, training=False)``, input
-    ``images`` (any batch size), output ``probabilities``, converted by tf2onnx."""
+def _convert_onnx(serve: Any) -> bytes:
+    """The ONNX model (opset :data:`ONNX_OPSET`) of ``serve`` (:func:`_inference_function`:
+    its trace is reused), input ``images`` (any batch size), output ``probabilities``,
+    converted by tf2onnx."""
     import onnx
     import tf2onnx
 
-    spec = model.inputs[0]
-    signature = [tf.TensorSpec((None, *spec.shape[1:]), spec.dtype, name=ONNX_INPUT)]
-    serve = tf.function(lambda images: model(images, training=False))
     try:
-        proto, _ = tf2onnx.convert.from_function(serve, input_signature=signature,
+        proto, _ = tf2onnx.convert.from_function(serve, input_signature=serve.input_signature,
                                                  opset=ONNX_OPSET)
         # tf2onnx keeps an op it cannot convert as it is, which no ONNX runtime can run
         onnx.checker.check_model(proto)
     except Exception as err:  # tf2onnx raises plain exceptions for what it cannot convert
         raise RuntimeError(f"ONNX conversion failed: {first_line(err)}") from err
-    (output,) = proto.graph.output
-    for node in proto.graph.node:  # tf2onnx names the output after the graph (Identity:0)
-        node.output[:] = [ONNX_OUTPUT if name == output.name else name for name in node.output]
-    output.name = ONNX_OUTPUT
+    # tf2onnx names the input as the function's and the output after the graph (Identity:0)
+    renamed = {proto.graph.input[0].name: ONNX_INPUT, proto.graph.output[0].name: ONNX_OUTPUT}
+    for node in proto.graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+        node.output[:] = [renamed.get(name, name) for name in node.output]
+    for value in (proto.graph.input[0], proto.graph.output[0]):
+        value.name = renamed[value.name]
     return proto.SerializeToString()
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from headswap.core import data
+from headswap.core import data, manifests
 from headswap.core.bases import input_spec
 from headswap.core.errors import first_line
 from headswap.core.export import FORMATS, ONNX_OUTPUT, SERVING_SIGNATURE
@@ -208,6 +208,8 @@ def check_exports(
     against ``model`` on ``batches`` of (raw pixels, label indices): one row per format
     (:data:`COLUMNS`), after a ``keras`` row, the reference, with the Keras model's accuracy.
 
+    A batch may hold a third array, the model's own probabilities for its images (e.g. read
+    from the run's test predictions): they are the reference then, and ``model`` is not run.
     ``export_seconds`` (as ``export_model``'s ``timings``) fills ``export_s``; ``check_s`` is
     the time each file took to load, predict every image and time its latency (the first
     ``latency_images`` images, one at a time). A format in ``failures`` (as ``export_model``'s:
@@ -224,10 +226,10 @@ def check_exports(
         seconds[name] = time.perf_counter() - started
     tallies = {name: _Tally() for name in ["keras", *paths]}
     timed: list[np.ndarray] = []  # the first images, for the latency
-    for images, labels in batches:
+    for images, labels, *given in batches:
         images, labels = np.asarray(images, dtype=np.float32), np.asarray(labels)
         timed.extend(images[: latency_images - len(timed)])
-        reference = np.asarray(model.predict_on_batch(images))
+        reference = np.asarray(given[0] if given else model.predict_on_batch(images))
         tallies["keras"].add(reference, reference, labels)
         for name, export in list(loaded.items()):
             started = time.perf_counter()
@@ -271,15 +273,38 @@ def check_on_split(
     export_seconds: Mapping[str, float] | None = None,
     failures: Mapping[str, str] | None = None,
     split: str = "test",
+    predictions: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """:func:`check_exports` on ``count`` images at most of one split of a manifest (a
-    seeded sample when the split has more), read as ``resize`` says."""
+    seeded sample when the split has more), read as ``resize`` says. ``predictions``, the
+    model's predictions table of that split
+    (:func:`headswap.core.evaluation.predictions_table`), gives the Keras probabilities
+    instead of a pass of the model, when it has every image chosen."""
     chosen = manifest_sample(manifest, split, count, seed)
     others = manifest[manifest["split"] != split]  # keeps every class name, in order
-    batches = data.make_dataset(pd.concat([others, chosen]), split, image_size,
-                                input_spec(model)[2], batch_size, resize=resize)
+    batches: Iterable[tuple[Any, ...]] = data.make_dataset(
+        pd.concat([others, chosen]), split, image_size, input_spec(model)[2], batch_size,
+        resize=resize)
+    reference = _probabilities(predictions, chosen["path"], manifests.class_names(manifest))
+    if reference is not None:
+        batches = ((images, labels, reference[start : start + len(labels)])
+                   for start, (images, labels) in zip(range(0, len(chosen), batch_size),
+                                                      batches, strict=True))
     return check_exports(model, paths, batches if len(chosen) else [], export_seconds,
                          failures)
+
+
+def _probabilities(predictions: pd.DataFrame | None, paths: pd.Series,
+                   class_names: list[str]) -> np.ndarray | None:
+    """The rows of ``paths`` of a predictions table, as probabilities in ``class_names``'
+    order; None without a table or when it lacks one of them."""
+    columns = [f"p[{name}]" for name in class_names]
+    if predictions is None or not set(columns) <= set(predictions.columns):
+        return None
+    table = predictions.drop_duplicates("path").set_index("path")
+    if not paths.isin(table.index).all():
+        return None
+    return table.loc[paths.to_numpy(), columns].to_numpy(dtype=np.float32)
 
 
 def representative_images(

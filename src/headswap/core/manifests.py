@@ -157,8 +157,9 @@ def ingest(
     A CSV gives each image's label and, in an optional ``split`` column, its split (the same
     rules: train and test given, val carved out of train when absent).
 
-    Every image is decoded once (a remote one from its local cached copy); files that cannot
-    be are left out before splitting and returned as the skipped table (``path``,
+    Every image is decoded once (a remote one from its local cached copy; one found decodable
+    by an earlier ingest, unchanged since, not again); files that cannot be are left out
+    before splitting and returned as the skipped table (``path``,
     ``reason``); the split depends only on the readable files and ``seed``. Hidden files and
     folders, files that are no images (e.g. ``notes.txt``) and images outside any class
     folder are ignored.

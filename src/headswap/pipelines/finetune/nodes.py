@@ -239,14 +239,16 @@ def summarise_training(*histories: History) -> tuple[Figure, dict[str, list[dict
 
 
 def export_model(
-    model: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig
+    model: keras.Model, manifest: pd.DataFrame, config: FinetuneConfig,
+    test_predictions: pd.DataFrame | None = None,
 ) -> tuple[dict[str, bytes], pd.DataFrame, Metrics]:
     """The fine-tuned model exported in ``finetune.export.formats`` (SavedModel, TFLite
     float32, dynamic-range and full-integer int8, ONNX), each with its ``labels.txt`` and
     ``preprocessing.json`` (image size, channels, resize mode); each export scored against the
     model on ``export.check_images`` test images at most (accuracy, top-1 agreement, largest
-    probability difference, size, latency, the seconds its export and check took), as a table
-    and as metrics ``export.<format>.<figure>``. An export outside its tolerance, or that
+    probability difference, size, latency, the seconds its export and check took; the model's
+    own probabilities read from ``test_predictions``), as a table and as metrics
+    ``export.<format>.<figure>``. An export outside its tolerance, or that
     could not be written or run, is logged as a warning (the other formats are written)."""
     export, size, resize = config.export, config.data.image_size, config.data.resize
     if not export.formats:
@@ -264,7 +266,7 @@ def export_model(
                                      resize, size, representative, timings, failures)
         table = export_check.check_on_split(model, paths, manifest, size, export.check_images,
                                             config.data.batch_size, resize, config.seed, timings,
-                                            failures)
+                                            failures, predictions=test_predictions)
         files = {p.relative_to(tmp).as_posix(): p.read_bytes()
                  for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
     for line in export_check.summaries(table):

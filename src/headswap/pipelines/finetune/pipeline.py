@@ -115,7 +115,7 @@ def packaging() -> Pipeline:
                              "images_name", "finetune_config", "calibration_report",
                              "ood_statistics"],
              "model_registry", name="publish_model"),
-        Node(export_model, [LAST, "manifest", "finetune_config"],
+        Node(export_model, [LAST, "manifest", "finetune_config", "test_predictions"],
              ["model_exports", "export_checks", "export_metrics"], name="export_model"),
         Node(describe_preprocessing, [LAST, "finetune_config", "calibration_report",
                                       "ood_statistics"],
