@@ -13,17 +13,13 @@ test images.
 Latency is the median wall time of one image (batch 1) over :data:`LATENCY_IMAGES` images, in
 milliseconds, after one warm-up call, each runtime with its default number of threads.
 
-How a TFLite file is run (:class:`TFLiteModel`): TensorFlow 2.21 still ships
-``tf.lite.Interpreter``, but it warns that it is deprecated in favour of the interpreter of
-the ``ai-edge-litert`` package (``from ai_edge_litert.interpreter import Interpreter``, the
-same API). That package (2.3.0) installs from PyPI beside TensorFlow 2.21 and gives the
-same probabilities on these files; it has no SavedModel converter, so converting stays with
-``tf.lite.TFLiteConverter``. This module runs files with TensorFlow's interpreter, silencing
-its deprecation warning: it needs no extra dependency and is the release of the converter
-that wrote the file. Where a later TensorFlow no longer has ``tf.lite.Interpreter``, it
-uses ``ai_edge_litert``'s instead (``pip install ai-edge-litert``). An ONNX file is run with
-onnxruntime on the CPU (:class:`OnnxModel`), a SavedModel with TensorFlow
-(:class:`SavedModelModel`, its ``serving_default`` signature, as TensorFlow Serving does).
+How a TFLite file is run (:class:`TFLiteModel`): with TensorFlow's ``tf.lite.Interpreter``
+(deprecated in favour of ``ai_edge_litert.interpreter.Interpreter``, the same API, which gives
+the same probabilities on these files; its warning is silenced), the release of the converter
+that wrote the file; where a TensorFlow has none, ``ai_edge_litert``'s
+(``pip install ai-edge-litert``). An ONNX file is run with onnxruntime on the CPU
+(:class:`OnnxModel`), a SavedModel with TensorFlow (:class:`SavedModelModel`, its
+``serving_default`` signature, as TensorFlow Serving does).
 """
 
 from __future__ import annotations
@@ -296,13 +292,11 @@ def check_on_split(
 
 def _probabilities(predictions: pd.DataFrame | None, paths: pd.Series,
                    class_names: list[str]) -> np.ndarray | None:
-    """The rows of ``paths`` of a predictions table, as probabilities in ``class_names``'
-    order; None without a table or when it lacks one of them."""
+    """The probabilities of ``paths`` in a predictions table, in ``class_names``' order; None
+    without a table, or when it lacks one of them."""
     columns = [f"p[{name}]" for name in class_names]
-    if predictions is None or not set(columns) <= set(predictions.columns):
-        return None
-    table = predictions.drop_duplicates("path").set_index("path")
-    if not paths.isin(table.index).all():
+    table = None if predictions is None else predictions.drop_duplicates("path").set_index("path")
+    if table is None or not set(columns) <= set(table.columns) or not paths.isin(table.index).all():
         return None
     return table.loc[paths.to_numpy(), columns].to_numpy(dtype=np.float32)
 
