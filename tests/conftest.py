@@ -52,6 +52,16 @@ def _tracking_uri_variable_kept():
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_of_the_session(tmp_path_factory):
+    """Remote images and the memo of decodable files go to a folder of the test session (the
+    runs and servers the tests start inherit it), not to the user's ``~/.cache/headswap``; a
+    test that needs its own cache sets ``HEADSWAP_CACHE`` itself."""
+    with variable_kept("HEADSWAP_CACHE"):
+        os.environ["HEADSWAP_CACHE"] = str(tmp_path_factory.mktemp("headswap-cache"))
+        yield
+
+
 def draw(kind: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
     """A noisy grayscale picture of a filled circle, a filled square or horizontal stripes."""
     image = rng.normal(40, 15, (size, size))

@@ -421,9 +421,17 @@ def test_jpegs_are_checked_as_training_decodes_them(tmp_path: Path, monkeypatch)
     assert str(tmp_path / "whole.jpg") not in expected and str(progressive) not in expected
     assert str(tmp_path / "cut_in_half.jpg") in expected
     assert set(manifests.find_unreadable(paths)) == expected
+    # a JPEG whose full decode would reach the decoder's size limit fails the quick check too
+    # (then the full decode gives the reason): the limit is on the full size, not an eighth
+    whole = [str(tmp_path / "whole.jpg")]
+    monkeypatch.setattr(manifests, "_JPEG_LIMIT", 96 * 128 * 3)
+    assert manifests._decoded_indices(whole) == set()
+    monkeypatch.setattr(manifests, "_JPEG_LIMIT", 96 * 128 * 3 + 1)
+    assert manifests._decoded_indices(whole) == {0}
 
 
-def test_a_memo_that_cannot_be_used_is_left_out(tmp_path: Path, monkeypatch):
+def test_a_memo_that_cannot_be_used_is_left_out(tmp_path: Path, monkeypatch, caplog):
+    caplog.set_level("WARNING", logger="headswap.core.decodable")
     folder, faulty = make_messy_folder(tmp_path / "images")
     blocked = tmp_path / "a file"
     blocked.write_text("not a folder")
@@ -436,3 +444,5 @@ def test_a_memo_that_cannot_be_used_is_left_out(tmp_path: Path, monkeypatch):
             manifest, skipped = manifests.ingest_image_folder(folder, seed=0)
             assert {Path(p).name for p in skipped["path"]} == set(faulty)
             assert len(manifest) == len(MESSY_CLASSES) * PER_CLASS
+        assert f"memo of decodable files in {cache} cannot be read" in caplog.text
+        caplog.clear()

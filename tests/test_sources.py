@@ -113,3 +113,25 @@ def test_an_image_folder_dataset_saves_without_touching_other_files(tmp_path: Pa
     ImageFolderDataset(str(tmp_path / "generated"), overwrite=True).save({"a/x.png": b"1"})
     ImageFolderDataset(str(tmp_path / "generated"), overwrite=True).save({"b/y.png": b"2"})
     assert [p.name for p in (tmp_path / "generated").rglob("*.png")] == ["y.png"]
+
+
+def test_a_local_folder_is_listed_as_rglob_lists_it(tmp_path: Path, monkeypatch):
+    """The listing gives the files ``sorted(Path.rglob("*"))`` gives, in its order, with
+    links to files followed and links to folders, broken links and link loops left out."""
+    root = tmp_path / "images"
+    for name in ("b c/y.png", "a/x.png", "a/sub/z.png", "A/w.png", ".hidden/q.png", "a/0.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    (root / "a" / "link.png").symlink_to(root / "a" / "x.png")
+    (root / "linked_folder").symlink_to(root / "a")
+    (root / "a" / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "a" / "loop.png").symlink_to(root / "a" / "loop.png")
+    expected = [(str(p), list(p.relative_to(root).parts), "")
+                for p in sorted(root.rglob("*")) if p.is_file()]
+    assert sources._walk(str(root)) == expected
+    assert sources._walk(f"{root}/") == expected
+    assert [parts for _, parts, _ in expected] == [
+        [".hidden", "q.png"], ["A", "w.png"], ["a", "0.png"], ["a", "link.png"],
+        ["a", "sub", "z.png"], ["a", "x.png"], ["b c", "y.png"]]
+    monkeypatch.chdir(root)  # the working folder itself: paths as Path gives them, "a/x.png"
+    assert sources._walk(".") == [(str(Path(*parts)), parts, "") for _, parts, _ in expected]

@@ -2,12 +2,13 @@
 once, not on every run.
 
 A file is remembered by its absolute path and a stamp of what could change its content (size,
-modification and change times, inode) and of the decoder (TensorFlow's version): a file that is
-rewritten, replaced or moved, or a new TensorFlow, is decoded again. The memo is one SQLite file,
-``decodable.sqlite`` in :func:`headswap.core.sources.cache_dir` (``$HEADSWAP_CACHE``), shared
-by the runs and workers of a machine; only decodable files are recorded, so an unreadable one is
-checked, and reported, every time. A memo that cannot be read or written (a read-only cache
-folder, a locked file) is left out: every file is then decoded, as without it.
+modification and change times, inode) and of the check (its version and TensorFlow's): a file
+that is rewritten, replaced or moved, a new check or a new TensorFlow, is decoded again. The
+memo is one SQLite file, ``decodable.sqlite`` in :func:`headswap.core.sources.cache_dir`
+(``$HEADSWAP_CACHE``), shared by the runs and workers of a machine. Only decodable files are
+recorded, so an unreadable one is checked, and reported, every time. A memo that cannot be
+read or written (a read-only cache folder, a locked file) is left out with a warning: every
+file is then decoded, as without it. Rows are never removed; deleting the file forgets them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from headswap.core import sources
 logger = logging.getLogger(__name__)
 
 MEMO_FILE = "decodable.sqlite"
+_CHECK = 2  # the version of the check (2: JPEGs at an eighth of their size); a new one
+# decodes every file again
 _CHUNK = 500  # paths per SELECT (under SQLite's limit of bound parameters)
 
 
@@ -50,14 +53,15 @@ def _stamp(path: str) -> str | None:
         info = os.stat(path)
     except OSError:
         return None
-    return f"{tf.__version__}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}:{info.st_ino}"
+    return (f"{_CHECK}:{tf.__version__}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}:"
+            f"{info.st_ino}")
 
 
 @contextmanager
 def _memo() -> Iterator[sqlite3.Connection]:
     folder = sources.cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    with closing(sqlite3.connect(folder / MEMO_FILE, timeout=60)) as connection:
+    with closing(sqlite3.connect(folder / MEMO_FILE, timeout=10)) as connection:
         connection.execute(
             "CREATE TABLE IF NOT EXISTS decodable (path TEXT PRIMARY KEY, stamp TEXT NOT NULL)")
         yield connection
@@ -76,8 +80,9 @@ def _recorded(stamps: dict[str, str | None]) -> set[str]:
                 marks = ",".join("?" * len(chunk))
                 rows += memo.execute(
                     f"SELECT path, stamp FROM decodable WHERE path IN ({marks})", chunk).fetchall()
-    except (OSError, sqlite3.Error) as err:
-        logger.debug("The memo of decodable files cannot be read (%s); decoding every file", err)
+    except (OSError, ValueError, sqlite3.Error) as err:  # ValueError: a name SQLite cannot take
+        logger.warning("The memo of decodable files in %s cannot be read (%s): every file is "
+                       "decoded", sources.cache_dir(), err)
         return set()
     return {path for path, stamp in rows if stamps.get(path) == stamp}
 
@@ -89,5 +94,6 @@ def _record(stamps: dict[str, str]) -> None:
         with _memo() as memo, memo:
             memo.executemany("INSERT OR REPLACE INTO decodable (path, stamp) VALUES (?, ?)",
                              stamps.items())
-    except (OSError, sqlite3.Error) as err:
-        logger.debug("The memo of decodable files cannot be written (%s)", err)
+    except (OSError, ValueError, sqlite3.Error) as err:
+        logger.warning("The memo of decodable files in %s cannot be written (%s)",
+                       sources.cache_dir(), err)

@@ -71,9 +71,9 @@ steps of 1/256 (``probability = (int8 + 128) / 256``). Both are in the file's te
 (``quantization``); :func:`headswap.core.export_check.tflite_predict` applies them.
 
 How the ONNX file is made: ``tf2onnx.convert.from_function`` converts the SavedModel's own
-inference function (``model(images, training=False)``, traced once for both), with a free
-batch size,
-to ONNX opset :data:`ONNX_OPSET`; run it with onnxruntime
+inference function (``model(images, training=False)``, traced once for both), with the
+model's batch size (free, as the project's models have it), to ONNX opset
+:data:`ONNX_OPSET`; run it with onnxruntime
 (:func:`headswap.core.export_check.onnx_predict`)::
 
     import onnxruntime
@@ -189,7 +189,9 @@ def export_model(
     timings = {} if timings is None else timings
     with tempfile.TemporaryDirectory(prefix="headswap_export_") as tmp:
         started = time.perf_counter()
-        serve = _inference_function(model)
+        # one trace for the SavedModel and ONNX; ONNX alone traces in its own conversion
+        serve = (_inference_function(model)
+                 if any(name != "onnx" for name in chosen) else None)
         if "saved_model" in chosen:
             saved_model = _saved_model_with_metadata(model, folder / SAVED_MODEL_FOLDER,
                                                      class_names, resize, image_size, serve)
@@ -204,7 +206,7 @@ def export_model(
             path = folder / TFLITE_FILES.get(name, ONNX_FILE)
             try:
                 content = (_convert_saved_model(saved_model, name, representative)
-                           if name in TFLITE_FILES else _convert_onnx(serve))
+                           if name in TFLITE_FILES else _convert_onnx(model, serve))
             except (ValueError, RuntimeError) as err:
                 if failures is None:
                     raise
@@ -248,10 +250,10 @@ def _write_saved_model(model: keras.Model, folder: Path, serve: Any = None) -> P
 
 def _inference_function(model: keras.Model) -> Any:
     """``model(images, training=False)`` as a traced ``tf.function`` of the model's input
-    (any batch size, the input named as the model's): the SavedModel's endpoint and the
-    function ONNX is converted from, traced once for both."""
+    (its shape and name): the SavedModel's endpoint and the function ONNX is converted from,
+    traced once for both."""
     spec = model.inputs[0]
-    signature = [tf.TensorSpec((None, *spec.shape[1:]), spec.dtype, name=spec.name)]
+    signature = [tf.TensorSpec(tuple(spec.shape), spec.dtype, name=spec.name)]
     serve = tf.function(lambda images: model(images, training=False),
                         input_signature=signature, autograph=False)
     serve.get_concrete_function()
@@ -305,14 +307,15 @@ def _representative(images: np.ndarray) -> Any:
     return batches
 
 
-def _convert_onnx(serve: Any) -> bytes:
-    """The ONNX model (opset :data:`ONNX_OPSET`) of ``serve`` (:func:`_inference_function`:
-    its trace is reused), input ``images`` (any batch size), output ``probabilities``,
-    converted by tf2onnx."""
+def _convert_onnx(model: keras.Model, serve: Any = None) -> bytes:
+    """The ONNX model (opset :data:`ONNX_OPSET`) of ``model(images, training=False)``
+    (``serve``, :func:`_inference_function`, whose trace is reused, when given), input
+    ``images`` (the model's batch size), output ``probabilities``, converted by tf2onnx."""
     import onnx
     import tf2onnx
 
     try:
+        serve = serve or _inference_function(model)
         proto, _ = tf2onnx.convert.from_function(serve, input_signature=serve.input_signature,
                                                  opset=ONNX_OPSET)
         # tf2onnx keeps an op it cannot convert as it is, which no ONNX runtime can run

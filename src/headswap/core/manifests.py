@@ -71,16 +71,15 @@ def _decoded_indices(paths: list[str]) -> set[int]:
     """Indices of the ``paths`` that :func:`tf.io.decode_image` decodes, found by ``tf.data``
     in parallel (files that fail are dropped from its output, not raised).
 
-    A JPEG is decoded at an eighth of its size (``decode_jpeg``'s ``ratio``): the same library
-    reads and entropy-decodes the whole file, so it fails on the same corrupt or truncated
-    files, in about half the time.
+    A JPEG is decoded at an eighth of its size (``decode_jpeg``'s ``ratio``), in about half
+    the time: the same library reads and entropy-decodes the whole file, so it fails on the
+    same corrupt or truncated files; its full size is checked against the decoder's limit.
     """
 
     def decode(path: tf.Tensor, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         raw = tf.io.read_file(path)
         shape = tf.cond(  # an output that needs the decode: it is not pruned
-            tf.io.is_jpeg(raw),
-            lambda: tf.shape(tf.io.decode_jpeg(raw, ratio=8)),
+            tf.io.is_jpeg(raw), lambda: _jpeg_checked(raw),
             lambda: tf.shape(tf.io.decode_image(raw, channels=0, expand_animations=False)))
         return index, shape
 
@@ -96,6 +95,20 @@ def _decoded_indices(paths: list[str]) -> set[int]:
         decoded.update(int(i) for i in indices.numpy())
         progress.update(len(decoded))
     return decoded
+
+
+def _jpeg_checked(raw: tf.Tensor) -> tf.Tensor:
+    """The shape of the JPEG ``raw`` decoded at an eighth of its size; an error where the
+    full decode fails: the stream (the same library reads all of it) or the full size, over
+    the decoder's limit of :data:`_JPEG_LIMIT` bytes."""
+    full = tf.cast(tf.image.extract_jpeg_shape(raw), tf.int64)
+    small = tf.io.decode_jpeg(raw, ratio=8)
+    with tf.control_dependencies([tf.debugging.assert_less(
+            tf.reduce_prod(full), tf.constant(_JPEG_LIMIT, tf.int64), message="too large")]):
+        return tf.shape(small)
+
+
+_JPEG_LIMIT = 2**29  # bytes of a decoded image TensorFlow's JPEG decoder refuses to reach
 
 
 def find_unreadable(paths: list[str]) -> dict[str, str]:

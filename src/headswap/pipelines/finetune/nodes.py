@@ -63,7 +63,8 @@ def ingest_images(
     reason); their counts as metrics; and the name of what was trained on (the folder's or
     CSV's own name).
 
-    Every image is decoded once here (remote images through the local cache).
+    Every image is decoded once here (remote images through the local cache; files found
+    decodable by an earlier run, unchanged since, not again).
     """
     manifest, skipped = manifests.ingest(
         images, config.data.val_fraction, config.data.test_fraction, config.seed
