@@ -366,22 +366,8 @@ def main() -> None:
                                          "keras_epoch_cpu_ms_per_image"]
     r = medians(remote) if remote else {}
     rows = [
-        ["project local, first run: ingest", m["project_ingest_s"],
-         m["project_ingest_images_per_s"], "", m["project_ingest_cpu_ms_per_image"],
-         m["project_peak_rss_mb"], m["project_load_at_start"]],
-        ["project local, first run: epoch", m["project_epoch_s"], m["project_epoch_images_per_s"],
-         m["project_epoch_images_per_s"] / m["keras_epoch_images_per_s"],
-         m["project_epoch_cpu_ms_per_image"], "", ""],
-        ["project local, first run: ingest + epoch", m["project_total_s"],
-         m["project_total_images_per_s"], m["total_ratio"], "", "", ""],
-        ["project local, later run: ingest", m["later_ingest_s"],
-         m["later_ingest_images_per_s"], "", m["later_ingest_cpu_ms_per_image"],
-         m["later_peak_rss_mb"], m["later_load_at_start"]],
-        ["project local, later run: epoch", m["later_epoch_s"], m["later_epoch_images_per_s"],
-         m["later_epoch_images_per_s"] / m["keras_epoch_images_per_s"],
-         m["later_epoch_cpu_ms_per_image"], "", ""],
-        ["project local, later run: ingest + epoch", m["later_total_s"],
-         m["later_total_images_per_s"], m["later_total_ratio"], "", "", ""],
+        *project_rows(m, "project", "project local, first run", m["total_ratio"]),
+        *project_rows(m, "later", "project local, later run", m["later_total_ratio"]),
         ["Keras local: listing", m["keras_listing_s"], "", "", "", m["keras_peak_rss_mb"],
          m["keras_load_at_start"]],
         ["Keras local: epoch", m["keras_epoch_s"], m["keras_epoch_images_per_s"], 1.0,
@@ -428,6 +414,22 @@ def main() -> None:
         "folder": str(folder), "s3_upload_s": upload_s, "medians": summary, "goals": goals,
         "local_runs": local, "s3_runs": remote,
     }, before)
+
+
+def project_rows(m: dict[str, float], side: str, label: str,
+                 total_ratio: float) -> list[list[Any]]:
+    """The table's ingest, epoch and ingest + epoch rows of one run of the project's side
+    (``side``: the prefix of its figures in ``m``)."""
+    return [
+        [f"{label}: ingest", m[f"{side}_ingest_s"], m[f"{side}_ingest_images_per_s"], "",
+         m[f"{side}_ingest_cpu_ms_per_image"], m[f"{side}_peak_rss_mb"],
+         m[f"{side}_load_at_start"]],
+        [f"{label}: epoch", m[f"{side}_epoch_s"], m[f"{side}_epoch_images_per_s"],
+         m[f"{side}_epoch_images_per_s"] / m["keras_epoch_images_per_s"],
+         m[f"{side}_epoch_cpu_ms_per_image"], "", ""],
+        [f"{label}: ingest + epoch", m[f"{side}_total_s"], m[f"{side}_total_images_per_s"],
+         total_ratio, "", "", ""],
+    ]
 
 
 def median_of(*values: float) -> float:
