@@ -136,7 +136,7 @@ def _find_unreadable(paths: list[str]) -> dict[str, str]:
 def log_skipped(skipped: pd.DataFrame, total: int) -> None:
     """Log how many files were skipped and why (the first few by name)."""
     if skipped.empty:
-        logger.info("All %s image files decoded; none skipped.", total)
+        logger.info("All %s image files can be read; none skipped.", total)
         return
     shown = "\n".join(f"  {row.path}: {row.reason}" for row in skipped.head(_SHOWN).itertuples())
     more = f"\n  ... and {len(skipped) - _SHOWN} more" if len(skipped) > _SHOWN else ""
