@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from common import argument_parser, load, median, table, write_result
+from common import argument_parser, load, medians, table, write_result
 from PIL import Image
 from plain_keras import export as plain_export
 
@@ -100,8 +100,7 @@ def main() -> None:
             print(f"  repeat {i + 1}/{args.repeats}: project {row['project_s']:.1f} s (exports "
                   f"{row['project_export_s']:.1f} s, check {row['project_check_s']:.1f} s), "
                   f"plain {row['plain_s']:.1f} s, ratio {row['ratio']:.3f}", flush=True)
-    figures = {key: median([run[key] for run in runs]) for key in runs[0]
-               if not isinstance(runs[0][key], bool)}
+    figures: dict[str, Any] = medians(runs)
     figures["all_within_tolerance"] = all(run["project_all_within_tolerance"] for run in runs)
     print(table(["", "seconds (median)"], [[key, value] for key, value in figures.items()]))
     write_result("export_cost", {**figures, "repeats": args.repeats, "test_images": TEST,

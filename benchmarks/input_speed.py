@@ -33,7 +33,6 @@ import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from common import argument_parser, load, medians, run_measured, table, write_results
+from common import argument_parser, load, median, medians, run_measured, table, write_results
 
 CLASSES = 10
 IMAGE_SIZE = (160, 160)
@@ -328,8 +327,8 @@ def main() -> None:
         row.update({f"later_{k}": v for k, v in later.items()})
         row.update({f"keras_{k}": v for k, v in keras_side.items()})
         keras_rate = keras_side["epoch_images_per_s"]
-        row["epoch_ratio"] = median_of(project["epoch_images_per_s"],
-                                       later["epoch_images_per_s"]) / keras_rate
+        row["epoch_ratio"] = median([project["epoch_images_per_s"],
+                                     later["epoch_images_per_s"]]) / keras_rate
         row["total_ratio"] = project["total_images_per_s"] / keras_side["total_images_per_s"]
         row["later_total_ratio"] = later["total_images_per_s"] / keras_side["total_images_per_s"]
         local.append(row)
@@ -361,9 +360,9 @@ def main() -> None:
                 shutil.rmtree(cache, ignore_errors=True)
 
     m = medians(local)
-    m["epoch_cpu_ratio"] = median_of(m["project_epoch_cpu_ms_per_image"],
-                                     m["later_epoch_cpu_ms_per_image"]) / m[
-                                         "keras_epoch_cpu_ms_per_image"]
+    m["epoch_cpu_ratio"] = median([m["project_epoch_cpu_ms_per_image"],
+                                   m["later_epoch_cpu_ms_per_image"]]) / m[
+                                       "keras_epoch_cpu_ms_per_image"]
     r = medians(remote) if remote else {}
     rows = [
         *project_rows(m, "project", "project local, first run", m["total_ratio"]),
@@ -430,10 +429,6 @@ def project_rows(m: dict[str, float], side: str, label: str,
         [f"{label}: ingest + epoch", m[f"{side}_total_s"], m[f"{side}_total_images_per_s"],
          total_ratio, "", "", ""],
     ]
-
-
-def median_of(*values: float) -> float:
-    return float(statistics.median(values))
 
 
 def argparse_hidden() -> str:

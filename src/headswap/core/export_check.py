@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from headswap.core import data, manifests
+from headswap.core import data, evaluation, manifests
 from headswap.core.bases import input_spec
 from headswap.core.errors import first_line
 from headswap.core.export import FORMATS, ONNX_OUTPUT, SERVING_SIGNATURE
@@ -273,9 +273,8 @@ def check_on_split(
 ) -> pd.DataFrame:
     """:func:`check_exports` on ``count`` images at most of one split of a manifest (a
     seeded sample when the split has more), read as ``resize`` says. ``predictions``, the
-    model's predictions table of that split
-    (:func:`headswap.core.evaluation.predictions_table`), gives the Keras probabilities
-    instead of a pass of the model, when it has every image chosen."""
+    model's ``predictions_table`` of that split, gives the Keras probabilities instead of a
+    pass of the model, when it has every image chosen."""
     chosen = manifest_sample(manifest, split, count, seed)
     others = manifest[manifest["split"] != split]  # keeps every class name, in order
     batches: Iterable[tuple[Any, ...]] = data.make_dataset(
@@ -292,13 +291,15 @@ def check_on_split(
 
 def _probabilities(predictions: pd.DataFrame | None, paths: pd.Series,
                    class_names: list[str]) -> np.ndarray | None:
-    """The probabilities of ``paths`` in a predictions table, in ``class_names``' order; None
-    without a table, or when it lacks one of them."""
-    columns = [f"p[{name}]" for name in class_names]
-    table = None if predictions is None else predictions.drop_duplicates("path").set_index("path")
-    if table is None or not set(columns) <= set(table.columns) or not paths.isin(table.index).all():
+    """The probabilities of ``paths`` in a predictions table (read by ``predictions_arrays``),
+    in ``class_names``' order; None without a table, or when it lacks one of them."""
+    if predictions is None or not {f"p[{n}]" for n in class_names} <= set(predictions.columns):
         return None
-    return table.loc[paths.to_numpy(), columns].to_numpy(dtype=np.float32)
+    listed, _, probabilities = evaluation.predictions_arrays(predictions, class_names)
+    rows = pd.Series(np.arange(len(listed)), index=listed).groupby(level=0).first()
+    if not paths.isin(rows.index).all():  # then the model is run
+        return None
+    return probabilities[rows.loc[paths.to_numpy()].to_numpy()]
 
 
 def representative_images(
