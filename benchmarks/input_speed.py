@@ -18,7 +18,8 @@ own peak RSS), alternating sides on each repeat:
   ingest + one epoch on ``s3://<bucket>/<folder>`` with an empty ``HEADSWAP_CACHE`` (cold),
   and again with the same cache (warm).
 
-Times are taken inside each subprocess after its imports. Prints a table of the medians;
+Times are taken inside each subprocess after its imports. Prints a table of the medians and
+the fastest epoch of each side over all repeats (the machine's wall times are bimodal);
 writes benchmarks/results/input_speed.json.
 
     python benchmarks/input_speed.py [--images 20000] [--folder /tmp/headswap-input-speed]
@@ -363,6 +364,13 @@ def main() -> None:
     m["epoch_cpu_ratio"] = median([m["project_epoch_cpu_ms_per_image"],
                                    m["later_epoch_cpu_ms_per_image"]]) / m[
                                        "keras_epoch_cpu_ms_per_image"]
+    # the machine's wall times are bimodal (an epoch of either side takes about 3.4 s or about
+    # 5.1 s, whichever it is): the fastest epoch of each side over all repeats compares them
+    # when both ran unhindered, as timeit's minimum does
+    fastest_project = min(min(row["project_epoch_s"], row["later_epoch_s"]) for row in local)
+    fastest_keras = min(row["keras_epoch_s"] for row in local)
+    m["fastest_project_epoch_s"], m["fastest_keras_epoch_s"] = fastest_project, fastest_keras
+    m["fastest_epoch_ratio"] = fastest_keras / fastest_project
     r = medians(remote) if remote else {}
     rows = [
         *project_rows(m, "project", "project local, first run", m["total_ratio"]),
@@ -400,7 +408,11 @@ def main() -> None:
     print(table(["", "seconds", "images/s", "ratio", "CPU ms/image", "peak RSS MiB",
                  "load at start"], rows))
     print(f"epoch CPU per image, project / Keras: {m['epoch_cpu_ratio']:.3f}")
+    print(f"fastest epoch of {args.repeats} repeat(s): project {fastest_project:.2f} s, Keras "
+          f"{fastest_keras:.2f} s, ratio {m['fastest_epoch_ratio']:.3f}")
     goals = {"local_epoch_at_least_keras": m["epoch_ratio"] >= 1.0,
+             "local_fastest_epoch_at_least_keras": m["fastest_epoch_ratio"] >= 1.0,
+             "local_epoch_cpu_at_most_keras": m["epoch_cpu_ratio"] <= 1.0,
              "local_later_ingest_plus_epoch_at_least_keras": m["later_total_ratio"] >= 1.0,
              "local_first_ingest_plus_epoch_at_least_keras": m["total_ratio"] >= 1.0}
     if r:

@@ -24,6 +24,7 @@ from headswap.core.export import export_model
 from headswap.core.images import (
     RESIZE_MODES,
     apply_orientation,
+    decode_for_size,
     exif_orientation,
     may_have_exif,
     resize_image,
@@ -159,6 +160,46 @@ def test_images_that_cannot_hold_exif_are_told_apart_in_a_few_ops_and_read_the_s
     for channels in (1, 3):
         np.testing.assert_array_equal(decoded(jpeg(image, exif), (20, 30), channels),
                                       decoded(plain, (20, 30), channels))
+
+
+def photo(height: int, width: int) -> np.ndarray:
+    """A smooth RGB picture with detail at every scale, like a photo's."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    channels = [np.sin(7 * x + 3 * y), np.cos(5 * y - 2 * x), np.sin(11 * x * y + 1)]
+    return (127.5 + 100 * np.stack(channels, axis=-1)).astype("uint8")
+
+
+@pytest.mark.parametrize("shorter, scale", [(319, 1), (320, 2), (639, 2), (640, 4), (1280, 8)])
+def test_a_jpeg_far_larger_than_the_input_is_decoded_at_a_fraction_as_pil_drafts_it(
+    shorter, scale
+):
+    raw = jpeg(photo(shorter, shorter + 37))
+    got = decode_for_size(tf.constant(raw), (120, 160)).numpy()
+    assert got.shape == (-(-shorter // scale), -(-(shorter + 37) // scale), 3)
+    np.testing.assert_array_equal(got, tf.io.decode_jpeg(raw, ratio=scale).numpy())
+    drafted = Image.open(io.BytesIO(raw))
+    drafted.draft("RGB", (drafted.width // scale, drafted.height // scale))
+    assert np.asarray(drafted).shape == got.shape
+    # within the two decoders' rounding (they differ as much at full size)
+    assert np.abs(np.asarray(drafted, "float32") - got).mean() < 2.0
+    # other formats are decoded whole, however large
+    assert decode_for_size(tf.constant(png(photo(shorter, 400))), (120, 160)).shape == (
+        shorter, 400, 3)
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 8])
+def test_a_large_jpeg_read_at_a_fraction_gives_the_picture_a_full_decode_gives(orientation):
+    raw = jpeg(photo(700, 1000), exif_block(orientation, b"II"))
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(raw))), "float32")
+    for size in ((160, 160), (90, 300), (300, 90)):
+        for resize in RESIZE_MODES:
+            want = resize_image(tf.constant(upright), size, resize).numpy()
+            got = decoded(raw, size, resize=resize)
+            assert got.shape == want.shape
+            assert np.abs(got - want).mean() < 1.0, (size, resize)
+    # a cut file fails as at full size: its entropy-coded data is read whole
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        decoded(raw[: len(raw) // 2], (160, 160))
 
 
 @pytest.mark.parametrize("channels", [1, 3, 4])

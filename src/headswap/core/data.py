@@ -16,6 +16,7 @@ import tensorflow as tf
 from headswap.core import sources
 from headswap.core.images import (
     apply_orientation,
+    decode_for_size,
     exif_orientation,
     may_have_exif,
     resize_image,
@@ -42,7 +43,9 @@ def decode_bytes(
     pixels in [0, 255]: how every image is read, in training and in prediction.
 
     A JPEG is turned upright by its EXIF orientation
-    (:func:`~headswap.core.images.exif_orientation`). Every format and colour mode
+    (:func:`~headswap.core.images.exif_orientation`), and decoded at a fraction of its size
+    when it is far larger than ``image_size``
+    (:func:`~headswap.core.images.decode_for_size`). Every format and colour mode
     ``tf.io.decode_image`` reads gives ``channels`` (1 or 3) channels: grayscale is repeated
     or colour converted to grayscale, alpha is dropped, palettes are expanded and an animated
     GIF gives its first frame. ``resize`` is one of
@@ -52,7 +55,7 @@ def decode_bytes(
     """
     if channels not in _UPRIGHT_WITH_CHANNELS:
         raise ValueError(f"Images are read with 1 or 3 channels, not {channels}.")
-    image = tf.io.decode_image(raw, channels=0, expand_animations=False)
+    image = decode_for_size(raw, image_size)
     # most images have the channels asked for and no EXIF segment: they are used as decoded.
     # Checked after decoding: TensorFlow's executor hands a costly op (the decode) that becomes
     # ready beside cheap ones to another thread, where it queues behind other images' work

@@ -17,7 +17,9 @@ Decoding and resizing stay outside the exported files: beside each ``labels.txt`
 of :data:`headswap.core.images.RESIZE_MODES`: ``stretch`` (resize to exactly that size),
 ``pad`` (fit inside keeping the aspect ratio, centred, black bands: ``tf.image.resize_with_pad``)
 or ``crop`` (cover keeping the aspect ratio, then cut the centre). JPEGs are turned upright by
-their EXIF orientation first. :func:`headswap.core.data.decode_bytes` does all of it;
+their EXIF orientation first, and one at least twice that size is decoded at 1/2, 1/4 or 1/8
+scale (:func:`headswap.core.images.decode_for_size`, PIL's ``Image.draft``).
+:func:`headswap.core.data.decode_bytes` does all of it;
 :meth:`headswap.core.predict.Classifier.from_file` reads the file.
 
 :func:`export_model` writes the chosen formats into one folder::
