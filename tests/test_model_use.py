@@ -21,6 +21,7 @@ import pytest
 
 from headswap.core import data
 from headswap.core.predict import write_labels
+from headswap.project import registry
 from headswap.project.datasets import ClassifierDataset
 from tests.conftest import (
     copy_project,
@@ -281,6 +282,35 @@ def _champion(project: Path) -> str:
 
 def _decision(project: Path) -> dict:
     return json.loads(latest(project, "data/08_reporting/model_registry.json").read_text())
+
+
+def test_an_equal_accuracy_does_not_take_the_alias_from_the_champion(tmp_path: Path):
+    """The champion's accuracy comes back from its tag, rounded: 1/3 is a tie with 0.333333,
+    on the same test split and when the champion is scored again on another."""
+    earlier = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        client = mlflow.MlflowClient()
+        client.create_registered_model("thirds")
+        for _ in range(3):
+            client.create_model_version("thirds", source=str(tmp_path))
+        registry.tag_version("thirds", "1", {"test_accuracy": registry.score_tag(1 / 3),
+                                             "test_split_digest": "split-a"})
+        client.set_registered_model_alias("thirds", registry.CHAMPION, "1")
+
+        def unused(uri: str) -> float:
+            raise AssertionError(f"the champion was scored again ({uri}) on its own split")
+
+        tie = registry.elect_champion("thirds", "2", 1 / 3, "split-a", unused)
+        assert tie["promoted"] is False and tie["champion"] == "1"
+        assert "0.3333 does not beat version 1's 0.3333" in tie["reason"]
+        rescored = registry.elect_champion("thirds", "2", 1 / 3, "split-b", lambda uri: 1 / 3)
+        assert rescored["promoted"] is False
+        better = registry.elect_champion("thirds", "3", 1 / 3 + 1 / 300, "split-a", unused)
+        assert better["promoted"] is True
+        assert str(client.get_model_version_by_alias("thirds", registry.CHAMPION).version) == "3"
+    finally:
+        mlflow.set_tracking_uri(earlier)
 
 
 def test_the_champion_alias_moves_only_to_a_better_model(project: Path):

@@ -21,6 +21,14 @@ from mlflow.exceptions import MlflowException
 logger = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+SCORE_DIGITS = 6
+"""Decimals of the scores tagged on a version: a new version is compared with the champion's
+tag at that precision, so that an equal accuracy (1/3 against its tag 0.333333) is a tie."""
+
+
+def score_tag(score: float) -> str:
+    """``score`` as it is tagged on a version (:data:`SCORE_DIGITS` decimals)."""
+    return f"{score:.{SCORE_DIGITS}f}"
 
 
 def test_split_digest(manifest: pd.DataFrame) -> str:
@@ -79,7 +87,7 @@ def elect_champion(
                       "compared; set finetune.registry.name to keep models of different "
                       "classes apart")
         else:
-            promote = accuracy > theirs
+            promote = float(score_tag(accuracy)) > float(score_tag(theirs))
             verb = "beats" if promote else "does not beat"
             reason = (f"test accuracy {accuracy:.4f} {verb} version {champion.version}'s "
                       f"{theirs:.4f} on {where}")

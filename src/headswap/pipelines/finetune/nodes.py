@@ -309,8 +309,8 @@ def publish_model(
     digest = registry.test_split_digest(manifest)
     accuracy = float(report["accuracy"])
     registry.tag_version(name, version, {
-        "test_accuracy": f"{accuracy:.6f}",
-        "test_macro_f1": f"{report['macro avg']['f1-score']:.6f}",
+        "test_accuracy": registry.score_tag(accuracy),
+        "test_macro_f1": registry.score_tag(report["macro avg"]["f1-score"]),
         "kedro_run_id": mlflow.MlflowClient().get_run(run.info.run_id).data.tags.get("run_id"),
         "mlflow_run_id": run.info.run_id,
         "manifest_digest": registry.manifest_digest(manifest),
