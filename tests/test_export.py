@@ -5,6 +5,9 @@ and flags one that disagrees."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from headswap.core.converters import helper_result, helpers, offload
 from headswap.core.evaluation import predict_split
 from headswap.core.export import FORMATS, export_model, export_saved_model
 from headswap.core.export_check import (
@@ -316,11 +320,15 @@ def test_op_without_tflite_or_onnx_kernel_is_named(tmp_path):
     with pytest.raises(RuntimeError, match="ONNX conversion failed: No Op registered for "
                                            "BesselI1e"):
         export_model(model, tmp_path / "raised", ["a", "b"], "onnx")
-    # with `failures`, the formats that fail are left out and the others still written
+    # with `failures`, the formats that fail are left out and the others still written; the
+    # first of two TFLite files is converted by a helper process (given two CPUs)
     failures: dict[str, str] = {}
-    paths = export_model(model, tmp_path / "kept", ["a", "b"], ["tflite", "saved_model", "onnx"],
-                         failures=failures)
-    assert list(paths) == ["saved_model"] and list(failures) == ["tflite", "onnx"]
+    paths = export_model(model, tmp_path / "kept", ["a", "b"],
+                         ["tflite", "saved_model", "tflite_quantized", "onnx"], failures=failures)
+    assert list(paths) == ["saved_model"]
+    assert list(failures) == ["tflite", "tflite_quantized", "onnx"]
+    assert failures["tflite"] == failures["tflite_quantized"]
+    del failures["tflite_quantized"]
     assert not (tmp_path / "kept" / "model.onnx").exists()
     images = np.random.default_rng(0).uniform(0, 255, (6, 8, 8, 1)).astype("float32")
     table = check_exports(model, paths, [(images, np.zeros(6, int))], failures=failures)
@@ -329,6 +337,19 @@ def test_op_without_tflite_or_onnx_kernel_is_named(tmp_path):
     lines = disagreements(table)
     assert len(lines) == 2 and lines[0].startswith("tflite was not written: The model uses")
     assert "onnx was not written: ONNX conversion failed: No Op registered" in lines[1]
+
+
+def test_a_conversion_is_made_here_when_the_helper_process_died(exported):
+    saved_model = exported.paths["saved_model"]
+    with helpers(1) as pool:
+        if pool is None:
+            pytest.skip("a single CPU: no helper process")
+        assert isinstance(pool.submit(os._exit, 1).exception(), BrokenProcessPool)
+        assert offload(pool, saved_model, ["tflite"], None) == {}
+    died: Future = Future()
+    died.set_exception(BrokenProcessPool("a helper died"))
+    content, seconds = helper_result(died, saved_model, "tflite", None)
+    assert content == exported.paths["tflite"].read_bytes() and seconds > 0
 
 
 def test_the_check_on_a_split_takes_the_models_probabilities_from_its_predictions(

@@ -3,9 +3,10 @@ devices (a LiteRT/TFLite flatbuffer: float32, with dynamic-range quantization, o
 int8) and for other runtimes (ONNX).
 
 The models take raw pixels (float32, 0-255, shape ``(batch, height, width, channels)``; the
-int8 file: int8, see below) and do their own preprocessing inside, so every exported file
-takes images as they are decoded and resized and gives class probabilities in the order of
-``class_names``, which are written one a line to a ``labels.txt`` file beside them.
+int8 file: int8, see :mod:`headswap.core.converters`) and do their own preprocessing inside,
+so every exported file takes images as they are decoded and resized and gives class
+probabilities in the order of ``class_names``, which are written one a line to a
+``labels.txt`` file beside them.
 :mod:`headswap.core.export_check` runs the files and scores them against the Keras model.
 
 Decoding and resizing stay outside the exported files: beside each ``labels.txt`` a
@@ -43,49 +44,12 @@ it; augmentation layers (``RandomFlip``, ...) default to training, so a model wi
 would be exported augmenting its input, with Dropout on and BatchNormalization on batch
 statistics (and the TFLite converter then refuses their random ops).
 
-How the TFLite file is made: ``tf.lite.TFLiteConverter.from_saved_model`` converts that
-SavedModel's ``serving_default`` with TFLite's built-in ops only. On TensorFlow 2.21 with
-Keras 3 this is the path that both ``TFLiteConverter.from_keras_model`` and Keras' own
-``model.export(format="litert")`` take inside (an ``ExportArchive`` with ``training=False``,
-then ``from_saved_model``), but:
-
-- ``from_keras_model`` reaches into Keras' private modules for that step and, if it fails,
-  falls back silently to its Keras 2 converter, which hides the real error;
-- ``format="litert"`` also allows Select TF ops, so a model with an op that TFLite lacks
-  gives a file that needs the Flex delegate, which a plain LiteRT runtime on a device
-  does not include. With built-in ops only, such a model fails here, at export, with the
-  names of the ops;
-- converting the SavedModel gives a .tflite file that computes exactly what the exported
-  SavedModel serves, and :func:`export_model` converts the SavedModel it has just written
-  instead of exporting the model again.
-
-Dynamic-range quantization (``tf.lite.Optimize.DEFAULT`` without a representative dataset)
-stores the weights of large enough layers as int8 (a file 3-4x smaller); inputs and outputs
-stay float32, and activations are quantized on the fly, so the file is used exactly like
-the float32 one.
-
-Full-integer quantization (``tflite_int8``) also quantizes every activation, with ranges
-measured on a representative set of training images (``representative``), and runs on
-integer-only hardware (microcontrollers, Edge TPU, NPUs): its built-in int8 ops only, int8
-input and output. The input's range is fixed at the pixel range 0-255 (scale 1, zero point
--128: ``int8 = pixel - 128``, exact for 8-bit images); the output is the probabilities in
-steps of 1/256 (``probability = (int8 + 128) / 256``). Both are in the file's tensor details
-(``quantization``); :func:`headswap.core.export_check.tflite_predict` applies them.
-
-How the ONNX file is made: ``tf2onnx.convert.from_function`` converts the SavedModel's own
-inference function (``model(images, training=False)``, traced once for both), with the
-model's batch size (free, as the project's models have it), to ONNX opset
-:data:`ONNX_OPSET`; run it with onnxruntime
-(:func:`headswap.core.export_check.onnx_predict`)::
-
-    import onnxruntime
-    session = onnxruntime.InferenceSession("model.onnx")
-    probabilities = session.run(["probabilities"], {"images": batch})[0]  # float32, 0-255
+How the TFLite and ONNX files are made, and the int8 file's input and output:
+:mod:`headswap.core.converters`.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 import time
@@ -95,10 +59,18 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from headswap.core.bases import check_image_size, input_spec
-from headswap.core.errors import first_line
+from headswap.core.converters import (
+    ConversionFailed,
+    convert_onnx,
+    helper_result,
+    helpers,
+    inference_function,
+    offload,
+    timed,
+    timed_tflite,
+)
 from headswap.core.images import check_resize
 from headswap.core.predict import (
     LABELS_FILE,
@@ -111,13 +83,10 @@ from headswap.core.predict import (
 FORMATS: tuple[str, ...] = ("saved_model", "tflite", "tflite_quantized", "tflite_int8", "onnx")
 """The format names :func:`export_model` accepts."""
 
-SERVING_SIGNATURE = "serving_default"
 SAVED_MODEL_FOLDER = "saved_model"
 TFLITE_FILES = {"tflite": "model.tflite", "tflite_quantized": "model_quantized.tflite",
                 "tflite_int8": "model_int8.tflite"}
 ONNX_FILE = "model.onnx"
-ONNX_OPSET = 17
-ONNX_INPUT, ONNX_OUTPUT = "images", "probabilities"
 
 # What Keras' SavedModel export and :func:`export_saved_model` put in a folder: a folder
 # holding only these is a previous export, which a new export replaces.
@@ -189,35 +158,46 @@ def export_model(
         raise FileExistsError(f"{folder} is a file. Give a folder path to export into.")
     paths: dict[str, Path] = {}
     timings = {} if timings is None else timings
-    with tempfile.TemporaryDirectory(prefix="headswap_export_") as tmp:
+    tflite = [name for name in chosen if name in TFLITE_FILES]
+    with tempfile.TemporaryDirectory(prefix="headswap_export_") as tmp, \
+            helpers(len(tflite) - 1) as pool:
         started = time.perf_counter()
         # one trace for the SavedModel and ONNX; ONNX alone traces in its own conversion
-        serve = (_inference_function(model)
+        serve = (inference_function(model)
                  if any(name != "onnx" for name in chosen) else None)
         if "saved_model" in chosen:
             saved_model = _saved_model_with_metadata(model, folder / SAVED_MODEL_FOLDER,
                                                      class_names, resize, image_size, serve)
             paths["saved_model"] = saved_model
             timings["saved_model"] = time.perf_counter() - started
-        elif any(name in TFLITE_FILES for name in chosen):
+        elif tflite:
             saved_model = _write_saved_model(model, Path(tmp) / SAVED_MODEL_FOLDER, serve)
-        for name in chosen:
-            started = time.perf_counter()
+        # all TFLite files but the last are converted by the helpers, if any, meanwhile
+        offloaded = offload(pool, saved_model, tflite[:-1], representative) if pool else {}
+        for name in sorted(chosen, key=lambda name: name in offloaded):
             if name == "saved_model":
                 continue
             path = folder / TFLITE_FILES.get(name, ONNX_FILE)
             try:
-                content = (_convert_saved_model(saved_model, name, representative)
-                           if name in TFLITE_FILES else _convert_onnx(model, serve))
-            except (ValueError, RuntimeError) as err:
+                if name in offloaded:
+                    content, timings[name] = helper_result(offloaded[name], saved_model,
+                                                           name, representative)
+                else:
+                    content, timings[name] = (
+                        timed_tflite(saved_model, name, representative)
+                        if name in TFLITE_FILES else timed(convert_onnx, model, serve))
+            except ConversionFailed as failed:
                 if failures is None:
-                    raise
-                failures[name], timings[name] = str(err), time.perf_counter() - started
+                    raise failed.error from failed.error.__cause__
+                failures[name], timings[name] = str(failed.error), failed.seconds
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content)
             paths[name] = path
-            timings[name] = time.perf_counter() - started
+    for name in chosen:  # in the order given, as the paths
+        for given in (timings, failures or {}):
+            if name in given:
+                given[name] = given.pop(name)
     if any(name != "saved_model" for name in paths):
         _write_metadata(folder, model, class_names, resize, image_size)
     return {name: paths[name] for name in chosen if name in paths}
@@ -240,98 +220,14 @@ def _write_metadata(
 
 
 def _write_saved_model(model: keras.Model, folder: Path, serve: Any = None) -> Path:
-    """Write ``model(images, training=False)`` (``serve``, :func:`_inference_function`, made
+    """Write ``model(images, training=False)`` (``serve``, :func:`inference_function`, made
     if not given) as a SavedModel in ``folder`` (signatures ``serve`` and
     ``serving_default``, input named as the model's input); return ``folder``."""
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serve", serve or _inference_function(model))
+    archive.add_endpoint("serve", serve or inference_function(model))
     archive.write_out(str(folder), verbose=False)
     return folder
-
-
-def _inference_function(model: keras.Model) -> Any:
-    """``model(images, training=False)`` as a traced ``tf.function`` of the model's input
-    (its shape and name): the SavedModel's endpoint and the function ONNX is converted from,
-    traced once for both."""
-    spec = model.inputs[0]
-    signature = [tf.TensorSpec(tuple(spec.shape), spec.dtype, name=spec.name)]
-    serve = tf.function(lambda images: model(images, training=False),
-                        input_signature=signature, autograph=False)
-    serve.get_concrete_function()
-    return serve
-
-
-def _convert_saved_model(
-    folder: Path, name: str = "tflite", representative: np.ndarray | None = None
-) -> bytes:
-    """The TFLite flatbuffer (format ``name``, one of :data:`TFLITE_FILES`) of the
-    SavedModel's ``serving_default`` signature, with TFLite's built-in ops only:
-    dynamic-range quantized for ``tflite_quantized``, full-integer int8 for ``tflite_int8``
-    (ranges measured on ``representative``)."""
-    converter = tf.lite.TFLiteConverter.from_saved_model(
-        str(folder), signature_keys=[SERVING_SIGNATURE]
-    )
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if name != "tflite":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if name == "tflite_int8":
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = converter.inference_output_type = tf.int8
-        converter.representative_dataset = _representative(representative)
-    try:
-        return converter.convert()
-    except Exception as err:  # tf.lite's ConverterError is not public
-        ops = sorted(set(re.findall(r"'tf\.(\w+)' op is neither", str(err))))
-        if ops:
-            raise ValueError(
-                "The model uses TensorFlow ops that TFLite's built-in ops lack: "
-                f"{', '.join(ops)}. Replace the layers that use them with built-in Keras "
-                "layers, or convert the SavedModel yourself with "
-                "tf.lite.OpsSet.SELECT_TF_OPS (the file then needs the Flex delegate on the "
-                "device)."
-            ) from err
-        raise RuntimeError(f"TFLite conversion failed: {first_line(err)}") from err
-
-
-def _representative(images: np.ndarray) -> Any:
-    """The converter's representative dataset: each image alone, as float32 raw pixels. The
-    first one comes once more with a black and a white pixel in its corner, so that the
-    input's measured range is the whole pixel range, 0-255, whatever the images' own."""
-    images = np.asarray(images, dtype=np.float32)
-    extremes = images[0].copy()
-    extremes[0, 0], extremes[0, -1] = 0.0, 255.0
-
-    def batches() -> Iterable[list[np.ndarray]]:
-        for image in (extremes, *images):
-            yield [image[None]]
-
-    return batches
-
-
-def _convert_onnx(model: keras.Model, serve: Any = None) -> bytes:
-    """The ONNX model (opset :data:`ONNX_OPSET`) of ``model(images, training=False)``
-    (``serve``, :func:`_inference_function`, whose trace is reused, when given), input
-    ``images`` (the model's batch size), output ``probabilities``, converted by tf2onnx."""
-    import onnx
-    import tf2onnx
-
-    try:
-        serve = serve or _inference_function(model)
-        proto, _ = tf2onnx.convert.from_function(serve, input_signature=serve.input_signature,
-                                                 opset=ONNX_OPSET)
-        # tf2onnx keeps an op it cannot convert as it is, which no ONNX runtime can run
-        onnx.checker.check_model(proto)
-    except Exception as err:  # tf2onnx raises plain exceptions for what it cannot convert
-        raise RuntimeError(f"ONNX conversion failed: {first_line(err)}") from err
-    # tf2onnx names the input as the function's and the output after the graph (Identity:0)
-    renamed = {proto.graph.input[0].name: ONNX_INPUT, proto.graph.output[0].name: ONNX_OUTPUT}
-    for node in proto.graph.node:
-        node.input[:] = [renamed.get(name, name) for name in node.input]
-        node.output[:] = [renamed.get(name, name) for name in node.output]
-    for value in (proto.graph.input[0], proto.graph.output[0]):
-        value.name = renamed[value.name]
-    return proto.SerializeToString()
 
 
 def _check(

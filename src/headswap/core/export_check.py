@@ -37,8 +37,9 @@ import tensorflow as tf
 
 from headswap.core import data, evaluation, manifests
 from headswap.core.bases import input_spec
+from headswap.core.converters import ONNX_OUTPUT, SERVING_SIGNATURE
 from headswap.core.errors import first_line
-from headswap.core.export import FORMATS, ONNX_OUTPUT, SERVING_SIGNATURE
+from headswap.core.export import FORMATS
 
 LATENCY_IMAGES = 20
 """Images timed one at a time (batch 1) for an export's latency."""
