@@ -43,7 +43,7 @@ model's batch size (free, as the project's models have it), to ONNX opset
 Each conversion runs on one CPU, most of it in Python (the TFLite converter loads the
 SavedModel twice), so :func:`helpers` starts processes that convert TFLite files beside the
 exporting one, one per other CPU: on two CPUs the five formats take about two thirds of the
-time they take one after the other.
+time they take one after the other (``benchmarks/export_cost.py``).
 """
 
 from __future__ import annotations
