@@ -18,7 +18,13 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from headswap.core.converters import helper_result, helpers, offload
+from headswap.core.converters import (
+    HELPER_MIN_WEIGHTS,
+    helper_result,
+    helpers,
+    offload,
+    timed_tflite,
+)
 from headswap.core.evaluation import predict_split
 from headswap.core.export import FORMATS, export_model, export_saved_model
 from headswap.core.export_check import (
@@ -314,6 +320,8 @@ class BesselLayer(keras.layers.Layer):
 def test_op_without_tflite_or_onnx_kernel_is_named(tmp_path):
     inputs = keras.Input(shape=(8, 8, 1))
     x = keras.layers.Flatten()(BesselLayer()(inputs))
+    for _ in range(HELPER_MIN_WEIGHTS // 2):  # a model large enough for helper processes
+        x = keras.layers.Dense(4)(x)
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
     with pytest.raises(ValueError, match="TFLite's built-in ops lack: BesselI1e"):
         export_model(model, tmp_path / "raised", ["a", "b"], "tflite")
@@ -344,6 +352,8 @@ def test_a_conversion_is_made_here_when_the_helper_process_died(exported):
     with helpers(1) as pool:
         if pool is None:
             pytest.skip("a single CPU: no helper process")
+        converted, _ = pool.submit(timed_tflite, saved_model, "tflite", None).result()
+        assert converted == exported.paths["tflite"].read_bytes()
         assert isinstance(pool.submit(os._exit, 1).exception(), BrokenProcessPool)
         assert offload(pool, saved_model, ["tflite"], None) == {}
     died: Future = Future()

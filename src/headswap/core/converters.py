@@ -41,9 +41,10 @@ model's batch size (free, as the project's models have it), to ONNX opset
     probabilities = session.run(["probabilities"], {"images": batch})[0]  # float32, 0-255
 
 Each conversion runs on one CPU, most of it in Python (the TFLite converter loads the
-SavedModel twice), so :func:`helpers` starts processes that convert TFLite files beside the
-exporting one, one per other CPU: on two CPUs the five formats take about two thirds of the
-time they take one after the other (``benchmarks/export_cost.py``).
+SavedModel twice), so for a model of :data:`HELPER_MIN_WEIGHTS` weight tensors or more
+:func:`helpers` starts processes that convert TFLite files beside the exporting one, one per
+other CPU: on two CPUs the five formats of MobileNetV2 take about two thirds of the time they
+take one after the other (``benchmarks/export_cost.py``).
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ import tensorflow as tf
 
 from headswap.core.errors import first_line
 
+HELPER_MIN_WEIGHTS = 100
+"""Weight tensors of the smallest model whose TFLite files :func:`helpers` convert: a helper
+takes about 5 s to import TensorFlow, as long as a conversion of MobileNetV2 (262 weight
+tensors) takes; the example's model (17) converts in well under a second a file."""
 SERVING_SIGNATURE = "serving_default"
 ONNX_OPSET = 17
 ONNX_INPUT, ONNX_OUTPUT = "images", "probabilities"

@@ -62,6 +62,7 @@ import numpy as np
 
 from headswap.core.bases import check_image_size, input_spec
 from headswap.core.converters import (
+    HELPER_MIN_WEIGHTS,
     ConversionFailed,
     convert_onnx,
     helper_result,
@@ -160,7 +161,7 @@ def export_model(
     timings = {} if timings is None else timings
     tflite = [name for name in chosen if name in TFLITE_FILES]
     with tempfile.TemporaryDirectory(prefix="headswap_export_") as tmp, \
-            helpers(len(tflite) - 1) as pool:
+            helpers(len(tflite) - 1 if len(model.weights) >= HELPER_MIN_WEIGHTS else 0) as pool:
         started = time.perf_counter()
         # one trace for the SavedModel and ONNX; ONNX alone traces in its own conversion
         serve = (inference_function(model)

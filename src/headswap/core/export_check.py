@@ -7,8 +7,7 @@ within :data:`TOLERANCES`. The float formats give Keras' probabilities to float 
 are held to 0.99 agreement and 0.05. ``tflite_quantized`` computes with 8-bit weights but
 float activations: 0.97 and 0.25 (a borderline image may change class). ``tflite_int8`` also
 rounds every activation to 8 bits and its probabilities to steps of 1/256: 0.95 and 0.3. An
-export that disagrees more is broken, or (int8) its representative images were not like the
-test images.
+export that disagrees more is broken, or (int8) its representative images were unlike these.
 
 Latency is the median wall time of one image (batch 1) over :data:`LATENCY_IMAGES` images, in
 milliseconds, after one warm-up call, each runtime with its default number of threads.
