@@ -5,16 +5,17 @@ head of 5 classes; random weights: a conversion's cost does not depend on them) 
 and 100 training JPEGs written once into a temporary folder, alternately in one process:
 
 * project: ``headswap.core.export.export_model`` of all five formats (SavedModel, TFLite
-  float32, dynamic-range and int8, ONNX), then ``export_check.check_on_split`` scoring each on
-  the 250 test images against the model's test predictions (as the pipeline's
-  ``export_model`` node does: the predictions come from the run's ``calibrate`` pass, made
-  here before the clock starts);
+  float32, dynamic-range and int8, ONNX), each scored on the 250 test images against the
+  model's test predictions as soon as it is written (``export_check.split_checks`` and its
+  ``add`` as ``written``), as the pipeline's ``export_model`` node does (the predictions come
+  from the run's ``calibrate`` pass, made here before the clock starts);
+* project unchecked: the same exports without their check;
 * plain: ``benchmarks/plain_keras.py``'s ``export``, the same five files with the public
   converters as one writes them by hand (``model.export``, ``TFLiteConverter``,
   ``tf2onnx.convert.from_keras``), unchecked.
 
-Prints the seconds of each side (median of the repeats), their ratio, and the project's
-seconds per format and for its check; writes benchmarks/results/export_cost.json.
+Prints the seconds of each side (median of the repeats), their ratios, and the project's
+seconds per format for its export and for its check; writes benchmarks/results/export_cost.json.
 
     python benchmarks/export_cost.py [--repeats 3]
 """
@@ -75,7 +76,8 @@ def main() -> None:
         runs = []
         for i in range(args.repeats):
             row: dict[str, Any] = {}
-            for side in ("project", "plain") if i % 2 == 0 else ("plain", "project"):
+            sides = ["project", "project_unchecked", "plain"]
+            for side in sides if i % 2 == 0 else sides[::-1]:
                 folder = Path(tmp) / f"{side}-{i}"
                 started = time.perf_counter()
                 if side == "plain":
@@ -83,23 +85,30 @@ def main() -> None:
                     row["plain_s"] = time.perf_counter() - started
                     continue
                 timings: dict[str, float] = {}
-                paths = export.export_model(classifier, folder, names, export.FORMATS,
-                                            representative=representative, timings=timings)
-                row["project_export_s"] = time.perf_counter() - started
-                checked = time.perf_counter()
-                checks = export_check.check_on_split(classifier, paths, manifest, (SIZE, SIZE),
-                                                     TEST, predictions=predictions)
-                row["project_check_s"] = time.perf_counter() - checked
+                if side == "project_unchecked":
+                    export.export_model(classifier, folder, names, export.FORMATS,
+                                        representative=representative, timings=timings)
+                    row["project_unchecked_s"] = time.perf_counter() - started
+                    continue
+                # as the pipeline's node: each export checked as soon as it is written
+                checks = export_check.split_checks(classifier, manifest, (SIZE, SIZE), TEST,
+                                                   predictions=predictions)
+                export.export_model(classifier, folder, names, export.FORMATS,
+                                    representative=representative, timings=timings,
+                                    written=checks.add)
+                checked = checks.table(export_seconds=timings)
                 row["project_s"] = time.perf_counter() - started
                 row.update({f"project_{name}_s": s for name, s in timings.items()})
+                row.update({f"project_{r.format}_check_s": r.check_s
+                            for r in checked.iloc[1:].itertuples()})
                 row["project_all_within_tolerance"] = bool(
-                    checks["within_tolerance"].iloc[1:].all())
+                    checked["within_tolerance"].iloc[1:].all())
             row["ratio"] = row["project_s"] / row["plain_s"]
-            row["ratio_without_check"] = row["project_export_s"] / row["plain_s"]
+            row["ratio_without_check"] = row["project_unchecked_s"] / row["plain_s"]
             runs.append(row)
-            print(f"  repeat {i + 1}/{args.repeats}: project {row['project_s']:.1f} s (exports "
-                  f"{row['project_export_s']:.1f} s, check {row['project_check_s']:.1f} s), "
-                  f"plain {row['plain_s']:.1f} s, ratio {row['ratio']:.3f}", flush=True)
+            print(f"  repeat {i + 1}/{args.repeats}: project {row['project_s']:.1f} s "
+                  f"(unchecked {row['project_unchecked_s']:.1f} s), plain "
+                  f"{row['plain_s']:.1f} s, ratio {row['ratio']:.3f}", flush=True)
     figures: dict[str, Any] = medians(runs)
     figures["all_within_tolerance"] = all(run["project_all_within_tolerance"] for run in runs)
     print(table(["", "seconds (median)"], [[key, value] for key, value in figures.items()]))

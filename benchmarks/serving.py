@@ -159,8 +159,8 @@ def main() -> None:
     import pandas as pd
 
     from headswap.core import data
-    from headswap.core.export_check import tflite_predict
     from headswap.core.predict import Classifier
+    from headswap.core.runtimes import tflite_predict
 
     with project_copy() as project:
         run_measured(kedro_command("run", "--pipeline", "finetune"), project).check("finetune")

@@ -29,16 +29,15 @@ from headswap.core.evaluation import predict_split
 from headswap.core.export import FORMATS, export_model, export_saved_model
 from headswap.core.export_check import (
     LATENCY_IMAGES,
-    TFLiteModel,
+    ExportChecks,
     check_exports,
     check_on_split,
     disagreements,
     figures,
-    onnx_predict,
     summaries,
-    tflite_predict,
 )
 from headswap.core.predict import LABELS_FILE, read_labels
+from headswap.core.runtimes import TFLiteModel, onnx_predict, tflite_predict
 
 pytestmark = pytest.mark.slow
 
@@ -101,6 +100,7 @@ class Exported:
     keras_probs: np.ndarray  # the Keras model's probabilities for them
     paths: dict[str, Path]
     timings: dict[str, float]
+    written: list[tuple[str, Path, float, bool]]  # export_model's calls of `written`
 
 
 @pytest.fixture(scope="module", params=[1, 3], ids=["gray", "rgb"])
@@ -124,14 +124,19 @@ def exported(request, tmp_path_factory) -> Exported:
     assert accuracy >= 0.9, f"the test model did not learn the shapes ({accuracy:.2f})"
     folder = tmp_path_factory.mktemp(f"export_{channels}")
     timings: dict[str, float] = {}
+    written: list[tuple[str, Path, float, bool]] = []
     paths = export_model(model, folder, CLASS_NAMES, FORMATS, representative=train_x[:100],
-                         timings=timings)
-    return Exported(model, images, labels, keras_probs, paths, timings)
+                         timings=timings, written=lambda name, path, seconds: written.append(
+                             (name, path, seconds, path.exists())))
+    return Exported(model, images, labels, keras_probs, paths, timings, written)
 
 
 def test_export_model_writes_every_format(exported):
     folder = exported.paths["saved_model"].parent
     assert list(exported.paths) == list(FORMATS)
+    # `written` was told of each file once it was there (a model this small has no helpers)
+    assert exported.written == [(name, exported.paths[name], exported.timings[name], True)
+                                for name in FORMATS]
     assert exported.paths == {
         "saved_model": folder / "saved_model",
         "tflite": folder / "model.tflite",
@@ -317,12 +322,18 @@ class BesselLayer(keras.layers.Layer):
         return tf.math.bessel_i1e(inputs)
 
 
-def test_op_without_tflite_or_onnx_kernel_is_named(tmp_path):
+def dense_stack(first: keras.layers.Layer | None = None) -> keras.Model:
+    """A model of 8x8x1 images large enough for helper processes (``HELPER_MIN_WEIGHTS``
+    weight tensors), ``first`` its first layer."""
     inputs = keras.Input(shape=(8, 8, 1))
-    x = keras.layers.Flatten()(BesselLayer()(inputs))
-    for _ in range(HELPER_MIN_WEIGHTS // 2):  # a model large enough for helper processes
+    x = keras.layers.Flatten()(first(inputs) if first else inputs)
+    for _ in range(HELPER_MIN_WEIGHTS // 2):
         x = keras.layers.Dense(4)(x)
-    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    return keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+
+
+def test_op_without_tflite_or_onnx_kernel_is_named(tmp_path):
+    model = dense_stack(BesselLayer())
     with pytest.raises(ValueError, match="TFLite's built-in ops lack: BesselI1e"):
         export_model(model, tmp_path / "raised", ["a", "b"], "tflite")
     with pytest.raises(RuntimeError, match="ONNX conversion failed: No Op registered for "
@@ -331,9 +342,11 @@ def test_op_without_tflite_or_onnx_kernel_is_named(tmp_path):
     # with `failures`, the formats that fail are left out and the others still written; the
     # first of two TFLite files is converted by a helper process (given two CPUs)
     failures: dict[str, str] = {}
+    written: list[str] = []
     paths = export_model(model, tmp_path / "kept", ["a", "b"],
-                         ["tflite", "saved_model", "tflite_quantized", "onnx"], failures=failures)
-    assert list(paths) == ["saved_model"]
+                         ["tflite", "saved_model", "tflite_quantized", "onnx"], failures=failures,
+                         written=lambda name, *_: written.append(name))
+    assert list(paths) == written == ["saved_model"]
     assert list(failures) == ["tflite", "tflite_quantized", "onnx"]
     assert failures["tflite"] == failures["tflite_quantized"]
     del failures["tflite_quantized"]
@@ -345,6 +358,35 @@ def test_op_without_tflite_or_onnx_kernel_is_named(tmp_path):
     lines = disagreements(table)
     assert len(lines) == 2 and lines[0].startswith("tflite was not written: The model uses")
     assert "onnx was not written: ONNX conversion failed: No Op registered" in lines[1]
+
+
+def test_each_export_is_checked_as_soon_as_it_is_written(tmp_path):
+    """With a helper process (two CPUs), `written` gets the SavedModel first, then the files
+    this process converts, then the helper's; checked one by one as they come, the exports
+    get the table that checking them all afterwards gives."""
+    model = dense_stack()
+    rng = np.random.default_rng(0)
+    batches = [(rng.uniform(0, 255, (30, 8, 8, 1)).astype("float32"), rng.integers(0, 2, 30))]
+    checks, order, timings = ExportChecks(model, batches), [], {}
+
+    def written(name: str, path: Path, seconds: float) -> None:
+        assert path.exists() and seconds > 0
+        order.append(name)
+        checks.add(name, path, seconds)
+
+    given = ["tflite", "saved_model", "tflite_quantized", "onnx"]
+    paths = export_model(model, tmp_path / "x", ["a", "b"], given, timings=timings,
+                         written=written)
+    assert list(paths) == list(timings) == given
+    helped = len(os.sched_getaffinity(0)) > 1
+    assert order == (["saved_model", "tflite_quantized", "onnx", "tflite"] if helped
+                     else ["saved_model", "tflite", "tflite_quantized", "onnx"])
+    table = checks.table(export_seconds=timings)
+    after = check_exports(model, paths, batches, timings)
+    same = ["format", "file", "size_mb", "images", "accuracy", "agreement", "max_prob_diff",
+            "export_s", "within_tolerance"]
+    pd.testing.assert_frame_equal(table[same], after[same])
+    assert table["within_tolerance"][1:].all() and (table["check_s"][1:] > 0).all()
 
 
 def test_a_conversion_is_made_here_when_the_helper_process_died(exported):

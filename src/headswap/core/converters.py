@@ -28,13 +28,13 @@ integer-only hardware (microcontrollers, Edge TPU, NPUs): its built-in int8 ops 
 input and output. The input's range is fixed at the pixel range 0-255 (scale 1, zero point
 -128: ``int8 = pixel - 128``, exact for 8-bit images); the output is the probabilities in
 steps of 1/256 (``probability = (int8 + 128) / 256``). Both are in the file's tensor details
-(``quantization``); :func:`headswap.core.export_check.tflite_predict` applies them.
+(``quantization``); :func:`headswap.core.runtimes.tflite_predict` applies them.
 
 How the ONNX file is made: ``tf2onnx.convert.from_function`` converts the SavedModel's own
 inference function (``model(images, training=False)``, traced once for both), with the
 model's batch size (free, as the project's models have it), to ONNX opset
 :data:`ONNX_OPSET`; run it with onnxruntime
-(:func:`headswap.core.export_check.onnx_predict`)::
+(:func:`headswap.core.runtimes.onnx_predict`)::
 
     import onnxruntime
     session = onnxruntime.InferenceSession("model.onnx")
@@ -139,7 +139,8 @@ def helpers(wanted: int) -> Iterator[ProcessPoolExecutor | None]:
             pool.submit(int)
         yield pool
     finally:
-        pool.shutdown(cancel_futures=True)
+        # without waiting for the helpers to exit (a second or so of TensorFlow's teardown)
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _without_gpus() -> None:

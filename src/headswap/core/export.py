@@ -7,7 +7,8 @@ int8 file: int8, see :mod:`headswap.core.converters`) and do their own preproces
 so every exported file takes images as they are decoded and resized and gives class
 probabilities in the order of ``class_names``, which are written one a line to a
 ``labels.txt`` file beside them.
-:mod:`headswap.core.export_check` runs the files and scores them against the Keras model.
+:mod:`headswap.core.runtimes` runs the files, :mod:`headswap.core.export_check` scores them
+against the Keras model.
 
 Decoding and resizing stay outside the exported files: beside each ``labels.txt`` a
 ``preprocessing.json`` says how to bring an image to the model's input, as in training::
@@ -53,7 +54,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,7 @@ def export_model(
     representative: np.ndarray | None = None,
     timings: dict[str, float] | None = None,
     failures: dict[str, str] | None = None,
+    written: Callable[[str, Path, float], Any] | None = None,
 ) -> dict[str, Path]:
     """Export ``model`` in each of ``formats`` (names from :data:`FORMATS`) into ``folder``
     and return ``{format: path}`` in the order given.
@@ -148,6 +150,10 @@ def export_model(
     the activations are measured. ``timings``, if given, gets the seconds each format took.
     ``failures``, if given, gets the reason of each format whose conversion failed, which is
     then left out (the others are still written); without it, such a failure is raised.
+    ``written``, if given, is called with each format's name, path and seconds as soon as it
+    is written: the SavedModel's once the helpers have their conversions, then those of this
+    process, then the helpers' (e.g. :meth:`headswap.core.export_check.ExportChecks.add`,
+    which checks the first files while the helpers convert the last).
     """
     chosen = _check_formats(formats)
     _check(model, class_names, resize, image_size)
@@ -175,6 +181,8 @@ def export_model(
             saved_model = _write_saved_model(model, Path(tmp) / SAVED_MODEL_FOLDER, serve)
         # all TFLite files but the last are converted by the helpers, if any, meanwhile
         offloaded = offload(pool, saved_model, tflite[:-1], representative) if pool else {}
+        if written and "saved_model" in paths:
+            written("saved_model", paths["saved_model"], timings["saved_model"])
         for name in sorted(chosen, key=lambda name: name in offloaded):
             if name == "saved_model":
                 continue
@@ -195,6 +203,8 @@ def export_model(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content)
             paths[name] = path
+            if written:
+                written(name, path, timings[name])
     for name in chosen:  # in the order given, as the paths
         for given in (timings, failures or {}):
             if name in given:

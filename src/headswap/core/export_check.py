@@ -1,6 +1,7 @@
-"""Run the exported files (:mod:`headswap.core.export`) and score each against the Keras model
-it was exported from, on the same labelled images: accuracy, top-1 agreement with the Keras
-model, largest absolute difference of a class probability, file size and latency.
+"""Score each export (:mod:`headswap.core.export`, run by :mod:`headswap.core.runtimes`)
+against the Keras model it was exported from, on the same labelled images: accuracy, top-1
+agreement with the Keras model, largest absolute difference of a class probability, file size
+and latency.
 
 An export is trusted when its top-1 agreement and its largest probability difference are
 within :data:`TOLERANCES`. The float formats give Keras' probabilities to float rounding: they
@@ -12,33 +13,26 @@ export that disagrees more is broken, or (int8) its representative images were u
 Latency is the median wall time of one image (batch 1) over :data:`LATENCY_IMAGES` images, in
 milliseconds, after one warm-up call, each runtime with its default number of threads.
 
-How a TFLite file is run (:class:`TFLiteModel`): with TensorFlow's ``tf.lite.Interpreter``
-(deprecated in favour of ``ai_edge_litert.interpreter.Interpreter``, the same API, which gives
-the same probabilities on these files; its warning is silenced), the release of the converter
-that wrote the file; where a TensorFlow has none, ``ai_edge_litert``'s
-(``pip install ai-edge-litert``). An ONNX file is run with onnxruntime on the CPU
-(:class:`OnnxModel`), a SavedModel with TensorFlow (:class:`SavedModelModel`, its
-``serving_default`` signature, as TensorFlow Serving does).
+:class:`ExportChecks` scores the exports one at a time, as ``export_model`` writes each
+(its ``written`` callback), so that the first are checked while the last are converted.
 """
 
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 from headswap.core import data, evaluation, manifests
 from headswap.core.bases import input_spec
-from headswap.core.converters import ONNX_OUTPUT, SERVING_SIGNATURE
 from headswap.core.errors import first_line
 from headswap.core.export import FORMATS
+from headswap.core.runtimes import OnnxModel, SavedModelModel, TFLiteModel, load_export
 
 LATENCY_IMAGES = 20
 """Images timed one at a time (batch 1) for an export's latency."""
@@ -55,141 +49,72 @@ COLUMNS = ["format", "file", "size_mb", "images", "accuracy", "agreement", "max_
            "within_tolerance", "error"]
 
 
-class TFLiteModel:
-    """A TFLite file, ready to run: float32 input (raw pixels), or int8/uint8 input and
-    output (a full-integer file), which :meth:`predict` quantizes and dequantizes with the
-    file's own scale and zero point."""
+class ExportChecks:
+    """Exports scored against ``model`` one at a time (:meth:`add`) on the same ``batches`` of
+    (raw pixels, label indices), held in memory (250 images of 224x224x3: 150 MB); then
+    :meth:`table`, one row per format (:data:`COLUMNS`) after a ``keras`` row, the reference,
+    with the Keras model's accuracy.
 
-    def __init__(self, path: str | Path):
-        self.path = path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"No TFLite file at {path}. Write one with export_model.")
-        self.interpreter = _interpreter(path)
-        inputs = self.interpreter.get_input_details()
-        outputs = self.interpreter.get_output_details()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ValueError(
-                f"{path} has {len(inputs)} inputs and {len(outputs)} outputs; TFLiteModel runs "
-                "classifiers with one image input and one output, as export_model writes.")
-        self.input, self.output = inputs[0], outputs[0]
-        if self.input["dtype"] != np.float32 and not self.input["quantization"][0]:
-            raise ValueError(
-                f"{path} takes {np.dtype(self.input['dtype']).name} input without a scale; "
-                "TFLiteModel runs files with float32 input (raw pixels) or quantized input, "
-                "as export_model writes.")
-        self.signature = [int(d) for d in self.input["shape_signature"]]
+    A batch may hold a third array, the model's own probabilities for its images (e.g. read
+    from the run's test predictions): they are the reference then, and ``model`` is not run.
+    ``check_s`` is the time each file took to load, predict every image and time its latency
+    (the first ``latency_images`` images, one at a time). A format that its runtime cannot
+    load or run gets a row with its ``error``."""
 
-    def predict(self, images: np.ndarray | Sequence[np.ndarray],
-                batch_size: int = 32) -> np.ndarray:
-        """Class probabilities, shape ``(number of images, number of classes)``, for
-        ``images``: raw pixels (0-255) of shape ``(n, height, width, channels)``, or one image
-        ``(height, width, channels)``. Images go through the interpreter ``batch_size`` at a
-        time (the input tensor is resized to each batch); a file whose batch size is fixed
-        gets batches of that size."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
-        batch = self._batch(images)
-        fixed = self.signature[0] if self.signature[0] > 0 else None
-        step = fixed or batch_size
-        results = []
-        for start in range(0, len(batch), step):
-            chunk = batch[start : start + step]
-            count = len(chunk)
-            if fixed and count < fixed:
-                padding = np.zeros((fixed - count, *chunk.shape[1:]), dtype=np.float32)
-                chunk = np.concatenate([chunk, padding])
-            results.append(self._invoke(chunk)[:count])
-        if not results:
-            return np.zeros((0, int(self.output["shape_signature"][-1])), dtype=np.float32)
-        return np.concatenate(results)
+    def __init__(self, model: keras.Model, batches: Iterable[tuple[Any, ...]],
+                 latency_images: int = LATENCY_IMAGES):
+        self.batches = []
+        reference_tally = _Tally()
+        for images, labels, *given in batches:
+            images, labels = np.asarray(images, dtype=np.float32), np.asarray(labels)
+            reference = np.asarray(given[0] if given else model.predict_on_batch(images))
+            reference_tally.add(reference, reference, labels)
+            self.batches.append((images, labels, reference))
+        self.timed = np.concatenate([b[0] for b in self.batches])[:latency_images] \
+            if self.batches else np.zeros((0,))
+        self.rows = {"keras": reference_tally.row("keras", "", float("nan"), float("nan"))}
 
-    def _batch(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        signature = self.signature
-        given = np.asarray(images, dtype=np.float32)
-        batch = given[None] if given.ndim == len(signature) - 1 else given
-        if batch.ndim != len(signature) or any(
-            want not in (-1, got) for want, got in zip(signature[1:], batch.shape[1:],
-                                                       strict=True)
-        ):
-            wanted = ", ".join("any" if d == -1 else str(d) for d in signature[1:])
-            raise ValueError(
-                f"{self.path.name} takes images of shape ({wanted}) (height, width, "
-                f"channels), as a batch (n, {wanted}); got an array of shape {given.shape}. "
-                "Resize the images to the model's input size and give them its number of "
-                "channels (a grayscale batch of shape (n, height, width) gets its channel "
-                "axis with images[..., None]).")
-        return batch
+    def add(self, name: str, path: str | Path, export_s: float = float("nan")) -> None:
+        """Score the export ``name`` (a format of ``FORMATS``) at ``path``, written in
+        ``export_s`` seconds (as ``export_model``'s ``written`` callback gives them)."""
+        row = {"format": name, "file": Path(path).name, "export_s": export_s}
+        started, tally = time.perf_counter(), _Tally()
+        try:
+            export = load_export(name, path)
+        except Exception as err:  # each runtime raises its own kinds
+            self.rows[name] = {**row, "error": f"could not be loaded: {first_line(err)}",
+                               "within_tolerance": False}
+            return
+        try:
+            for images, labels, reference in self.batches:
+                tally.add(export.predict(images), reference, labels)
+            latency = _latency_ms(export, self.timed) if len(self.timed) else float("nan")
+        except Exception as err:  # each runtime raises its own kinds
+            self.rows[name] = {**row, "error": f"could not be run: {first_line(err)}",
+                               "within_tolerance": False}
+            return
+        least, most = TOLERANCES[name]
+        scored = tally.row(name, row["file"], _size_mb(path), latency)
+        self.rows[name] = {
+            **row, **scored, "check_s": time.perf_counter() - started, "min_agreement": least,
+            "max_diff_allowed": most, "within_tolerance": bool(
+                scored["agreement"] >= least and scored["max_prob_diff"] <= most)
+            if scored["images"] else None}
 
-    def _invoke(self, chunk: np.ndarray) -> np.ndarray:
-        interpreter, inp, out = self.interpreter, self.input, self.output
-        if tuple(interpreter.get_input_details()[0]["shape"]) != chunk.shape:
-            interpreter.resize_tensor_input(inp["index"], list(chunk.shape))
-            interpreter.allocate_tensors()
-        if inp["dtype"] != np.float32:
-            scale, zero = inp["quantization"]
-            limits = np.iinfo(inp["dtype"])
-            chunk = np.clip(np.round(chunk / scale + zero), limits.min, limits.max)
-        interpreter.set_tensor(inp["index"], chunk.astype(inp["dtype"]))
-        interpreter.invoke()
-        result = interpreter.get_tensor(out["index"])
-        if out["dtype"] != np.float32:
-            scale, zero = out["quantization"]
-            return (result.astype(np.float32) - zero) * scale
-        return result.copy()
-
-
-def tflite_predict(
-    path: str | Path, images: np.ndarray | Sequence[np.ndarray], batch_size: int = 32
-) -> np.ndarray:
-    """Class probabilities, shape ``(number of images, number of classes)``, that the
-    TFLite file at ``path`` gives for ``images`` (:meth:`TFLiteModel.predict`)."""
-    return TFLiteModel(path).predict(images, batch_size)
-
-
-class OnnxModel:
-    """An ONNX file written by :func:`headswap.core.export.export_model`, run by
-    onnxruntime on the CPU."""
-
-    def __init__(self, path: str | Path):
-        import onnxruntime
-
-        self.session = onnxruntime.InferenceSession(
-            str(path), providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """Class probabilities for a batch of raw pixels ``(n, height, width, channels)``."""
-        batch = np.asarray(images, dtype=np.float32)
-        return self.session.run([ONNX_OUTPUT], {self.input: batch})[0]
-
-
-def onnx_predict(path: str | Path, images: np.ndarray) -> np.ndarray:
-    """Class probabilities that the ONNX file at ``path`` gives for ``images``."""
-    return OnnxModel(path).predict(images)
-
-
-class SavedModelModel:
-    """An exported SavedModel's ``serving_default`` signature, loaded by TensorFlow."""
-
-    def __init__(self, path: str | Path):
-        self.serving = tf.saved_model.load(str(path)).signatures[SERVING_SIGNATURE]
-        (self.input,) = self.serving.structured_input_signature[1]
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """Class probabilities for a batch of raw pixels ``(n, height, width, channels)``."""
-        batch = tf.constant(np.asarray(images, dtype=np.float32))
-        return next(iter(self.serving(**{self.input: batch}).values())).numpy()
-
-
-def load_export(name: str, path: str | Path) -> TFLiteModel | OnnxModel | SavedModelModel:
-    """The export ``name`` (a format of :data:`headswap.core.export.FORMATS`) at ``path``,
-    ready to ``predict``."""
-    if name == "saved_model":
-        return SavedModelModel(path)
-    if name == "onnx":
-        return OnnxModel(path)
-    return TFLiteModel(path)
+    def table(self, failures: Mapping[str, str] | None = None,
+              export_seconds: Mapping[str, float] | None = None) -> pd.DataFrame:
+        """The rows so far, in the order of ``FORMATS``, with a row for each format in
+        ``failures`` (as ``export_model``'s: not written) naming its reason."""
+        rows = dict(self.rows)
+        for name, reason in (failures or {}).items():
+            rows[name] = {"format": name, "file": "", "error": f"was not written: {reason}",
+                          "within_tolerance": False}
+        for name, seconds in (export_seconds or {}).items():
+            if name in rows:
+                rows[name] = {**rows[name], "export_s": seconds}
+        order = ["keras", *FORMATS]
+        return pd.DataFrame(sorted(rows.values(), key=lambda row: order.index(row["format"])),
+                            columns=COLUMNS)
 
 
 def check_exports(
@@ -201,60 +126,13 @@ def check_exports(
     latency_images: int = LATENCY_IMAGES,
 ) -> pd.DataFrame:
     """Each export of ``paths`` (``{format: path}``, as ``export_model`` returns them) scored
-    against ``model`` on ``batches`` of (raw pixels, label indices): one row per format
-    (:data:`COLUMNS`), after a ``keras`` row, the reference, with the Keras model's accuracy.
-
-    A batch may hold a third array, the model's own probabilities for its images (e.g. read
-    from the run's test predictions): they are the reference then, and ``model`` is not run.
-    ``export_seconds`` (as ``export_model``'s ``timings``) fills ``export_s``; ``check_s`` is
-    the time each file took to load, predict every image and time its latency (the first
-    ``latency_images`` images, one at a time). A format in ``failures`` (as ``export_model``'s:
-    not written) or that its runtime cannot load or run gets a row with its ``error``.
-    """
-    loaded, seconds = {}, {}
-    errors = {name: f"was not written: {reason}" for name, reason in (failures or {}).items()}
+    against ``model`` on ``batches`` (:class:`ExportChecks`); ``export_seconds`` (as
+    ``export_model``'s ``timings``) fills ``export_s``, ``failures`` (as its ``failures``)
+    gives the formats not written."""
+    checks = ExportChecks(model, batches, latency_images)
     for name, path in paths.items():
-        started = time.perf_counter()
-        try:
-            loaded[name] = load_export(name, path)
-        except Exception as err:  # each runtime raises its own kinds
-            errors[name] = f"could not be loaded: {first_line(err)}"
-        seconds[name] = time.perf_counter() - started
-    tallies = {name: _Tally() for name in ["keras", *paths]}
-    timed: list[np.ndarray] = []  # the first images, for the latency
-    for images, labels, *given in batches:
-        images, labels = np.asarray(images, dtype=np.float32), np.asarray(labels)
-        timed.extend(images[: latency_images - len(timed)])
-        reference = np.asarray(given[0] if given else model.predict_on_batch(images))
-        tallies["keras"].add(reference, reference, labels)
-        for name, export in list(loaded.items()):
-            started = time.perf_counter()
-            try:
-                probabilities = export.predict(images)
-            except Exception as err:  # each runtime raises its own kinds
-                errors[name] = f"could not be run: {first_line(err)}"
-                del loaded[name]
-                continue
-            finally:
-                seconds[name] += time.perf_counter() - started
-            tallies[name].add(probabilities, reference, labels)
-    rows = [tallies["keras"].row("keras", "", float("nan"), float("nan"))]
-    for name in sorted({*paths, *errors}, key=FORMATS.index):
-        row = {"format": name, "file": Path(paths[name]).name if name in paths else "",
-               "export_s": (export_seconds or {}).get(name, float("nan"))}
-        if name in errors:
-            rows.append({**row, "error": errors[name], "within_tolerance": False})
-            continue
-        started = time.perf_counter()
-        latency = _latency_ms(loaded[name], np.stack(timed)) if timed else float("nan")
-        seconds[name] += time.perf_counter() - started
-        least, most = TOLERANCES[name]
-        scored = tallies[name].row(name, row["file"], _size_mb(paths[name]), latency)
-        rows.append({**row, **scored, "check_s": seconds[name], "min_agreement": least,
-                     "max_diff_allowed": most, "within_tolerance": bool(
-                         scored["agreement"] >= least and scored["max_prob_diff"] <= most)
-                     if scored["images"] else None})
-    return pd.DataFrame(rows, columns=COLUMNS)
+        checks.add(name, path)
+    return checks.table(failures, export_seconds)
 
 
 def check_on_split(
@@ -271,7 +149,27 @@ def check_on_split(
     split: str = "test",
     predictions: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """:func:`check_exports` on ``count`` images at most of one split of a manifest (a
+    """:func:`check_exports` on ``count`` images at most of one split of a manifest
+    (:func:`split_checks`)."""
+    checks = split_checks(model, manifest, image_size, count, batch_size, resize, seed, split,
+                          predictions)
+    for name, path in paths.items():
+        checks.add(name, path)
+    return checks.table(failures, export_seconds)
+
+
+def split_checks(
+    model: keras.Model,
+    manifest: pd.DataFrame,
+    image_size: tuple[int, int],
+    count: int,
+    batch_size: int = 32,
+    resize: str = "stretch",
+    seed: int = 42,
+    split: str = "test",
+    predictions: pd.DataFrame | None = None,
+) -> ExportChecks:
+    """:class:`ExportChecks` on ``count`` images at most of one split of a manifest (a
     seeded sample when the split has more), read as ``resize`` says. ``predictions``, the
     model's ``predictions_table`` of that split, gives the Keras probabilities instead of a
     pass of the model, when it has every image chosen."""
@@ -285,8 +183,7 @@ def check_on_split(
         batches = ((images, labels, reference[start : start + len(labels)])
                    for start, (images, labels) in zip(range(0, len(chosen), batch_size),
                                                       batches, strict=True))
-    return check_exports(model, paths, batches if len(chosen) else [], export_seconds,
-                         failures)
+    return ExportChecks(model, batches if len(chosen) else [])
 
 
 def _probabilities(predictions: pd.DataFrame | None, paths: pd.Series,
@@ -393,28 +290,3 @@ def _size_mb(path: str | Path) -> float:
     path = Path(path)
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return sum(p.stat().st_size for p in files) / 1e6
-
-
-def _interpreter(path: Path) -> Any:
-    """An allocated interpreter for the TFLite file at ``path``: TensorFlow's, or where this
-    TensorFlow has none, ``ai_edge_litert``'s."""
-    interpreter_class = getattr(tf.lite, "Interpreter", None)
-    if interpreter_class is None:
-        try:
-            from ai_edge_litert.interpreter import Interpreter as interpreter_class
-        except ImportError as err:
-            raise ImportError(
-                "This TensorFlow has no TFLite interpreter (tf.lite.Interpreter). "
-                "Install LiteRT's: pip install ai-edge-litert"
-            ) from err
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-            interpreter = interpreter_class(model_path=str(path))
-    except ValueError as err:
-        raise ValueError(
-            f"{path} is not a TFLite model the interpreter can read ({first_line(err)}). "
-            "Write it with export_model."
-        ) from err
-    interpreter.allocate_tensors()
-    return interpreter

@@ -262,12 +262,14 @@ def export_model(
             config.seed)
     timings: dict[str, float] = {}
     failures: dict[str, str] = {}
+    # each export is checked as soon as it is written, while the next are converted
+    checks = export_check.split_checks(model, manifest, size, export.check_images,
+                                       config.data.batch_size, resize, config.seed,
+                                       predictions=test_predictions)
     with tempfile.TemporaryDirectory(prefix="headswap_export_") as tmp:
-        paths = exports.export_model(model, tmp, manifests.class_names(manifest), export.formats,
-                                     resize, size, representative, timings, failures)
-        table = export_check.check_on_split(model, paths, manifest, size, export.check_images,
-                                            config.data.batch_size, resize, config.seed, timings,
-                                            failures, predictions=test_predictions)
+        exports.export_model(model, tmp, manifests.class_names(manifest), export.formats,
+                             resize, size, representative, timings, failures, checks.add)
+        table = checks.table(failures, timings)
         files = {p.relative_to(tmp).as_posix(): p.read_bytes()
                  for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
     for line in export_check.summaries(table):
