@@ -31,9 +31,9 @@ from headswap.core.export_check import (
     LATENCY_IMAGES,
     ExportChecks,
     check_exports,
-    check_on_split,
     disagreements,
     figures,
+    split_checks,
     summaries,
 )
 from headswap.core.predict import LABELS_FILE, read_labels
@@ -419,9 +419,9 @@ def test_the_check_on_a_split_takes_the_models_probabilities_from_its_prediction
         rows.append((str(path), CLASS_NAMES[label], "test"))
     manifest = pd.DataFrame(rows, columns=["path", "label", "split"])
     predictions = predict_split(exported.model, manifest, "test", (SIZE, SIZE))
-    computed = check_on_split(exported.model, exported.paths, manifest, (SIZE, SIZE), 250)
-    read = check_on_split(exported.model, exported.paths, manifest, (SIZE, SIZE), 250,
-                          predictions=predictions)
+    computed = split_checks(exported.model, manifest, (SIZE, SIZE), 250).scored(exported.paths)
+    read = split_checks(exported.model, manifest, (SIZE, SIZE), 250,
+                        predictions=predictions).scored(exported.paths)
     same = ["format", "images", "accuracy", "agreement", "within_tolerance"]
     pd.testing.assert_frame_equal(read[same], computed[same])
     np.testing.assert_allclose(read["max_prob_diff"], computed["max_prob_diff"], atol=1e-5)
@@ -431,8 +431,8 @@ def test_the_check_on_a_split_takes_the_models_probabilities_from_its_prediction
     columns = [f"p[{name}]" for name in CLASS_NAMES]
     moved = predictions.copy()
     moved[columns] = np.roll(predictions[columns].to_numpy(), 1, axis=1)
-    table = check_on_split(exported.model, exported.paths, manifest, (SIZE, SIZE), 250,
-                           predictions=moved).set_index("format")
+    table = split_checks(exported.model, manifest, (SIZE, SIZE), 250,
+                         predictions=moved).scored(exported.paths).set_index("format")
     labels = manifest["label"].map(CLASS_NAMES.index).to_numpy()
     assert table.loc["keras", "accuracy"] == pytest.approx(
         np.mean(moved[columns].to_numpy().argmax(axis=1) == labels))

@@ -18,6 +18,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from kedro.io import DatasetError
 
 from headswap.core import data
 from headswap.core.predict import write_labels
@@ -74,6 +75,8 @@ def test_predict_pipeline_on_the_test_split_gives_the_evaluations_predictions(pr
         project, 'kedro run --pipeline predict --params "predict.path=/some/folder"',
         replace={"/some/folder": TEST_FOLDER})
     assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr  # the model is read once for the nodes that take it
+    assert log.count("Model: the fine-tuned model of run") == 1, log[-3000:]
     predictions = read_table(latest(project, "data/07_model_output/predictions.csv"))
     expected = read_table(latest(project, "data/08_reporting/test_predictions.csv"))
     assert len(predictions) == len(expected) == 5000
@@ -188,6 +191,13 @@ def test_a_version_a_model_file_and_a_run_uri_name_the_same_classifier(project: 
     run_id = finetune_run(project).info.run_id
     classifiers = [ClassifierDataset(**stored, model=model).load()
                    for model in (None, version, str(file), f"runs:/{run_id}/model")]
+    # a version that is not there, or no fine-tuned model at all: what to run or give instead
+    wrong = "2000-01-01T00.00.00.000Z"
+    with pytest.raises(DatasetError, match=f"There is no version {wrong} of the fine-tuned "
+                                           "model in .*calibrated_model.keras: run `kedro run`"):
+        ClassifierDataset(**stored, model=wrong).load()
+    with pytest.raises(DatasetError, match="There is no fine-tuned model in .*none.keras: run"):
+        ClassifierDataset(**{**stored, "fine_tuned_model": str(tmp_path / "none.keras")}).load()
     images = [str(p) for p in sorted((project / TEST_FOLDER / "Shirt").glob("*.png"))[:4]]
     first = classifiers[0].probabilities(images)[0]
     for classifier in classifiers:

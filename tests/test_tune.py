@@ -97,6 +97,7 @@ def test_auto_rates_are_logged_and_a_killed_run_resumes_with_them(project: Path)
     the same MLflow run, with the same rate as a parameter, found again from the resume
     state."""
     env = {**ENV, "KEDRO_ENV": conf_environment(project, "auto", {"finetune": {
+        "data": {"quality": "off"}, "export": {"formats": []},  # not what is resumed
         "phase1": {"epochs": 2}, "phase2": {"epochs": 6}}})}
     command = [sys.executable, "-m", *documented(  # docs/pipelines/lr_find.md
         'kedro run --pipeline finetune --params "finetune.phase1.learning_rate=auto"')]

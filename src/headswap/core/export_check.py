@@ -101,6 +101,13 @@ class ExportChecks:
                 scored["agreement"] >= least and scored["max_prob_diff"] <= most)
             if scored["images"] else None}
 
+    def scored(self, paths: Mapping[str, Path], failures: Mapping[str, str] | None = None,
+               export_seconds: Mapping[str, float] | None = None) -> pd.DataFrame:
+        """:meth:`add` each export of ``paths`` (``{format: path}``), then :meth:`table`."""
+        for name, path in paths.items():
+            self.add(name, path)
+        return self.table(failures, export_seconds)
+
     def table(self, failures: Mapping[str, str] | None = None,
               export_seconds: Mapping[str, float] | None = None) -> pd.DataFrame:
         """The rows so far, in the order of ``FORMATS``, with a row for each format in
@@ -129,33 +136,7 @@ def check_exports(
     against ``model`` on ``batches`` (:class:`ExportChecks`); ``export_seconds`` (as
     ``export_model``'s ``timings``) fills ``export_s``, ``failures`` (as its ``failures``)
     gives the formats not written."""
-    checks = ExportChecks(model, batches, latency_images)
-    for name, path in paths.items():
-        checks.add(name, path)
-    return checks.table(failures, export_seconds)
-
-
-def check_on_split(
-    model: keras.Model,
-    paths: Mapping[str, Path],
-    manifest: pd.DataFrame,
-    image_size: tuple[int, int],
-    count: int,
-    batch_size: int = 32,
-    resize: str = "stretch",
-    seed: int = 42,
-    export_seconds: Mapping[str, float] | None = None,
-    failures: Mapping[str, str] | None = None,
-    split: str = "test",
-    predictions: pd.DataFrame | None = None,
-) -> pd.DataFrame:
-    """:func:`check_exports` on ``count`` images at most of one split of a manifest
-    (:func:`split_checks`)."""
-    checks = split_checks(model, manifest, image_size, count, batch_size, resize, seed, split,
-                          predictions)
-    for name, path in paths.items():
-        checks.add(name, path)
-    return checks.table(failures, export_seconds)
+    return ExportChecks(model, batches, latency_images).scored(paths, failures, export_seconds)
 
 
 def split_checks(

@@ -304,9 +304,9 @@ class ClassifierDataset(AbstractDataset):
             version = stored.resolve_load_version()
             model = stored.load()
         except DatasetError as err:
-            which = f"version {version} of the" if version else "a"
+            which = f"version {version} of the " if version else ""
             raise InputError(
-                f"There is no {which} fine-tuned model in {self.fine_tuned_model}: run "
+                f"There is no {which}fine-tuned model in {self.fine_tuned_model}: run "
                 "`kedro run` (or `kedro run --pipeline finetune`) first, or give `model` "
                 "(a .keras file or an MLflow model URI)."
             ) from err
