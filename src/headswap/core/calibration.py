@@ -96,14 +96,16 @@ def split_logits(
 
 def split_outputs(
     model: keras.Model, manifest: pd.DataFrame, split: str, image_size: tuple[int, int],
-    batch_size: int = 32, resize: str = "stretch",
+    batch_size: int = 32, resize: str = "stretch", *, two: keras.Model | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """``(logits, features, labels)`` of one split, in one pass: :func:`split_logits` with
     the input of the final Dense softmax layer (float32, images x D) between them; None for
-    a model without one."""
+    a model without one. ``two``, ``with_features(model)`` made once, serves several splits
+    (a new one for each would trace its predict function again, and TensorFlow warns of
+    retracing)."""
     batches = data.make_dataset(manifest, split, image_size, input_spec(model)[2], batch_size,
                                 resize=resize)
-    two = with_features(model)
+    two = two if two is not None else with_features(model)
     outputs, features, labels = [], [], []
     for images, y in batches:
         if two is None:

@@ -42,9 +42,11 @@ def calibrate(
     started = time.perf_counter()
     settings = config.calibration
     read = (config.data.image_size, config.data.batch_size, config.data.resize)
-    val_logits, val_features, val_y = calibration.split_outputs(model, manifest, "val", *read)
+    two = calibration.with_features(model)  # one for every split's pass
+    val_logits, val_features, val_y = calibration.split_outputs(model, manifest, "val", *read,
+                                                                two=two)
     test_logits, test_features, test_y = calibration.split_outputs(model, manifest, "test",
-                                                                   *read)
+                                                                   *read, two=two)
     temperature, note = _fold(model, val_logits, val_y, settings.method)
     val_p = calibration.tempered(val_logits, temperature)
     test_p = calibration.tempered(test_logits, temperature)
@@ -69,7 +71,7 @@ def calibrate(
         "reliability_test": {"before": _records(calibration.reliability(before, test_y)),
                              "after": _records(calibration.reliability(test_p, test_y))},
     }
-    statistics = _ood_statistics(model, manifest, read, val_features, test_features,
+    statistics = _ood_statistics(model, two, manifest, read, val_features, test_features,
                                  report["ood_score"])
     test = report["test"]
     logger.info(
@@ -96,8 +98,8 @@ def calibrate(
 
 
 def _ood_statistics(
-    model: keras.Model, manifest: pd.DataFrame, read: tuple, val_features: np.ndarray | None,
-    test_features: np.ndarray | None, report: dict[str, Any],
+    model: keras.Model, two: keras.Model | None, manifest: pd.DataFrame, read: tuple,
+    val_features: np.ndarray | None, test_features: np.ndarray | None, report: dict[str, Any],
 ) -> ood.Statistics | None:
     """The ``ood_score``'s statistics, fitted on the train split's head features (one pass),
     with the validation split's reference (``threshold``); None (with a note in ``report``,
@@ -107,7 +109,7 @@ def _ood_statistics(
     if val_features is None:
         report["note"] = "the model's last layer is not a Dense softmax layer"
         return None
-    _, features, labels = calibration.split_outputs(model, manifest, "train", *read)
+    _, features, labels = calibration.split_outputs(model, manifest, "train", *read, two=two)
     statistics = ood.fit(features, labels)
     if statistics is None:
         report["note"] = "the head features of the training images do not vary"
