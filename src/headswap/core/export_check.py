@@ -65,13 +65,14 @@ class ExportChecks:
                  latency_images: int = LATENCY_IMAGES):
         self.batches = []
         reference_tally = _Tally()
+        timed: list[np.ndarray] = []  # the first images, for the latency
         for images, labels, *given in batches:
             images, labels = np.asarray(images, dtype=np.float32), np.asarray(labels)
+            timed.extend(images[: latency_images - len(timed)])
             reference = np.asarray(given[0] if given else model.predict_on_batch(images))
             reference_tally.add(reference, reference, labels)
             self.batches.append((images, labels, reference))
-        self.timed = np.concatenate([b[0] for b in self.batches])[:latency_images] \
-            if self.batches else np.zeros((0,))
+        self.timed = np.stack(timed) if timed else np.zeros((0,))
         self.rows = {"keras": reference_tally.row("keras", "", float("nan"), float("nan"))}
 
     def add(self, name: str, path: str | Path, export_s: float = float("nan")) -> None:
