@@ -304,6 +304,30 @@ def test_images_are_kept_in_memory_only_when_the_split_fits_the_budget(
         _batches(streamed)  # read from disk at every pass
 
 
+def test_every_input_pipeline_runs_without_the_autotuner(image_folder: Path):
+    # with tf.data's autotuner on, a pass often ends only at its next wake-up, seconds late
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
+    n = int((manifest["split"] == "train").sum())
+    epoch = tf.Variable(0, dtype=tf.int64)
+    budget = data.decoded_bytes(n, (16, 16), 1)
+    arrays = (np.zeros((n, 4), "float32"), np.zeros(n, "int32"))
+    pipelines = {
+        "streamed": data.make_dataset(manifest, "train", (16, 16), 1, 8),
+        "streamed, shuffled": data.make_dataset(manifest, "train", (16, 16), 1, 8, shuffle=True),
+        "streamed, epoch after epoch": data.make_dataset(
+            manifest, "train", (16, 16), 1, 8, shuffle=True, epoch=epoch),
+        "in memory": data.make_dataset(manifest, "train", (16, 16), 1, 8, cache_bytes=budget),
+        "arrays": data.array_dataset(arrays, 8),
+        "arrays, shuffled": data.array_dataset(arrays, 8, shuffle=True),
+        "arrays, epoch after epoch": data.array_dataset(arrays, 8, shuffle=True, epoch=epoch),
+    }
+    for name, dataset in pipelines.items():
+        assert dataset.options().autotune.enabled is False, name
+    # each pass still gives every image
+    assert sum(len(labels) for _, labels in pipelines["streamed"]) == n
+    assert sum(len(labels) for _, labels in pipelines["streamed, shuffled"]) == n
+
+
 def test_streamed_batches_hold_each_image_as_decode_image_reads_it(tmp_path: Path):
     """Plain RGB JPEGs take the short way through the tf.data graph; EXIF-turned JPEGs and
     gray, gray + alpha and RGBA PNGs the EXIF and channel steps: all as read one by one."""

@@ -83,7 +83,9 @@ def _decoded_indices(paths: list[str]) -> set[int]:
             lambda: tf.shape(tf.io.decode_image(raw, channels=0, expand_animations=False)))
         return index, shape
 
-    dataset = (
+    from headswap.core.data import untuned  # data builds on this module
+
+    dataset = untuned(
         tf.data.Dataset.from_tensor_slices((paths, tf.range(len(paths))))
         .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
         .ignore_errors()

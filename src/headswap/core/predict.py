@@ -305,13 +305,13 @@ class Classifier:
         def decode(index: tf.Tensor, image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             return index, data.decode_bytes(image, size, channels, resize)
 
-        return iter(
+        return iter(data.untuned(
             tf.data.Dataset.from_tensor_slices((list(raw), list(raw.values())))
             .map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .ignore_errors()
             .batch(batch_size)
             .prefetch(tf.data.AUTOTUNE)
-        )
+        ))
 
 
 def encoded_image(item: str | bytes) -> bytes:

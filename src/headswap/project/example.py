@@ -187,6 +187,7 @@ def pretrain_compact_cnn(
     """Train :func:`compact_cnn` on in-memory images (N, H, W) uint8; return it and its history."""
     import tensorflow as tf
 
+    from headswap.core.data import untuned
     from headswap.core.train import compile_model
 
     keras.utils.set_random_seed(seed)
@@ -196,13 +197,13 @@ def pretrain_compact_cnn(
     order = np.random.default_rng(seed).permutation(len(x))
     n_val = int(len(x) * val_fraction)
     val_idx, train_idx = order[:n_val], order[n_val:]
-    train = (
+    train = untuned(
         tf.data.Dataset.from_tensor_slices((x[train_idx], y[train_idx]))
         .shuffle(len(train_idx), seed=seed)
         .batch(batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
-    val = tf.data.Dataset.from_tensor_slices((x[val_idx], y[val_idx])).batch(batch_size)
+    val = untuned(tf.data.Dataset.from_tensor_slices((x[val_idx], y[val_idx])).batch(batch_size))
     model = compact_cnn(x.shape[1:], len(classes), tuple(filters))
     compile_model(model, keras.optimizers.Adam(learning_rate))
     result = model.fit(train, validation_data=val, epochs=epochs, verbose=2, shuffle=False)
