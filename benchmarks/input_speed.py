@@ -14,16 +14,20 @@ own peak RSS), alternating sides on each repeat:
 * Keras, local: ``keras.utils.image_dataset_from_directory(folder, image_size=(160, 160),
   batch_size=32, shuffle=True, seed=0, validation_split=0.2, subset="training")`` (lists the
   files, decodes none), iterated over as many images as the project's training split has;
+* both, local, epoch after epoch in one process, as a training runs: both datasets built
+  once, then ``--pairs`` epochs of each, alternately; each pair's ratio (Keras' epoch time
+  over the project's) compares two epochs run seconds apart, at the machine's speed of the
+  moment (the same epoch's CPU time here drifts by up to half from one minute to the next);
 * project, S3: the folder uploaded to moto's S3 server (setup, not timed), then the project's
   ingest + one epoch on ``s3://<bucket>/<folder>`` with an empty ``HEADSWAP_CACHE`` (cold),
   and again with the same cache (warm).
 
-Times are taken inside each subprocess after its imports. Prints a table of the medians and
-the fastest epoch of each side over all repeats (the machine's wall times are bimodal);
-writes benchmarks/results/input_speed.json.
+Times are taken inside each subprocess after its imports. Prints a table of the medians, the
+fastest epoch of each side over all repeats and the paired ratios of the epochs in one
+process; writes benchmarks/results/input_speed.json.
 
     python benchmarks/input_speed.py [--images 20000] [--folder /tmp/headswap-input-speed]
-        [--repeats 1] [--skip-s3]
+        [--repeats 1] [--pairs 4] [--skip-s3]
 """
 
 from __future__ import annotations
@@ -122,47 +126,105 @@ def train_count(count: int) -> int:
 # --- the two sides, each run as a subprocess of this script ---------------------------------
 
 
+def project_dataset(manifest: Any) -> Any:
+    from headswap.core import data
+
+    return data.make_dataset(manifest, "train", IMAGE_SIZE, 3, batch_size=BATCH_SIZE,
+                             shuffle=True, seed=0, cache_bytes=0)
+
+
+def keras_dataset(location: str, count: int) -> Any:
+    import keras
+
+    return keras.utils.image_dataset_from_directory(
+        location, image_size=IMAGE_SIZE, batch_size=BATCH_SIZE, shuffle=True, seed=0,
+        validation_split=0.2, subset="training", verbose=False,
+    ).take(math.ceil(count / BATCH_SIZE))
+
+
+def epoch(dataset: Any) -> tuple[int, float, float]:
+    """One pass over ``dataset``: its images, wall and CPU seconds (to its end)."""
+    started, cpu = time.perf_counter(), time.process_time()
+    images = 0
+    for batch, _ in dataset:
+        images += int(batch.shape[0])
+    return images, time.perf_counter() - started, time.process_time() - cpu
+
+
 def side_project(location: str) -> dict[str, Any]:
-    from headswap.core import data, manifests
+    from headswap.core import manifests
 
     started, cpu = time.perf_counter(), time.process_time()
     manifest, skipped = manifests.ingest_image_folder(location)
     ingest_s, ingest_cpu_s = time.perf_counter() - started, time.process_time() - cpu
     started, cpu = time.perf_counter(), time.process_time()
-    dataset = data.make_dataset(manifest, "train", IMAGE_SIZE, 3, batch_size=BATCH_SIZE,
-                                shuffle=True, seed=0, cache_bytes=0)
-    build_s = time.perf_counter() - started  # part of the epoch: Keras builds in its listing
-    images = 0
-    for batch, _ in dataset:
-        images += int(batch.shape[0])
-    epoch_s, epoch_cpu_s = time.perf_counter() - started, time.process_time() - cpu
+    dataset = project_dataset(manifest)
+    build_s, build_cpu_s = time.perf_counter() - started, time.process_time() - cpu
+    images, epoch_s, epoch_cpu_s = epoch(dataset)
+    # the build is part of the epoch: Keras builds its dataset in its listing
     return {"listed": len(manifest) + len(skipped), "skipped": len(skipped),
             "ingest_s": ingest_s, "ingest_cpu_s": ingest_cpu_s, "build_s": build_s,
-            "epoch_images": images, "epoch_s": epoch_s, "epoch_cpu_s": epoch_cpu_s}
+            "epoch_images": images, "epoch_s": build_s + epoch_s,
+            "epoch_cpu_s": build_cpu_s + epoch_cpu_s}
 
 
 def side_keras(location: str, count: int) -> dict[str, Any]:
-    import keras
-
     started, cpu = time.perf_counter(), time.process_time()
-    dataset = keras.utils.image_dataset_from_directory(
-        location, image_size=IMAGE_SIZE, batch_size=BATCH_SIZE, shuffle=True, seed=0,
-        validation_split=0.2, subset="training", verbose=False)
+    dataset = keras_dataset(location, count)
     listing_s, listing_cpu_s = time.perf_counter() - started, time.process_time() - cpu
-    started, cpu = time.perf_counter(), time.process_time()
-    images = 0
-    for batch, _ in dataset.take(math.ceil(count / BATCH_SIZE)):
-        images += int(batch.shape[0])
-    epoch_s, epoch_cpu_s = time.perf_counter() - started, time.process_time() - cpu
+    images, epoch_s, epoch_cpu_s = epoch(dataset)
     return {"listing_s": listing_s, "listing_cpu_s": listing_cpu_s, "epoch_images": images,
             "epoch_s": epoch_s, "epoch_cpu_s": epoch_cpu_s}
 
 
-def worker(side: str, location: str, count: int) -> None:
+def side_both(location: str, count: int, pairs: int) -> dict[str, Any]:
+    """Both datasets built once in one process, then ``pairs`` epochs of each, alternately
+    (project first in even pairs, Keras first in odd ones), as a training runs epoch after
+    epoch: each pair's two epochs run a few seconds apart, at the machine's speed of the
+    moment."""
+    from headswap.core import manifests
+
+    sides = {"project": project_dataset(manifests.ingest_image_folder(location)[0]),
+             "keras": keras_dataset(location, count)}
+    runs: dict[str, list[dict[str, float]]] = {"project": [], "keras": []}
+    for i in range(pairs):
+        for side in ("project", "keras") if i % 2 == 0 else ("keras", "project"):
+            images, wall, cpu = epoch(sides[side])
+            runs[side].append({"images": images, "epoch_s": wall, "epoch_cpu_s": cpu})
+    return runs
+
+
+def worker(side: str, location: str, count: int, pairs: int) -> None:
     import tensorflow as tf  # noqa: F401 - imported before the clock starts
 
-    result = side_project(location) if side == "project" else side_keras(location, count)
+    if side == "both":
+        result = side_both(location, count, pairs)
+    else:
+        result = side_project(location) if side == "project" else side_keras(location, count)
     print(json.dumps(result))
+
+
+def epochs_in_one_process(folder: Path, count: int, pairs: int) -> dict[str, Any]:
+    """:func:`side_both` in its own process: each side's epochs and medians, and the median
+    over the pairs of Keras' epoch time over the project's (above 1: the project is faster)."""
+    command = [sys.executable, __file__, "--side", "both", "--location", str(folder),
+               "--count", str(count), "--pairs", str(pairs)]
+    ran = run_measured(command).check("both sides in one process")
+    runs = json.loads(ran.output.strip().splitlines()[-1])
+    pairs_of = list(zip(runs["project"], runs["keras"], strict=True))
+    result = {
+        "pairs": pairs,
+        "project_epoch_s": median([r["epoch_s"] for r in runs["project"]]),
+        "keras_epoch_s": median([r["epoch_s"] for r in runs["keras"]]),
+        "speed_ratio": median([k["epoch_s"] / p["epoch_s"] for p, k in pairs_of]),
+        "cpu_ratio": median([p["epoch_cpu_s"] / k["epoch_cpu_s"] for p, k in pairs_of]),
+        "runs": runs,
+    }
+    print(f"  {pairs} epochs of each side in one process, alternately: project median "
+          f"{result['project_epoch_s']:.2f} s, Keras {result['keras_epoch_s']:.2f} s; paired "
+          f"speed ratio {result['speed_ratio']:.3f}, CPU ratio {result['cpu_ratio']:.3f}",
+          flush=True)
+    return result
 
 
 def run_side(side: str, location: str, count: int,
@@ -290,12 +352,14 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20000)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/headswap-input-speed"))
     parser.add_argument("--skip-s3", action="store_true", help="measure the local sides only")
-    parser.add_argument("--side", choices=["project", "keras"], help=argparse_hidden())
+    parser.add_argument("--pairs", type=int, default=4,
+                        help="epochs of each side in one process, alternately")
+    parser.add_argument("--side", choices=["project", "keras", "both"], help=argparse_hidden())
     parser.add_argument("--location", help=argparse_hidden())
     parser.add_argument("--count", type=int, default=0, help=argparse_hidden())
     args = parser.parse_args()
     if args.side:
-        worker(args.side, args.location, args.count)
+        worker(args.side, args.location, args.count, args.pairs)
         return
     before = load()
     started_date = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -339,6 +403,8 @@ def main() -> None:
               f"{keras_side['listing_s']:.1f} s + epoch {keras_side['epoch_s']:.1f} s; "
               f"epoch ratio {row['epoch_ratio']:.3f}", flush=True)
 
+    in_process = epochs_in_one_process(folder, count, args.pairs)
+
     remote: list[dict[str, Any]] = []
     upload_s = None
     if not args.skip_s3:
@@ -364,9 +430,8 @@ def main() -> None:
     m["epoch_cpu_ratio"] = median([m["project_epoch_cpu_ms_per_image"],
                                    m["later_epoch_cpu_ms_per_image"]]) / m[
                                        "keras_epoch_cpu_ms_per_image"]
-    # the machine's wall times are bimodal (an epoch of either side takes about 3.4 s or about
-    # 5.1 s, whichever it is): the fastest epoch of each side over all repeats compares them
-    # when both ran unhindered, as timeit's minimum does
+    # the machine's speed drifts from one minute to the next: the fastest epoch of each side
+    # over all repeats compares them when both ran unhindered, as timeit's minimum does
     fastest_project = min(min(row["project_epoch_s"], row["later_epoch_s"]) for row in local)
     fastest_keras = min(row["keras_epoch_s"] for row in local)
     m["fastest_project_epoch_s"], m["fastest_keras_epoch_s"] = fastest_project, fastest_keras
@@ -382,7 +447,8 @@ def main() -> None:
         ["Keras local: listing + epoch", m["keras_total_s"], m["keras_total_images_per_s"],
          1.0, "", "", ""],
     ]
-    summary: dict[str, Any] = {"local": m}
+    summary: dict[str, Any] = {"local": m, "in_one_process": {
+        k: v for k, v in in_process.items() if k != "runs"}}
     if r:
         for phase in ("cold", "warm"):
             epoch_vs_local = r[f"{phase}_epoch_images_per_s"] / m["project_epoch_images_per_s"]
@@ -410,11 +476,16 @@ def main() -> None:
     print(f"epoch CPU per image, project / Keras: {m['epoch_cpu_ratio']:.3f}")
     print(f"fastest epoch of {args.repeats} repeat(s): project {fastest_project:.2f} s, Keras "
           f"{fastest_keras:.2f} s, ratio {m['fastest_epoch_ratio']:.3f}")
+    print(f"epoch after epoch in one process ({args.pairs} of each, alternately): project "
+          f"{in_process['project_epoch_s']:.2f} s, Keras {in_process['keras_epoch_s']:.2f} s "
+          f"(medians); paired speed ratio {in_process['speed_ratio']:.3f}, CPU ratio "
+          f"{in_process['cpu_ratio']:.3f}")
     goals = {"local_epoch_at_least_keras": m["epoch_ratio"] >= 1.0,
              "local_fastest_epoch_at_least_keras": m["fastest_epoch_ratio"] >= 1.0,
              "local_epoch_cpu_at_most_keras": m["epoch_cpu_ratio"] <= 1.0,
              "local_later_ingest_plus_epoch_at_least_keras": m["later_total_ratio"] >= 1.0,
-             "local_first_ingest_plus_epoch_at_least_keras": m["total_ratio"] >= 1.0}
+             "local_first_ingest_plus_epoch_at_least_keras": m["total_ratio"] >= 1.0,
+             "local_epochs_in_one_process_at_least_keras": in_process["speed_ratio"] >= 1.0}
     if r:
         goals["warm_s3_epoch_within_10pct_of_local"] = r["warm_epoch_vs_local"] >= 1 / 1.1
     print("goals: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in goals.items()))
@@ -423,7 +494,7 @@ def main() -> None:
         "images": args.images, "training_images": count, "classes": CLASSES,
         "image_size": list(IMAGE_SIZE), "batch_size": BATCH_SIZE, "repeats": args.repeats,
         "folder": str(folder), "s3_upload_s": upload_s, "medians": summary, "goals": goals,
-        "local_runs": local, "s3_runs": remote,
+        "epochs_in_one_process": in_process, "local_runs": local, "s3_runs": remote,
     }, before)
 
 
