@@ -33,10 +33,10 @@ def untuned(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """``dataset`` with ``tf.data``'s autotuner off: its ``AUTOTUNE`` parallelism is then every
     core the process may use, and a pass over it ends as soon as its last element is out.
 
-    With the autotuner on, the end of a pass waits, in about half the passes, for the
-    autotuner's next wake-up, whose period doubles as the pass goes on: 1.5-2 s of idle
-    cores after a 3.5-s epoch of 12,000 images (TensorFlow 2.21; benchmarks/input_speed.py),
-    at the end of every evaluation pass and of a streamed split's decoding.
+    With the autotuner on, about half the passes (15 of 33 measured) end only at the
+    autotuner's next wake-up, whose period doubles as the pass goes on: 1.5-2 s of idle cores
+    after a 3.5-s epoch of 12,000 images (TensorFlow 2.21; benchmarks/input_speed.py). Any
+    pass can: an evaluation, a validation pass in each epoch, a split decoded into memory.
     """
     return dataset.with_options(_UNTUNED)
 
