@@ -199,14 +199,12 @@ def array_dataset(
         return tuple(tf.gather(t, j) for t in tensors)
 
     if count and epoch is not None:
-        return untuned(epoch_after_epoch(
-            epoch, lambda e: _epoch_indices(count, seed, e, batch_size)
-        ).map(_traced(gather)))
-    # the same order as make_dataset's streamed shuffle: it depends on the seed alone
-    indices = tf.data.Dataset.range(count).shuffle(
-        max(count, 1), seed=seed, reshuffle_each_iteration=True
-    )
-    return untuned(indices.batch(batch_size).map(_traced(gather)))
+        indices = epoch_after_epoch(epoch, lambda e: _epoch_indices(count, seed, e, batch_size))
+    else:  # the same order as make_dataset's streamed shuffle: it depends on the seed alone
+        indices = tf.data.Dataset.range(count).shuffle(
+            max(count, 1), seed=seed, reshuffle_each_iteration=True
+        ).batch(batch_size)
+    return untuned(indices.map(_traced(gather)))
 
 
 def decoded_bytes(count: int, image_size: tuple[int, int], channels: int) -> int:
