@@ -3,12 +3,14 @@ the pipeline itself runs in tests/test_tune.py)."""
 
 from __future__ import annotations
 
+import multiprocessing
+
 import optuna
 import pytest
 import yaml
 
 from headswap.project.config import ParameterError, merge_parameters, parse_finetune, parse_tune
-from headswap.project.tuning import best_parameters, nested, search, suggest
+from headswap.project.tuning import best_parameters, nested, open_study, search, suggest
 
 FINETUNE = {"data": {"path": "images", "image_size": 28}, "base": {"path": "base.keras"}}
 
@@ -95,3 +97,36 @@ def test_a_new_study_runs_the_default_recipe_first(tmp_path):
 
     more = search(cfg.model_copy(update={"n_trials": 4}), finetune, train)
     assert len(trained) == 4 and "default_recipe" not in more.trials[3].user_attrs
+
+
+def _search_when_released(cfg, finetune, barrier) -> None:
+    barrier.wait()
+    search(cfg, finetune, lambda params, callbacks: 0.5)
+
+
+def test_processes_starting_together_on_a_new_study_run_the_default_recipe_once(tmp_path):
+    """Two processes that open one new study at the same moment run its trials between them:
+    the default recipe once (trial 0), every trial to its end, none left waiting. (A queued
+    default trial was queued by both and could be taken by both: 21 of 30 such starts went
+    wrong that way.)"""
+    with open("conf/base/parameters_tune.yml") as f:
+        tune = yaml.safe_load(f)["tune"]
+    with open("conf/base/parameters_finetune.yml") as f:
+        finetune = merge_parameters(yaml.safe_load(f)["finetune"], FINETUNE)
+    fork = multiprocessing.get_context("fork")
+    for attempt in range(5):
+        cfg = parse_tune({**tune, "storage": f"sqlite:///{tmp_path / f'{attempt}.db'}",
+                          "study": "shared", "n_trials": 2, "seed": 0, "startup_trials": 1})
+        open_study(cfg)  # the tables exist: both processes go straight to their first trial
+        barrier = fork.Barrier(2)
+        processes = [fork.Process(target=_search_when_released, args=(cfg, finetune, barrier))
+                     for _ in range(2)]
+        for p in processes:
+            p.start()
+        for p in processes:
+            p.join(timeout=120)
+        assert [p.exitcode for p in processes] == [0, 0]
+        trials = [t for t in optuna.load_study(study_name="shared", storage=cfg.storage).trials
+                  if not t.user_attrs.get("over_budget")]
+        assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
+        assert [bool(t.user_attrs.get("default_recipe")) for t in trials] == [True, False]

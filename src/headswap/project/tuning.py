@@ -158,14 +158,52 @@ def _value_at(params: dict[str, Any], key: str) -> Any:
     return params
 
 
-def enqueue_default_recipe(study: optuna.Study, space: dict[str, SearchDimension],
-                           finetune: dict[str, Any]) -> None:
-    """Make the next trial of ``study`` the recipe of ``finetune`` as it is (see
-    :func:`default_trial`), marked with the user attribute :data:`DEFAULT_RECIPE`."""
+class DefaultFirst(optuna.samplers.BaseSampler):
+    """The study's trial 0 takes ``params`` (the default recipe, see :func:`default_trial`);
+    every later trial, and every key ``params`` lacks, is ``base``'s. The storage numbers the
+    trials, so among processes sharing a study exactly one trial is the default recipe (a
+    queued trial can be taken by two processes at once on SQLite, and queued twice by two
+    processes that both found the study empty)."""
+
+    def __init__(self, params: dict[str, Any], base: optuna.samplers.BaseSampler) -> None:
+        self.params = params
+        self.base = base
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: Any) -> dict[str, Any]:
+        return {} if trial.number == 0 else self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: Any,
+                        search_space: dict[str, Any]) -> dict[str, Any]:
+        return {} if trial.number == 0 else self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: Any, param_name: str,
+                           param_distribution: Any) -> Any:
+        if trial.number == 0 and param_name in self.params:
+            return self.params[param_name]
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: Any) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study: optuna.Study, trial: Any, state: TrialState,
+                    values: Any) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+
+def default_first(study: optuna.Study, space: dict[str, SearchDimension],
+                  finetune: dict[str, Any]) -> None:
+    """Make the study's first trial the recipe of ``finetune`` as it is (:class:`DefaultFirst`
+    around its sampler); the objective marks it with the user attribute
+    :data:`DEFAULT_RECIPE`."""
     params, missing = default_trial(space, finetune)
+    study.sampler = DefaultFirst(params, study.sampler)
+    if study.get_trials(deepcopy=False):
+        return  # its first trial ran before
     outside = [k for k, v in params.items() if space[k].choices is None
                and not space[k].low <= v <= space[k].high]
-    study.enqueue_trial(params, user_attrs={DEFAULT_RECIPE: True}, skip_if_exists=True)
     logger.info("The study's first trial is the default recipe: %s", params)
     if outside:
         logger.warning("The search space leaves out the default of %s; the first trial runs "
@@ -208,8 +246,7 @@ def search(
     trains the finetune ``params`` of a trial with ``callbacks`` and returns the validation
     accuracy."""
     study = open_study(cfg)
-    if not study.get_trials(deepcopy=False):  # a new study: the defaults first
-        enqueue_default_recipe(study, cfg.space, finetune)
+    default_first(study, cfg.space, finetune)
 
     def objective(trial: optuna.Trial) -> float:
         if cfg.n_trials is not None and _rank(study, trial) >= cfg.n_trials:
@@ -217,6 +254,8 @@ def search(
             study.stop()
             raise OverBudget(f"trial {trial.number}: the study has its {cfg.n_trials} trials")
         values = suggest(trial, cfg.space)
+        if trial.number == 0:
+            trial.set_user_attr(DEFAULT_RECIPE, True)
         trial.set_user_attr("finetune", nested(values))
         pruned = None
         with _trial_run(f"trial {trial.number}") as run:
