@@ -38,7 +38,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 from sklearn.metrics import classification_report
 
-from headswap.core import data
+from headswap.core import data, inference
 from headswap.core.bases import input_spec
 from headswap.core.errors import InputError
 
@@ -107,12 +107,12 @@ def split_outputs(
                                 resize=resize)
     two = two if two is not None else with_features(model)
     outputs, features, labels = [], [], []
-    for images, y in batches:
+    for out, y in inference.outputs(model if two is None else two, batches):
         if two is None:
-            probabilities = np.asarray(model.predict_on_batch(images), dtype=np.float64)
+            probabilities = out.astype(np.float64)
             outputs.append(np.log(np.maximum(probabilities, np.finfo(np.float64).tiny)))
         else:
-            features.append(np.asarray(two.predict_on_batch(images)[1], dtype=np.float32))
+            features.append(out[1].astype(np.float32))
             outputs.append(logits_of(model, features[-1]))
         labels.append(np.asarray(y))
     classes = model.outputs[0].shape[-1]

@@ -12,15 +12,15 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import classification_report, confusion_matrix
 
-from headswap.core import data, manifests, sources
+from headswap.core import data, inference, manifests, sources
 from headswap.core.bases import input_spec
 
 
 def predict(model, dataset) -> tuple[np.ndarray, np.ndarray]:
     """True labels and predicted class probabilities over a (labelled, unshuffled) dataset."""
     labels, probabilities = [], []
-    for images, y in dataset:
-        probabilities.append(model.predict_on_batch(images))
+    for out, y in inference.outputs(model, dataset):
+        probabilities.append(out)
         labels.append(np.asarray(y))
     return np.concatenate(labels), np.concatenate(probabilities)
 
@@ -289,8 +289,7 @@ def pooled_features(model, dataset, pooling: str = "avg") -> tuple[np.ndarray, n
     """``(features, labels)`` of a labelled dataset through ``model`` (a base), feature maps
     pooled as the head would (``avg``, ``max`` or ``flatten``)."""
     labels, features = [], []
-    for images, y in dataset:
-        out = np.asarray(model.predict_on_batch(images))
+    for out, y in inference.outputs(model, dataset):
         if out.ndim == 4:
             out = {"avg": out.mean(axis=(1, 2)), "max": out.max(axis=(1, 2))}.get(
                 pooling, out.reshape(len(out), -1)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from headswap.core import data, heads, manifests
+from headswap.core import data, heads, inference, manifests
 from headswap.core.bases import input_spec
 from headswap.core.devices import (
     across_workers,
@@ -384,7 +384,7 @@ def _cached_head(
     for split in ("train", "val"):
         images = data.make_dataset(manifest, split, options.image_size, channels,
                                    options.batch_size, resize=options.resize)
-        features = extractor.predict(images, verbose=0)
+        features = np.concatenate([out for out, _ in inference.outputs(extractor, images)])
         labels = manifests.split_arrays(manifest, split)[1]
         train = split == "train"
         datasets.append(data.array_dataset((features, labels), options.batch_size,

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from headswap.core import calibration, data, manifests, ood, sources
+from headswap.core import calibration, data, inference, manifests, ood, sources
 from headswap.core.bases import input_spec, load_model_file
 from headswap.core.errors import InputError
 from headswap.core.images import check_resize
@@ -258,14 +258,16 @@ class Classifier:
                 except InputError as err:
                     problems[i] = str(err)
             done = len(positions)
-            for indices, batch in self._decoded(raw, batch_size):
+            model = self.model if self.ood is None else self._with_features
+            # traced however few the batches: a server calls the same model request after
+            # request
+            for out, indices in inference.outputs(model, self._decoded(raw, batch_size)):
                 if self.ood is None:
-                    outputs.append(np.asarray(self.model.predict_on_batch(batch)))
-                    scores.append(np.full(len(outputs[-1]), np.nan))
+                    outputs.append(out)
+                    scores.append(np.full(len(out), np.nan))
                 else:
-                    probabilities, features = self._with_features.predict_on_batch(batch)
-                    outputs.append(np.asarray(probabilities))
-                    scores.append(self.ood.score(np.asarray(features)))
+                    outputs.append(out[0])
+                    scores.append(self.ood.score(out[1]))
                 positions += [int(i) for i in indices]
             decoded = set(positions[done:])
             for i in sorted(set(raw) - decoded):
@@ -287,7 +289,7 @@ class Classifier:
         return table.set_index(pd.Index(positions)), problems
 
     def _decoded(self, raw: dict[int, bytes], batch_size: int):
-        """Batches ``(indices, images)`` of the decodable ``raw`` images, in order; the
+        """Batches ``(images, indices)`` of the decodable ``raw`` images, in order; the
         others are dropped. One batch's worth (a request to a server) is decoded eagerly;
         more go through a parallel ``tf.data`` pipeline, which takes longer to set up."""
         if not raw:
@@ -300,10 +302,10 @@ class Classifier:
                     decoded[i] = data.decode_bytes(tf.constant(image), size, channels, resize)
                 except tf.errors.OpError:
                     continue
-            return iter([(list(decoded), tf.stack(list(decoded.values())))] if decoded else [])
+            return iter([(tf.stack(list(decoded.values())), list(decoded))] if decoded else [])
 
         def decode(index: tf.Tensor, image: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            return index, data.decode_bytes(image, size, channels, resize)
+            return data.decode_bytes(image, size, channels, resize), index
 
         return iter(data.untuned(
             tf.data.Dataset.from_tensor_slices((list(raw), list(raw.values())))

@@ -39,7 +39,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import headswap
-from headswap.core import calibration, ood
+from headswap.core import calibration, inference, ood
 from headswap.core.errors import InputError
 from headswap.core.predict import TOP_K, Classifier
 
@@ -149,7 +149,7 @@ def log_classifier(
 def log_keras_model(model: keras.Model, example: np.ndarray) -> ModelInfo:
     """Log the plain Keras model (raw pixels in, probabilities out) to the active MLflow run
     as ``keras_model``, with the signature of ``example``, a batch of decoded images."""
-    probabilities = np.asarray(model.predict_on_batch(example))
+    (probabilities,) = next(inference.outputs(model, [(example,)], 1))
     return mlflow.keras.log_model(
         model, name=KERAS_MODEL_NAME, signature=infer_signature(example, probabilities),
         pip_requirements=requirements()[:3],
