@@ -114,7 +114,7 @@ def test_processes_starting_together_on_a_new_study_run_the_default_recipe_once(
     with open("conf/base/parameters_finetune.yml") as f:
         finetune = merge_parameters(yaml.safe_load(f)["finetune"], FINETUNE)
     fork = multiprocessing.get_context("fork")
-    for attempt in range(5):
+    for attempt in range(3):
         cfg = parse_tune({**tune, "storage": f"sqlite:///{tmp_path / f'{attempt}.db'}",
                           "study": "shared", "n_trials": 2, "seed": 0, "startup_trials": 1})
         open_study(cfg)  # the tables exist: both processes go straight to their first trial
