@@ -35,15 +35,14 @@ def outputs(model: keras.Model, batches: Iterable[tuple[Any, ...]],
     eager = count is not None and count < TRACED_FROM
     full = None
     for images, *rest in batches:
+        n = len(images)
         if eager:
             out = model(images, training=False)
         else:
             images = np.asarray(images)
-            n = len(images)
             full = full or n
             if n < full:
                 images = np.concatenate([images, np.zeros((full - n, *images.shape[1:]),
                                                           images.dtype)])
-            out = keras.tree.map_structure(lambda a, n=n: np.asarray(a)[:n],
-                                           model.predict_on_batch(images))
-        yield (keras.tree.map_structure(np.asarray, out), *rest)
+            out = model.predict_on_batch(images)
+        yield (keras.tree.map_structure(lambda a, n=n: np.asarray(a)[:n], out), *rest)
