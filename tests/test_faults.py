@@ -425,7 +425,8 @@ def test_an_interrupted_run_is_marked_killed_and_keeps_its_artifacts(project: Pa
             try:
                 returncode = process.wait(timeout=120)
             except subprocess.TimeoutExpired:
-                pytest.fail(f"kedro run went on after Ctrl-C; its signal state: {states}")
+                pytest.fail(f"kedro run went on after Ctrl-C; its signal state: {states}; "
+                            "its log:\n" + log.read_text(errors="replace")[-3000:])
         finally:
             if process.poll() is None:
                 process.kill()

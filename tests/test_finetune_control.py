@@ -1,5 +1,6 @@
 """Which layers train, per-layer rates, stages, optimizers, schedules and callbacks."""
 
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -239,6 +240,39 @@ class Interrupt(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch == self.epoch:
             raise KeyboardInterrupt
+
+
+class LosesCtrlC(keras.callbacks.Callback):
+    """Ctrl-C pressed as epoch ``epoch`` ends, its KeyboardInterrupt then lost, as NumPy loses
+    it when the signal is handled inside its conversion of a tensor (of the logs Keras converts
+    each epoch); counts the epochs that start."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch, self.started, self.lost = epoch, [], False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started.append(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:
+                self.lost = True
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_ctrl_c_whose_interrupt_is_lost_still_stops_training(image_folder, cache):
+    manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
+    cfg = _cfg(image_folder, phase1={"epochs": 30}, training={"cache_features": cache})
+    ctrl_c = LosesCtrlC(2)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        _fit(_model(), manifest, cfg, "phase1", extra_callbacks=[ctrl_c])
+    assert ctrl_c.lost
+    assert ctrl_c.started[-1] <= 3  # stopped in the epoch after, not 27 epochs later
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 @pytest.mark.slow

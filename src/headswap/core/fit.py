@@ -39,6 +39,7 @@ from headswap.core.progress import TrainingProgress
 from headswap.core.recipe import Callbacks, Stage, check_plateau
 from headswap.core.resume import StageState
 from headswap.core.train import (
+    StopOnCtrlC,
     build_optimizer,
     class_weights,
     compile_model,
@@ -235,18 +236,21 @@ def _fit_stage(
     """Fit one stage from epoch ``first``, on cached features when the base is frozen."""
     options = run.options
     trained, train, val = _stage_data(run, work, stage, label)
+    ctrl_c = StopOnCtrlC()
     callbacks = [*make_callbacks(options.callbacks, logged, _checkpoint_path(options, label),
                                  label, first),
                  *(state.callbacks() if state else []), *options.extra_callbacks,
-                 TrainingProgress(label, stage.epochs, first, options.verbose)]
+                 TrainingProgress(label, stage.epochs, first, options.verbose),
+                 ctrl_c]  # last: an epoch that ended is backed up and logged before it stops
     resumed = state.backup.restore(trained) if state else None
     initial = max(first, resumed or 0)
     run.order.assign(initial)  # the training data starts at this epoch's order
     try:
-        result = trained.fit(train, validation_data=val, epochs=first + stage.epochs,
-                             initial_epoch=initial, steps_per_epoch=run.steps,
-                             callbacks=callbacks, class_weight=run.class_weight,
-                             verbose=0, shuffle=False)  # TrainingProgress logs instead
+        with ctrl_c:
+            result = trained.fit(train, validation_data=val, epochs=first + stage.epochs,
+                                 initial_epoch=initial, steps_per_epoch=run.steps,
+                                 callbacks=callbacks, class_weight=run.class_weight,
+                                 verbose=0, shuffle=False)  # TrainingProgress logs instead
     finally:
         if state is not None:
             state.close()

@@ -47,6 +47,7 @@ from pydantic import Field, model_validator
 
 from headswap.core.errors import InputError
 from headswap.core.recipe import Settings
+from headswap.core.train import StopOnCtrlC
 
 logger = logging.getLogger(__name__)
 
@@ -149,31 +150,33 @@ def range_test(
     state = [keras.ops.convert_to_numpy(v) for v in optimizer.variables]
     result = RangeTest()
     average, best = 0.0, math.inf
-    try:
-        batches = iter(dataset.repeat())
-        for step, rate in enumerate(learning_rates(settings)):
-            optimizer.learning_rate.assign(rate)
-            x, y = next(batches)
-            loss = float(model.train_on_batch(x, y, return_dict=True)["loss"])
-            if not math.isfinite(loss):
-                result.stopped = f"the loss was not finite at learning rate {rate:.3g}"
-                break
-            average = settings.smoothing * average + (1 - settings.smoothing) * loss
-            smoothed = average / (1 - settings.smoothing ** (step + 1))
-            result.learning_rates.append(float(rate))
-            result.losses.append(loss)
-            result.smoothed.append(smoothed)
-            best = min(best, smoothed)
-            if smoothed > settings.divergence * best:
-                result.stopped = (f"the smoothed loss passed {settings.divergence:g} times its "
-                                  f"lowest value at learning rate {rate:.3g}")
-                break
-        else:
-            result.stopped = "all steps ran without the loss diverging"
-    finally:
-        model.set_weights(weights)
-        for variable, value in zip(optimizer.variables, state, strict=True):
-            variable.assign(value)
+    with StopOnCtrlC() as ctrl_c:
+        try:
+            batches = iter(dataset.repeat())
+            for step, rate in enumerate(learning_rates(settings)):
+                ctrl_c.stop_if_pressed()
+                optimizer.learning_rate.assign(rate)
+                x, y = next(batches)
+                loss = float(model.train_on_batch(x, y, return_dict=True)["loss"])
+                if not math.isfinite(loss):
+                    result.stopped = f"the loss was not finite at learning rate {rate:.3g}"
+                    break
+                average = settings.smoothing * average + (1 - settings.smoothing) * loss
+                smoothed = average / (1 - settings.smoothing ** (step + 1))
+                result.learning_rates.append(float(rate))
+                result.losses.append(loss)
+                result.smoothed.append(smoothed)
+                best = min(best, smoothed)
+                if smoothed > settings.divergence * best:
+                    result.stopped = (f"the smoothed loss passed {settings.divergence:g} times its "
+                                      f"lowest value at learning rate {rate:.3g}")
+                    break
+            else:
+                result.stopped = "all steps ran without the loss diverging"
+        finally:
+            model.set_weights(weights)
+            for variable, value in zip(optimizer.variables, state, strict=True):
+                variable.assign(value)
     reading = suggest(result.learning_rates, result.losses, result.smoothed)
     result.suggestion, result.minimum, result.steepest, result.drop, result.noise = reading
     if math.isfinite(result.noise) and not math.isfinite(result.suggestion):
