@@ -423,7 +423,9 @@ def test_an_interrupted_run_is_marked_killed_and_keeps_its_artifacts(project: Pa
             states = _signal_state(process.pid)
             process.send_signal(signal.SIGINT)
             try:
-                returncode = process.wait(timeout=120)
+                # A bound, not a wait: in about 1 of 150 tries TensorFlow holds the process's
+                # main thread for 17-75 s after a Ctrl-C, freeing a tf.data iterator.
+                returncode = process.wait(timeout=300)
             except subprocess.TimeoutExpired:
                 pytest.fail(f"kedro run went on after Ctrl-C; its signal state: {states}; "
                             "its log:\n" + log.read_text(errors="replace")[-3000:])
