@@ -262,12 +262,21 @@ class LosesCtrlC(keras.callbacks.Callback):
                 self.lost = True
 
 
+@pytest.fixture
+def ctrl_c_as_in_a_terminal():
+    """SIGINT handled by Python's default handler, as in a terminal (a test process may have
+    inherited it ignored, as in a shell's background job)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("cache", [True, False])
-def test_a_ctrl_c_whose_interrupt_is_lost_still_stops_training(image_folder, cache):
+def test_a_ctrl_c_whose_interrupt_is_lost_still_stops_training(
+        image_folder, cache, ctrl_c_as_in_a_terminal):
     manifest = manifests.ingest_image_folder(image_folder, seed=0)[0]
     cfg = _cfg(image_folder, phase1={"epochs": 30}, training={"cache_features": cache})
     ctrl_c = LosesCtrlC(2)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     with pytest.raises(KeyboardInterrupt):
         _fit(_model(), manifest, cfg, "phase1", extra_callbacks=[ctrl_c])
     assert ctrl_c.lost
