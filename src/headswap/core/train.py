@@ -316,7 +316,7 @@ class StopOnCtrlC(keras.callbacks.Callback):
 
     Python raises KeyboardInterrupt wherever the main thread is when it handles SIGINT. Inside
     NumPy's conversion of a TensorFlow tensor (Keras converts each batch's and epoch's logs)
-    the exception is cleared, and training goes on as if Ctrl-C had not been pressed: 2 of 100
+    the exception is cleared, and training goes on as if Ctrl-C had not been pressed: 4 of 250
     Ctrl-Cs on 0.0 s epochs (a frozen base's head on cached features). Entered as a context
     manager around training (in the main thread, where SIGINT has Python's default handler),
     it also notes the signal; the next batch's or epoch's end (or a loop of its own, through
